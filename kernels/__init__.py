@@ -1,0 +1,1 @@
+"""Triton kernels of rega-engine, installed as `rega_engine.kernels`."""
