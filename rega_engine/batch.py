@@ -4,8 +4,10 @@ Rows of `seq_len` tokens hold whole documents (samples). Labels are *unshifted*,
 `input_ids` as Hugging Face models expect: the model predicts `labels[t + 1]` from position `t`.
 A label is -100 on prompt tokens, on padding and on the first token of every document, so that
 after the shift no prediction crosses a document boundary. Padding only sits at a row's end and
-forms no document: `cu_seqlens` covers real tokens only, and every document of the flattened rows
-starts at `cu_seqlens[i]` in the (B * L) flattening.
+carries no sample: no loss, no kind, no domain. `cu_seqlens` indexes the flattened (B * L) tokens,
+so that shapes stay static; a row's trailing padding run is one extra segment in it (positions
+0, 1, ... like a document, so that models deriving segments from `position_ids` agree), which
+keeps every real document attending only to itself. `num_real_tokens` excludes padding.
 
 This is the layout flash-attn's varlen functions, transformers' DataCollatorWithFlattening and
 TRL's padding-free batches use, so our parts plug into theirs.
@@ -28,9 +30,9 @@ GENERAL_DOMAIN = "general"
 class PackedBatch:
     input_ids: torch.Tensor      # (B, L) int64; padding holds pad_id
     labels: torch.Tensor         # (B, L) int64; -100 on prompt, padding and document starts
-    position_ids: torch.Tensor   # (B, L) int64; restart at 0 per document, 0 on padding
-    cu_seqlens: torch.Tensor     # (docs + 1,) int32 over the flattened (B * L) tokens
-    max_seqlen: int              # longest document in the batch
+    position_ids: torch.Tensor   # (B, L) int64; restart at 0 per document and per padding run
+    cu_seqlens: torch.Tensor     # (segments + 1,) int32 over the flattened (B * L) tokens
+    max_seqlen: int              # longest segment in the batch
     kind_ids: torch.Tensor       # (B, L) int64 index into KINDS; -1 on padding
     domain_ids: torch.Tensor     # (B, L) int64; 0 = general; -1 on padding
     loss_weights: torch.Tensor   # (B, L) float32; the label token's weight, 0 where label == -100
