@@ -1,0 +1,588 @@
+"""A single-device decoder for the Llama family (Llama 2/3, Qwen2/2.5, Mistral) on packed batches.
+
+Module and parameter names are exactly transformers' (`model.layers.3.self_attn.q_proj.weight`,
+...), so that loading and saving Hugging Face checkpoints is a plain name mapping (hf_io.py).
+Parallelism (FSDP2, activation checkpointing, torch.compile) is applied from outside, one
+`model.model.layers[i]` block at a time; nothing here knows about it.
+
+The forward takes a packed batch (rega_engine/batch.py): rows of tokens flattened to one stream,
+`cu_seqlens` marking the documents, `position_ids` restarting per document. Attention runs
+through `rega_engine.kernels.varlen_attention`, the loss through
+`rega_engine.kernels.fused_linear_cross_entropy` on the hidden states, so the (tokens x vocab)
+logits are never materialised in training.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rega_engine.batch import IGNORE_INDEX
+from rega_engine.kernels.attention import varlen_attention
+from rega_engine.kernels.cross_entropy import fused_linear_cross_entropy
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+# Defaults transformers applies when config.json leaves a key out; they differ between families.
+_FAMILY_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
+    "mistral": {"max_position_embeddings": 4096 * 32, "bos_token_id": 1, "eos_token_id": 2,
+                "num_key_value_heads": 8, "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None,
+              "num_key_value_heads": 32, "sliding_window": 4096, "max_window_layers": 28},
+}
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads")
+
+
+class ConfigError(ValueError):
+    """A config.json this model cannot represent faithfully."""
+
+
+@dataclass(frozen=True)
+class RopeArgs:
+    theta: float = 10000.0
+    rope_type: str = "default"          # "default" or "llama3"
+    factor: float = 1.0                 # llama3 only
+    low_freq_factor: float = 1.0        # llama3 only
+    high_freq_factor: float = 4.0       # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeArgs = field(default_factory=RopeArgs)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    max_position_embeddings: int = 2048
+    # Longest document the attention may see: set for Mistral/Qwen2 sliding-window configs, whose
+    # window we do not implement; documents within it get exactly full causal attention.
+    sliding_window: int | None = None
+    bos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    # The config.json as read, written back (with our resolved values) on save.
+    hf_config: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_hf_config(cls, config: dict | str | os.PathLike) -> "ModelArgs":
+        """Reads a Hugging Face config: a dict, a config.json path or a checkpoint directory."""
+        source = "config dict"
+        if not isinstance(config, dict):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: no such config.json (expected a Hugging Face "
+                                        "checkpoint directory or its config.json)")
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+            source = path
+        return _parse_hf_config(copy.deepcopy(dict(config)), source)
+
+    @property
+    def family_architecture(self) -> str:
+        return HF_ARCHITECTURES[self.model_type]
+
+    def to_hf_config(self) -> dict:
+        """The config.json to write: the original dict, with every value transformers would
+        otherwise default differently filled in, so both sides build the same model."""
+        out = copy.deepcopy(self.hf_config)
+        out.update({
+            "model_type": self.model_type,
+            "architectures": [self.family_architecture],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+        })
+        if self.model_type != "qwen2" or "head_dim" in out:
+            out["head_dim"] = self.head_dim
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in out or getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.model_type == "mistral":
+            out["sliding_window"] = self.sliding_window
+        if "rope_parameters" not in out and "rope_theta" not in out:
+            out["rope_theta"] = self.rope.theta
+        return out
+
+
+def _parse_hf_config(cfg: dict, source: str) -> ModelArgs:
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported; supported "
+                          f"model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    missing = [k for k in _REQUIRED_KEYS if cfg.get(k) is None]
+    if missing:
+        raise ConfigError(f"{source}: missing required key(s) {missing}")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{source}: hidden_act {act!r} is not supported (only 'silu', SwiGLU)")
+    defaults = _FAMILY_DEFAULTS[model_type]
+
+    def get(key, default):
+        value = cfg.get(key, defaults.get(key, default))
+        return default if value is None and default is not None else value
+
+    n_heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    n_kv = int(get("num_key_value_heads", n_heads))
+    head_dim = cfg.get("head_dim")
+    if head_dim is None:
+        if hidden % n_heads:
+            raise ConfigError(f"{source}: hidden_size {hidden} is not a multiple of "
+                              f"num_attention_heads {n_heads}; set head_dim")
+        head_dim = hidden // n_heads
+    if n_heads % n_kv:
+        raise ConfigError(f"{source}: num_attention_heads {n_heads} is not a multiple of "
+                          f"num_key_value_heads {n_kv}")
+    if head_dim % 2:
+        raise ConfigError(f"{source}: head_dim {head_dim} must be even for rotary embeddings")
+
+    if model_type == "qwen2":
+        qkv_bias, o_bias, mlp_bias = True, False, False
+    elif model_type == "llama":
+        qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+        mlp_bias = bool(cfg.get("mlp_bias", False))
+    else:
+        qkv_bias = o_bias = mlp_bias = False
+
+    max_pos = int(get("max_position_embeddings", 2048))
+    return ModelArgs(
+        model_type=model_type,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        head_dim=int(head_dim),
+        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+        rope=_parse_rope(cfg, source, max_pos),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        initializer_range=float(get("initializer_range", 0.02)),
+        max_position_embeddings=max_pos,
+        sliding_window=_parse_sliding_window(cfg, model_type, defaults, source),
+        bos_token_id=get("bos_token_id", None),
+        eos_token_id=get("eos_token_id", None),
+        pad_token_id=cfg.get("pad_token_id"),
+        hf_config=cfg,
+    )
+
+
+def _parse_rope(cfg: dict, source: str, max_pos: int) -> RopeArgs:
+    # transformers < 5 writes rope_theta + rope_scaling; transformers 5 folds both into
+    # rope_parameters (possibly nested by layer type, which no family here uses).
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: {key} must be a JSON object, got {params!r}")
+    if "partial_rotary_factor" in params or "partial_rotary_factor" in cfg:
+        if float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))) != 1.0:
+            raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    theta = 10000.0 if theta is None else float(theta)
+    rope_type = params.get("rope_type", params.get("type")) or "default"
+    if rope_type == "default":
+        return RopeArgs(theta=theta)
+    if rope_type != "llama3":
+        raise ConfigError(f"{source}: {key}.rope_type {rope_type!r} is not supported "
+                          "(supported: 'default', 'llama3')")
+    try:
+        factor = float(params["factor"])
+        low = float(params["low_freq_factor"])
+        high = float(params["high_freq_factor"])
+    except KeyError as e:
+        raise ConfigError(f"{source}: {key} of rope_type 'llama3' lacks {e.args[0]!r}") from None
+    if high <= low:
+        raise ConfigError(f"{source}: {key}.high_freq_factor ({high}) must exceed "
+                          f"low_freq_factor ({low})")
+    original = params.get("original_max_position_embeddings",
+                          cfg.get("original_max_position_embeddings", max_pos))
+    return RopeArgs(theta=theta, rope_type="llama3", factor=factor, low_freq_factor=low,
+                    high_freq_factor=high, original_max_position_embeddings=int(original))
+
+
+def _parse_sliding_window(cfg: dict, model_type: str, defaults: dict, source: str) -> int | None:
+    if model_type == "mistral":
+        window = cfg.get("sliding_window", defaults["sliding_window"])
+        return None if window is None else int(window)
+    if model_type == "qwen2":
+        if not cfg.get("use_sliding_window", False):
+            return None
+        window = cfg.get("sliding_window", defaults["sliding_window"])
+        layer_types = cfg.get("layer_types")
+        if layer_types is None:
+            first = int(cfg.get("max_window_layers", defaults["max_window_layers"]))
+            any_sliding = first < int(cfg["num_hidden_layers"])
+        else:
+            any_sliding = "sliding_attention" in layer_types
+        return int(window) if window is not None and any_sliding else None
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back before the gain: the order transformers uses, so that
+        # bf16 runs round the same way as the reference implementation.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_inv_freq(rope: RopeArgs, head_dim: int, device) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) in fp32, with llama3 long-context scaling if set."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    if rope.rope_type == "llama3":
+        # Llama 3.1: keep short wavelengths, divide long ones by `factor`, blend in between.
+        old_len = rope.original_max_position_embeddings
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / rope.low_freq_factor, inv_freq / rope.factor,
+                             inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= old_len / rope.high_freq_factor) & (
+            wavelen <= old_len / rope.low_freq_factor)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(position_ids: torch.Tensor, rope: RopeArgs, head_dim: int):
+    """cos, sin of shape (T, head_dim / 2) in fp32 for flat position ids (T,).
+
+    Computed per forward from the positions instead of a cached table: no buffer to rebuild
+    after meta-device init or to keep in sync under FSDP, and the cost is a few tiny kernels.
+    """
+    inv_freq = rope_inv_freq(rope, head_dim, position_ids.device)
+    angles = position_ids.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates (T, H, D) by the half-split convention of Hugging Face Llama checkpoints
+    (dimension i pairs with i + D/2), in fp32, cast back to x's dtype."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.softmax_scale = args.head_dim ** -0.5
+        self.backend = "auto"
+        kw = {"device": device, "dtype": dtype}
+        h, d = args.hidden_size, args.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=args.qkv_bias, **kw)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.qkv_bias, **kw)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.qkv_bias, **kw)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=args.o_bias, **kw)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True,
+                               softmax_scale=self.softmax_scale, backend=self.backend)
+        return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype, "bias": args.mlp_bias}
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, **kw)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, **kw)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, **kw)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One block: the unit FSDP2, activation checkpointing and torch.compile wrap."""
+
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.self_attn = Attention(args, device, dtype)
+        self.mlp = MLP(args, device, dtype)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """transformers' `model.model`: embeddings, blocks, final norm."""
+
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device=device,
+                                         dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(args, device, dtype)
+                                    for _ in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+        """Flat (T,) ids and positions -> final normalised hidden states (T, hidden)."""
+        cos, sin = rope_cos_sin(position_ids, self.args.rope, self.args.head_dim)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+        return self.norm(x)
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None = None
+    # Per-token cross-entropy (B, L), detached and unweighted, aligned with `labels`: entry t is
+    # the loss of predicting labels[t] from position t - 1; 0 where ignored and at t = 0.
+    token_losses: torch.Tensor | None = None
+    logits: torch.Tensor | None = None   # (B, L, vocab), only when no labels are given
+
+
+class CausalLM(nn.Module):
+    """Llama-family causal LM on packed batches; parameter names are transformers'."""
+
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.args = args
+        self.model = DecoderModel(args, device, dtype)
+        # Tied models have no lm_head module, as their checkpoints have no lm_head.weight.
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(
+            args.hidden_size, args.vocab_size, bias=False, device=device, dtype=dtype)
+        self.cross_entropy_backend = "auto"
+        self.generation_config: dict | None = None   # generation_config.json, kept for saving
+
+    # -- backends, settable by the training loop from its config --------------------------------
+    @property
+    def attention_backend(self) -> str:
+        return self.model.layers[0].self_attn.backend if len(self.model.layers) else "auto"
+
+    @attention_backend.setter
+    def attention_backend(self, value: str) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.backend = value
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    # -- initialisation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Random init as transformers does it (normal(0, initializer_range) for linears and
+        embeddings, zero biases, unit norms). Works after `to_empty()` from the meta device,
+        also on FSDP2 DTensor parameters with seed=None (seed torch's global RNG instead:
+        a local generator is not supported there)."""
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.model.embed_tokens.weight.device)
+            generator.manual_seed(seed)
+        std = self.args.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                labels: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None,
+                reduction: str = "mean", return_token_losses: bool = False) -> CausalLMOutput:
+        """input_ids (B, L), or (1, T) for one flattened stream.
+
+        Without `cu_seqlens` every row is one causal document (position_ids alone never split
+        documents: pass cu_seqlens for packed rows). With it, `cu_seqlens` (int32) marks the
+        segments of the flattened B * L tokens and `max_seqlen` is the longest (computed with a
+        host sync if not given); `position_ids` restart per segment and are derived from
+        `cu_seqlens` on the device if not given.
+
+        `labels` are unshifted (batch.py): position t predicts labels[t + 1] of its own row.
+        `loss_weights` (B, L) is the weight of each label token. The loss is the fused linear
+        cross-entropy with the kernel's `reduction`: "mean" (weighted sum / weight of the
+        non-ignored labels), "sum", or "none" (B, L) aligned with labels like `token_losses`.
+        Logits (B, L, vocab) are returned only when `labels` is None.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape "
+                             f"{tuple(input_ids.shape)}")
+        b, l = input_ids.shape
+        device = input_ids.device
+        if cu_seqlens is None:
+            # One document per row; built on the device so no host sync happens.
+            cu_seqlens = torch.arange(0, b + 1, device=device, dtype=torch.int32) * l
+            max_seqlen = l
+            if position_ids is None:
+                position_ids = torch.arange(l, device=device).expand(b, l)
+        else:
+            if cu_seqlens.dtype != torch.int32:
+                cu_seqlens = cu_seqlens.to(torch.int32)
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host sync
+            if position_ids is None:
+                position_ids = positions_from_cu_seqlens(cu_seqlens, b * l).view(b, l)
+        window = self.args.sliding_window
+        if window is not None and max_seqlen > window:
+            raise ValueError(
+                f"a segment of {max_seqlen} tokens exceeds sliding_window={window} of this "
+                f"{self.args.model_type} config; the window is not implemented (documents "
+                f"within it get exact attention), so use seq_len <= {window} or pack shorter "
+                "documents")
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids "
+                             f"shape {tuple(input_ids.shape)}")
+
+        hidden = self.model(input_ids.reshape(-1), position_ids.reshape(-1), cu_seqlens,
+                            int(max_seqlen))
+        if labels is None:
+            logits = F.linear(hidden, self.lm_head_weight).view(b, l, -1)
+            return CausalLMOutput(logits=logits)
+
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        # Shift the (small) labels rather than the (large) hidden states: position t of a row
+        # is scored against labels[t + 1]; each row's last position gets IGNORE_INDEX.
+        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        weights = None
+        if loss_weights is not None:
+            if loss_weights.shape != labels.shape:
+                raise ValueError(f"loss_weights shape {tuple(loss_weights.shape)} != labels "
+                                 f"shape {tuple(labels.shape)}")
+            weights = F.pad(loss_weights[:, 1:], (0, 1), value=0.0).reshape(-1)
+        result = fused_linear_cross_entropy(
+            hidden, self.lm_head_weight, target, ignore_index=IGNORE_INDEX,
+            token_weights=weights, reduction=reduction, backend=self.cross_entropy_backend,
+            return_token_losses=return_token_losses)
+        loss, token_losses = result if return_token_losses else (result, None)
+        if reduction == "none":
+            loss = _align_with_labels(loss, b, l)
+        if token_losses is not None:
+            token_losses = _align_with_labels(token_losses, b, l)
+        return CausalLMOutput(loss=loss, token_losses=token_losses)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def num_parameters(self, exclude_embeddings: bool = True) -> int:
+        """Distinct parameters; `exclude_embeddings` leaves out the input embedding table
+        (for tied models that table is also the LM head and is then left out too)."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.model.embed_tokens.weight.numel()
+        return total
+
+    def flops_per_token(self) -> int:
+        """Matmul FLOPs per trained token, forward + backward: 6 x (non-embedding parameters,
+        the LM head included even when tied). Attention scores come on top: attention_flops()."""
+        head = self.args.vocab_size * self.args.hidden_size if self.lm_head is None else 0
+        return 6 * (self.num_parameters(exclude_embeddings=True) + head)
+
+    def attention_flops(self, doc_lengths: Sequence[int] | torch.Tensor) -> int:
+        """Causal attention FLOPs, forward + backward, over documents of the given lengths.
+
+        Per layer and head, a causal document of n tokens needs n^2 / 2 query-key dot products
+        of head_dim multiply-adds for QK^T and as many for PV: 2 matmuls x 2 FLOPs x n^2/2 x
+        head_dim forward; backward is twice the forward, so 3x in all:
+            6 * n_layers * n_heads * head_dim * sum(n^2).
+        Pass real document lengths only (not padding segments) for honest MFU.
+        """
+        if isinstance(doc_lengths, torch.Tensor):
+            sum_sq = int((doc_lengths.to(torch.int64) ** 2).sum())
+        else:
+            sum_sq = sum(int(n) ** 2 for n in doc_lengths)
+        a = self.args
+        return 6 * a.num_hidden_layers * a.num_attention_heads * a.head_dim * sum_sq
+
+    # -- Hugging Face I/O ----------------------------------------------------------------------
+    def save_pretrained(self, path, state_dict: dict | None = None, *,
+                        dtype: torch.dtype | None = None,
+                        max_shard_size: int | str | None = None) -> list[str]:
+        """Writes a transformers-loadable checkpoint; see hf_io.save_pretrained."""
+        from rega_engine.model.hf_io import save_pretrained
+        return save_pretrained(self, path, state_dict=state_dict, dtype=dtype,
+                        max_shard_size=max_shard_size)
+
+
+def _align_with_labels(per_position: torch.Tensor, b: int, l: int) -> torch.Tensor:
+    """(B * L,) values indexed by predicting position -> (B, L) indexed by the predicted label,
+    so that they line up with labels, kind_ids and domain_ids."""
+    return F.pad(per_position.view(b, l)[:, :-1], (1, 0), value=0.0)
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Flat position ids (total,) restarting at every document start, without a host sync."""
+    idx = torch.arange(total, device=cu_seqlens.device, dtype=torch.int64)
+    starts = cu_seqlens.to(torch.int64)
+    doc = torch.searchsorted(starts, idx, right=True) - 1
+    return idx - starts[doc.clamp(0, starts.numel() - 1)]
+
+
+def from_config(hf_config: dict | str | os.PathLike | ModelArgs, dtype: torch.dtype | None = None,
+                device=None, seed: int | None = None) -> CausalLM:
+    """A randomly initialised model for a Hugging Face config (dict, config.json or directory).
+    On device="meta" nothing is initialised: call `to_empty(...)` then `init_weights()`."""
+    args = hf_config if isinstance(hf_config, ModelArgs) else ModelArgs.from_hf_config(hf_config)
+    model = CausalLM(args, device=device, dtype=dtype)
+    if torch.device(device if device is not None else "cpu").type != "meta":
+        model.init_weights(seed=seed)
+    return model
