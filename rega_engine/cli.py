@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .data.records import DataError
 
 JOBS = {
     "prepare": ("rega_engine.data.prepare", "prepare", "tokenize the REGA mixture into a memory-mapped dataset"),
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "bench":
             return _run_bench(rest)
         return _run_job(command, rest)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"rega-engine {command}: {e}", file=sys.stderr)
         return 2
 

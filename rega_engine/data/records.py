@@ -1,0 +1,196 @@
+"""Streaming JSONL reader: one chat sample per line, validated, rejected rows named and counted.
+
+A row is `{"messages": [{"role": ..., "content": ...}, ...], "domain": "law", "distilled": false}`;
+roles are system, user and assistant. A training sample ends with a non-empty assistant turn and
+has no empty assistant turn anywhere (an empty target would teach the model to stop at once). An
+instruction (input of self-distillation) is the same without the final answer: it ends with a
+user turn. `domain` is optional; where given it must be a domain of the role table and match the
+source the file is listed under. Distilled exemplars (`"distilled": true`) belong to the general
+domain only.
+
+Under `bad_rows = "skip"` a rejected row is logged (the first few per file, with file:line and the
+reason) and counted by reason in `RowStats`; under `"error"` it raises `DataError("path:line: reason")`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Collection, Iterator
+
+from ..batch import GENERAL_DOMAIN
+
+log = logging.getLogger("rega_engine.data")
+
+ROLES = ("system", "user", "assistant")
+BAD_ROW_POLICIES = ("skip", "error")
+WARN_FIRST = 5      # rejected rows logged per file under "skip"; the rest are only counted
+
+
+class DataError(ValueError):
+    """A bad input row; the message is `path:line: reason` (or names the file for file errors)."""
+
+    def __init__(self, message: str, reason: str = "", path: str = "", line: int = 0):
+        super().__init__(message)
+        self.reason, self.path, self.line = reason, path, line
+
+
+@dataclass(frozen=True)
+class Record:
+    """One accepted row: messages hold only `role` and `content`."""
+    messages: tuple
+    domain: str | None
+    distilled: bool
+    path: str
+    line: int
+
+    @property
+    def origin(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+@dataclass
+class RowStats:
+    """Counts over every file read: rows read (non-blank lines), blank lines, kept, rejected by reason."""
+    files: dict = field(default_factory=dict)       # path -> {"read", "blank", "kept", "rejected"}
+    rejected: Counter = field(default_factory=Counter)   # reason -> rows
+
+    def file(self, path: str) -> dict:
+        return self.files.setdefault(path, {"read": 0, "blank": 0, "kept": 0, "rejected": 0})
+
+    def as_dict(self) -> dict:
+        return {"files": {p: dict(c) for p, c in self.files.items()}, "rejected": dict(self.rejected)}
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _check_messages(row: dict, *, instruction: bool) -> tuple:
+    messages = row.get("messages")
+    if messages is None:
+        raise _Reject("missing messages", "no 'messages' field")
+    if not isinstance(messages, list):
+        raise _Reject("missing messages", f"'messages' must be a list, got {type(messages).__name__}")
+    if not messages:
+        raise _Reject("missing messages", "'messages' is empty")
+    turns = []
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict):
+            raise _Reject("wrong type", f"messages[{i}] must be an object, got {type(turn).__name__}")
+        role, content = turn.get("role"), turn.get("content")
+        if not isinstance(role, str):
+            raise _Reject("wrong type", f"messages[{i}].role must be a string, got {type(role).__name__}")
+        if role not in ROLES:
+            raise _Reject("unknown role", f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise _Reject("wrong type", f"messages[{i}].content must be a string, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise _Reject("empty assistant turn", f"messages[{i}] is an empty assistant turn")
+        turns.append({"role": role, "content": content})
+    last = turns[-1]["role"]
+    if instruction:
+        if last != "user":
+            raise _Reject("not an instruction",
+                          f"the last turn is {last!r}; an instruction ends with the user turn to answer")
+    elif not any(t["role"] == "assistant" for t in turns):
+        raise _Reject("missing assistant turn", "no assistant turn to learn from")
+    elif last != "assistant":
+        raise _Reject("missing assistant turn",
+                      f"the last turn is {last!r}; a training sample ends with the assistant's")
+    return tuple(turns)
+
+
+def _check_row(row, *, source: str, source_key: str, known_domains: Collection[str] | None,
+               instruction: bool) -> tuple:
+    if not isinstance(row, dict):
+        raise _Reject("not an object", f"expected a JSON object, got {type(row).__name__}")
+    messages = _check_messages(row, instruction=instruction)
+    distilled = row.get("distilled", False)
+    if not isinstance(distilled, bool):
+        raise _Reject("wrong type", f"'distilled' must be true or false, got {distilled!r}")
+    domain = row.get("domain")
+    if domain is not None:
+        if not isinstance(domain, str):
+            raise _Reject("wrong type", f"'domain' must be a string, got {type(domain).__name__}")
+        if known_domains is not None and domain not in known_domains:
+            raise _Reject("unknown domain", f"domain {domain!r} has no role prompt "
+                          f"(known: {', '.join(known_domains)}); add roles.prompts.{domain} or fix the row")
+        if domain != source:
+            raise _Reject("domain mismatch", f"domain {domain!r} disagrees with the source this file is listed "
+                          f"under ({source_key})")
+    if distilled and source != GENERAL_DOMAIN:
+        raise _Reject("domain mismatch", f"a distilled (general) exemplar listed under {source_key}")
+    return messages, domain, distilled
+
+
+def _parse(raw: bytes):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _Reject("bad JSON", f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise _Reject("bad JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def _read(path, *, source: str, source_key: str, known_domains, instruction: bool, bad_rows: str,
+          stats: RowStats | None) -> Iterator[Record]:
+    if bad_rows not in BAD_ROW_POLICIES:
+        raise ValueError(f"data.bad_rows = {bad_rows!r}; expected one of {', '.join(BAD_ROW_POLICIES)}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (listed as {source_key})", "file not found", path)
+    stats = stats if stats is not None else RowStats()
+    # Checked here, before the first row is asked for: a missing file fails when it is listed.
+    return _rows(path, source, source_key, known_domains, instruction, bad_rows, stats)
+
+
+def _rows(path, source, source_key, known_domains, instruction, bad_rows, stats) -> Iterator[Record]:
+    counts = stats.file(path)
+    warned = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                counts["blank"] += 1
+                continue
+            counts["read"] += 1
+            try:
+                messages, domain, distilled = _check_row(
+                    _parse(raw), source=source, source_key=source_key, known_domains=known_domains,
+                    instruction=instruction)
+            except _Reject as r:
+                if bad_rows == "error":
+                    raise DataError(f"{path}:{line_no}: {r.detail}", r.reason, path, line_no) from None
+                counts["rejected"] += 1
+                stats.rejected[r.reason] += 1
+                if warned < WARN_FIRST:
+                    warned += 1
+                    more = " (further rejected rows of this file are only counted)" if warned == WARN_FIRST else ""
+                    log.warning("%s:%d: %s; row skipped%s", path, line_no, r.detail, more)
+                continue
+            counts["kept"] += 1
+            yield Record(messages, domain, distilled, path, line_no)
+
+
+def read_samples(path, *, source: str, known_domains: Collection[str] | None = None,
+                 bad_rows: str = "skip", stats: RowStats | None = None, source_key: str = "") -> Iterator[Record]:
+    """Training samples of `path`, listed under `source` ("general" or a domain name).
+
+    `known_domains` (the role table's, general included) rejects rows naming another domain;
+    `source_key` is the config key quoted in errors (default `data.domains.<source>` or
+    `data.general`). Counts go to `stats` when given.
+    """
+    key = source_key or ("data.general" if source == GENERAL_DOMAIN else f"data.domains.{source}")
+    return _read(path, source=source, source_key=key, known_domains=known_domains,
+                 instruction=False, bad_rows=bad_rows, stats=stats)
+
+
+def read_instructions(path, *, bad_rows: str = "skip", stats: RowStats | None = None,
+                      source_key: str = "distill.instructions") -> Iterator[Record]:
+    """General-domain instructions for self-distillation: chats that end with a user turn."""
+    return _read(path, source=GENERAL_DOMAIN, source_key=source_key, known_domains=None,
+                 instruction=True, bad_rows=bad_rows, stats=stats)

@@ -1,0 +1,144 @@
+"""Train a small SentencePiece tokenizer and save it as a directory `AutoTokenizer` loads.
+
+Used by the tests and the bundled demo world, where a real model's tokenizer is too big to ship.
+SentencePiece trains the pieces (BPE, single thread, fixed seed: the same text always gives the
+same vocabulary); the pieces and their merge order are then written into a `tokenizers` BPE model,
+because transformers 5 loads tokenizers through `tokenizer.json`, not `.model` files.
+
+Choices that matter downstream:
+- no dummy prefix and no normalization: a space is always the piece marker `▁` and nothing else
+  changes the text, so `decode(encode(text)) == text` exactly, for any text (unknown characters
+  fall back to their UTF-8 bytes);
+- digits are always single tokens (`split_digits`), which helps small models with arithmetic;
+- `\\n` is a token of its own: chat renderings are line based;
+- `<unk>`=0, `<s>`=1, `</s>`=2, `<pad>`=3, then the extra special tokens (e.g. ChatML markers).
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+NEWLINE = "\n"
+
+
+def _train_sentencepiece(lines: list[str], vocab_size: int, special_tokens: Sequence[str], seed: int):
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model,
+            model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False,
+            character_coverage=1.0, byte_fallback=True, split_digits=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            num_threads=1, shuffle_input_sentence=False, input_sentence_size=0,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+            control_symbols=list(special_tokens), user_defined_symbols=[NEWLINE],
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise ValueError(f"train_tokenizer: SentencePiece failed ({e}); with byte fallback the vocabulary "
+                         f"needs the 256 byte pieces, the special tokens and every character of the text: "
+                         f"raise vocab_size (now {vocab_size})") from None
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def _bpe_merges(vocab: dict[str, int], atomic: set[int]) -> list[tuple[str, str]]:
+    """The merge list that reproduces SentencePiece's BPE: a piece's rank is its id (pieces are
+    stored in the order they were merged), and every split of a piece into two known pieces is a
+    merge producing it, ordered by the piece's rank, then by the left part's."""
+    mergeable = {piece: i for piece, i in vocab.items() if i not in atomic}
+    merges = []
+    for piece, piece_id in mergeable.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in mergeable and right in mergeable:
+                merges.append((piece_id, mergeable[left], mergeable[right], left, right))
+    merges.sort()
+    return [(left, right) for *_, left, right in merges]
+
+
+def _to_tokenizers(sp, special_tokens: Sequence[str]):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    # Special and byte pieces are matched as added tokens or by byte fallback, never built from
+    # text by merges (the literal text "<s>" inside a word must not become BOS).
+    atomic = {i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i)}
+    merges = _bpe_merges(vocab, atomic)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, fuse_unk=True, byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t in (UNK, BOS, EOS, PAD, *special_tokens)])
+    tokenizer.add_tokens([AddedToken(NEWLINE, special=False, normalized=False)])
+    # Like Llama: `tokenizer(text)` starts with <s>; chat renderings pass add_special_tokens=False.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, sp.bos_id())])
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1000,
+                    chat_template: str | None = None, special_tokens: Sequence[str] = (),
+                    seed: int = 0) -> Path:
+    """Train a BPE tokenizer on `texts` and save it to `out_dir`; returns `out_dir`.
+
+    `vocab_size` is an upper bound (a small text yields fewer pieces). `special_tokens` are extra
+    control tokens kept whole, e.g. ("<|im_start|>", "<|im_end|>") for a ChatML `chat_template`.
+    The same texts and arguments always give the same tokenizer.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    special_tokens = list(dict.fromkeys(special_tokens))
+    reserved = {UNK, BOS, EOS, PAD, NEWLINE}
+    clash = [t for t in special_tokens if t in reserved or not t]
+    if clash:
+        raise ValueError(f"train_tokenizer: special_tokens {clash!r} are empty or already reserved")
+    # SentencePiece reads sentences; newlines are a token of their own, so they split the text.
+    lines = [line for text in texts for line in text.split(NEWLINE) if line.strip()]
+    if not lines:
+        raise ValueError("train_tokenizer: no text to train on")
+    sp = _train_sentencepiece(lines, vocab_size, special_tokens, seed)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_to_tokenizers(sp, special_tokens),
+        unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        extra_special_tokens=special_tokens, chat_template=chat_template,
+        clean_up_tokenization_spaces=False,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m rega_engine.tokenizer TEXT_FILE... --out DIR`: train a tokenizer on text files."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rega_engine.tokenizer", description=main.__doc__)
+    parser.add_argument("texts", nargs="+", help="UTF-8 text files to train on")
+    parser.add_argument("--out", required=True, help="output directory (AutoTokenizer.from_pretrained loads it)")
+    parser.add_argument("--vocab-size", type=int, default=1000)
+    parser.add_argument("--chat-template", help="a Jinja chat template file to store with the tokenizer")
+    parser.add_argument("--special-token", action="append", default=[], help="an extra control token (repeatable)")
+    args = parser.parse_args(argv)
+    for name in [*args.texts, *([args.chat_template] if args.chat_template else [])]:
+        if not os.path.isfile(name):
+            parser.error(f"{name}: file not found")
+    template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else None
+    texts = (Path(name).read_text(encoding="utf-8") for name in args.texts)
+    out = train_tokenizer(texts, args.out, args.vocab_size, template, args.special_token)
+    print(f"tokenizer written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
