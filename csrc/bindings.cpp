@@ -1,3 +1,188 @@
+// pybind11 face of the packer: numpy arrays in, numpy arrays or filled buffers out. Every array
+// argument is `noconvert`, so a wrong dtype or a non-contiguous array is a TypeError rather than a
+// silent copy (of a multi-gigabyte memory map, or of an output buffer we would then fill in vain).
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "packer.h"
+
 namespace py = pybind11;
-PYBIND11_MODULE(_C, m) { m.doc() = "rega-engine C++ core"; }
+
+namespace {
+
+template <typename T>
+using CArray = py::array_t<T, py::array::c_style>;
+
+void require(bool ok, const std::string& what) {
+    if (!ok) throw std::invalid_argument(what);
+}
+
+template <typename T>
+void require_1d(const CArray<T>& a, const char* name) {
+    require(a.ndim() == 1, std::string(name) + " must be 1-D, got " + std::to_string(a.ndim()) + " dimensions");
+}
+
+py::array_t<int64_t> plan_bins_py(const CArray<int64_t>& lengths, int64_t seq_len, int64_t window) {
+    require_1d(lengths, "lengths");
+    const int64_t n = lengths.shape(0);
+    py::array_t<int64_t> bin_of(n);
+    const int64_t* in = lengths.data();
+    int64_t* out = bin_of.mutable_data();
+    {
+        py::gil_scoped_release release;
+        rega::plan_bins(in, n, seq_len, window, out);
+    }
+    return bin_of;
+}
+
+py::array_t<int64_t> deal_rows_py(const CArray<int64_t>& row_tokens, int64_t world_size, int64_t batch_size) {
+    require_1d(row_tokens, "row_tokens");
+    const int64_t n = row_tokens.shape(0);
+    const int64_t num_global = rega::num_global_batches(n, world_size, batch_size);
+    py::array_t<int64_t> out({num_global, world_size, batch_size});
+    const int64_t* in = row_tokens.data();
+    int64_t* dst = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        rega::deal_rows(in, n, world_size, batch_size, dst);
+    }
+    return out;
+}
+
+// Holds references to the dataset's arrays (memory maps included) for as long as batches are made
+// from them, and checks once that they describe a consistent dataset.
+class PyTokenStore {
+public:
+    PyTokenStore(CArray<int32_t> tokens, CArray<uint8_t> loss_mask, CArray<int64_t> offsets, CArray<uint8_t> kinds,
+                 CArray<int16_t> domains, CArray<float> kind_weights)
+        : tokens_(std::move(tokens)),
+          loss_mask_(std::move(loss_mask)),
+          offsets_(std::move(offsets)),
+          kinds_(std::move(kinds)),
+          domains_(std::move(domains)),
+          kind_weights_(std::move(kind_weights)) {
+        require_1d(tokens_, "tokens");
+        require_1d(loss_mask_, "loss_mask");
+        require_1d(offsets_, "offsets");
+        require_1d(kinds_, "kinds");
+        require_1d(domains_, "domains");
+        require_1d(kind_weights_, "kind_weights");
+        require(loss_mask_.shape(0) == tokens_.shape(0), "loss_mask has " + std::to_string(loss_mask_.shape(0)) +
+                                                             " entries but tokens has " + std::to_string(tokens_.shape(0)));
+        require(offsets_.shape(0) >= 1, "offsets must hold num_samples + 1 entries");
+        const int64_t num_samples = offsets_.shape(0) - 1;
+        require(kinds_.shape(0) == num_samples && domains_.shape(0) == num_samples,
+                "kinds and domains must hold one entry per sample (" + std::to_string(num_samples) + ")");
+        view_ = rega::TokenStore{tokens_.data(), loss_mask_.data(),   tokens_.shape(0),
+                                 offsets_.data(), kinds_.data(),      domains_.data(),
+                                 num_samples,     kind_weights_.data(), kind_weights_.shape(0)};
+        py::gil_scoped_release release;
+        const int64_t* off = view_.offsets;
+        if (off[0] < 0) throw std::invalid_argument("offsets[0] is negative");
+        for (int64_t i = 0; i < num_samples; ++i) {
+            if (off[i + 1] < off[i]) {
+                throw std::invalid_argument("offsets decrease at sample " + std::to_string(i));
+            }
+            if (view_.kinds[i] >= view_.num_kinds) {
+                throw std::invalid_argument("sample " + std::to_string(i) + " has kind id " +
+                                            std::to_string(view_.kinds[i]) + " but only " +
+                                            std::to_string(view_.num_kinds) + " kind weights were given");
+            }
+        }
+        if (off[num_samples] > view_.num_tokens) {
+            throw std::invalid_argument("offsets end at " + std::to_string(off[num_samples]) + " but tokens has only " +
+                                        std::to_string(view_.num_tokens) + " entries");
+        }
+    }
+
+    int64_t num_samples() const { return view_.num_samples; }
+
+    int64_t count_segments(const CArray<int64_t>& bin_splits, const CArray<int64_t>& bin_samples,
+                           const CArray<int64_t>& rows, int64_t seq_len) const {
+        const rega::BatchPlan plan = make_plan(bin_splits, bin_samples, rows);
+        py::gil_scoped_release release;
+        return rega::count_segments(view_, plan, seq_len);
+    }
+
+    std::tuple<int64_t, int64_t, int64_t> fill_batch(const CArray<int64_t>& bin_splits, const CArray<int64_t>& bin_samples,
+                                                     const CArray<int64_t>& rows, int32_t pad_id, CArray<int64_t> input_ids,
+                                                     CArray<int64_t> labels, CArray<int64_t> position_ids,
+                                                     CArray<int64_t> kind_ids, CArray<int64_t> domain_ids,
+                                                     CArray<float> loss_weights, CArray<int32_t> cu_seqlens) const {
+        const rega::BatchPlan plan = make_plan(bin_splits, bin_samples, rows);
+        require(input_ids.ndim() == 2 && input_ids.shape(0) == plan.num_rows,
+                "input_ids must be (len(rows), seq_len) = (" + std::to_string(plan.num_rows) + ", L)");
+        const int64_t L = input_ids.shape(1);
+        auto check_like = [&](const py::array& a, const char* name) {
+            require(a.ndim() == 2 && a.shape(0) == plan.num_rows && a.shape(1) == L,
+                    std::string(name) + " must have the shape of input_ids");
+        };
+        check_like(labels, "labels");
+        check_like(position_ids, "position_ids");
+        check_like(kind_ids, "kind_ids");
+        check_like(domain_ids, "domain_ids");
+        check_like(loss_weights, "loss_weights");
+        require_1d(cu_seqlens, "cu_seqlens");
+        // mutable_data() raises if a buffer is read-only.
+        const rega::BatchOut out{input_ids.mutable_data(), labels.mutable_data(),    position_ids.mutable_data(),
+                                 kind_ids.mutable_data(),  domain_ids.mutable_data(), loss_weights.mutable_data(),
+                                 cu_seqlens.mutable_data(), cu_seqlens.shape(0),      L};
+        rega::BatchStats stats;
+        {
+            py::gil_scoped_release release;
+            stats = rega::fill_batch(view_, plan, pad_id, out);
+        }
+        return {stats.num_segments, stats.max_seqlen, stats.num_real_tokens};
+    }
+
+private:
+    static rega::BatchPlan make_plan(const CArray<int64_t>& bin_splits, const CArray<int64_t>& bin_samples,
+                                     const CArray<int64_t>& rows) {
+        require_1d(bin_splits, "bin_splits");
+        require_1d(bin_samples, "bin_samples");
+        require_1d(rows, "rows");
+        require(bin_splits.shape(0) >= 1, "bin_splits must hold num_bins + 1 entries");
+        return rega::BatchPlan{bin_splits.data(), bin_samples.data(), bin_splits.shape(0) - 1,
+                               bin_samples.shape(0), rows.data(),        rows.shape(0)};
+    }
+
+    CArray<int32_t> tokens_;
+    CArray<uint8_t> loss_mask_;
+    CArray<int64_t> offsets_;
+    CArray<uint8_t> kinds_;
+    CArray<int16_t> domains_;
+    CArray<float> kind_weights_;
+    rega::TokenStore view_{};
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "rega-engine C++ core: bin planning, rank dealing and batch materialisation for packed sequences";
+
+    m.def("plan_bins", &plan_bins_py, py::arg("lengths").noconvert(), py::arg("seq_len"), py::arg("window"),
+          "Windowed best-fit-decreasing: int64 bin id per sample, -1 when longer than seq_len.");
+    m.def("deal_rows", &deal_rows_py, py::arg("row_tokens").noconvert(), py::arg("world_size"),
+          py::arg("batch_size"),
+          "Token-balanced dealing of rows to ranks: (num_global, world_size, batch_size) row indices, -1 = empty row.");
+
+    py::class_<PyTokenStore>(m, "TokenStore")
+        .def(py::init<CArray<int32_t>, CArray<uint8_t>, CArray<int64_t>, CArray<uint8_t>, CArray<int16_t>,
+                      CArray<float>>(),
+             py::arg("tokens").noconvert(), py::arg("loss_mask").noconvert(), py::arg("offsets").noconvert(),
+             py::arg("kinds").noconvert(), py::arg("domains").noconvert(), py::arg("kind_weights").noconvert())
+        .def_property_readonly("num_samples", &PyTokenStore::num_samples)
+        .def("count_segments", &PyTokenStore::count_segments, py::arg("bin_splits").noconvert(),
+             py::arg("bin_samples").noconvert(), py::arg("rows").noconvert(), py::arg("seq_len"))
+        .def("fill_batch", &PyTokenStore::fill_batch, py::arg("bin_splits").noconvert(),
+             py::arg("bin_samples").noconvert(), py::arg("rows").noconvert(), py::arg("pad_id"),
+             py::arg("input_ids").noconvert(), py::arg("labels").noconvert(), py::arg("position_ids").noconvert(),
+             py::arg("kind_ids").noconvert(), py::arg("domain_ids").noconvert(), py::arg("loss_weights").noconvert(),
+             py::arg("cu_seqlens").noconvert(),
+             "Fills preallocated (B, L) buffers and cu_seqlens; returns (num_segments, max_seqlen, num_real_tokens).");
+}

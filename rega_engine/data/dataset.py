@@ -1,0 +1,287 @@
+"""The prepared dataset on disk: token ids and loss masks memory-mapped, one directory per dataset.
+
+Layout (format 1):
+    tokens.bin     int32, every sample's tokens concatenated
+    loss_mask.bin  uint8, 1 where the token is an assistant token the model must learn to predict
+    offsets.npy    int64, num_samples + 1: sample i is tokens[offsets[i]:offsets[i + 1]]
+    kinds.npy      uint8, index into rega_engine.batch.KINDS
+    domains.npy    int16, 0 = general, then the specific domains in role-table order
+    meta.json      {"format": 1, "num_samples", "num_tokens", "domains", "kinds", "kind_weights",
+                    "pad_id", "vocab_size", "seq_len", "report"}
+
+The writer streams tokens to disk as samples arrive, so a large dataset never sits in memory, and
+builds the directory under a temporary name that is renamed only once meta.json is written: a run
+that dies half way never leaves something that looks like a whole dataset.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from array import array
+from pathlib import Path
+
+import numpy as np
+
+from rega_engine.batch import GENERAL_DOMAIN, KINDS
+
+FORMAT = 1
+DATA_FILES = ("tokens.bin", "loss_mask.bin", "offsets.npy", "kinds.npy", "domains.npy")
+META_FILE = "meta.json"
+_TOKEN_DTYPE = np.int32
+_MASK_DTYPE = np.uint8
+_INT32_MAX = np.iinfo(np.int32).max
+_DOMAIN_MAX = np.iinfo(np.int16).max
+
+
+def _check_kind_weights(kind_weights: dict, where: str) -> dict[str, float]:
+    """Every kind gets a finite, non-negative weight; kinds left out weigh 1.0."""
+    if not isinstance(kind_weights, dict):
+        raise TypeError(f"{where}: kind_weights must be a dict {{kind: weight}}, got {type(kind_weights).__name__}")
+    unknown = sorted(set(kind_weights) - set(KINDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown kind(s) {unknown} in kind_weights; known kinds are {list(KINDS)}")
+    weights = {}
+    for kind in KINDS:
+        value = float(kind_weights.get(kind, 1.0))
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{where}: kind_weights[{kind!r}] = {value} must be a finite number >= 0")
+        weights[kind] = value
+    return weights
+
+
+class TokenDatasetWriter:
+    """Streams samples into a new prepared dataset at `out_dir`.
+
+    `domains` lists the domain names by id; id 0 is the general domain. A list that does not start
+    with "general" gets it put in front, so the ids of the names given start at 1.
+    """
+
+    def __init__(self, out_dir, *, domains: list[str], kind_weights: dict[str, float], pad_id: int,
+                 vocab_size: int, seq_len: int):
+        self.out_dir = Path(out_dir)
+        domains = [str(d) for d in domains]
+        if not domains or domains[0] != GENERAL_DOMAIN:
+            domains.insert(0, GENERAL_DOMAIN)
+        if len(set(domains)) != len(domains):
+            raise ValueError(f"TokenDatasetWriter({self.out_dir}): domain names must be unique, got {domains}")
+        if len(domains) > _DOMAIN_MAX + 1:
+            raise ValueError(f"TokenDatasetWriter({self.out_dir}): at most {_DOMAIN_MAX + 1} domains fit int16 ids")
+        if int(vocab_size) < 1 or int(vocab_size) > _INT32_MAX:
+            raise ValueError(f"TokenDatasetWriter({self.out_dir}): vocab_size = {vocab_size} must be in 1..{_INT32_MAX}")
+        if int(seq_len) < 1:
+            raise ValueError(f"TokenDatasetWriter({self.out_dir}): seq_len = {seq_len} must be >= 1")
+        if not 0 <= int(pad_id) < int(vocab_size):
+            raise ValueError(f"TokenDatasetWriter({self.out_dir}): pad_id = {pad_id} must be in 0..vocab_size-1")
+        self.domains = domains
+        self.kind_weights = _check_kind_weights(kind_weights, f"TokenDatasetWriter({self.out_dir})")
+        self.pad_id = int(pad_id)
+        self.vocab_size = int(vocab_size)
+        self.seq_len = int(seq_len)
+
+        if self.out_dir.exists() and not _replaceable(self.out_dir):
+            raise FileExistsError(
+                f"{self.out_dir} exists and is not a prepared dataset; choose another output directory or remove it")
+        # Unique per process, hidden, next to the target so that the final rename stays on one filesystem.
+        target = self.out_dir.resolve()
+        self._tmp_dir = target.parent / f".{target.name}.incomplete-{os.getpid()}"
+        if self._tmp_dir.exists():
+            shutil.rmtree(self._tmp_dir)
+        self._tmp_dir.mkdir(parents=True)
+        self._tokens_file = open(self._tmp_dir / "tokens.bin", "wb")
+        self._mask_file = open(self._tmp_dir / "loss_mask.bin", "wb")
+        # Compact growable arrays: one entry per sample, small next to the token stream.
+        self._ends = array("q")
+        self._kinds = array("B")
+        self._domains = array("h")
+        self._num_tokens = 0
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def add(self, tokens, loss_mask, kind: int, domain: int) -> None:
+        if self._closed:
+            raise RuntimeError(f"TokenDatasetWriter({self.out_dir}): add() after close()")
+        where = f"TokenDatasetWriter({self.out_dir}).add (sample {len(self._ends)})"
+        tokens = np.asarray(tokens)
+        loss_mask = np.asarray(loss_mask)
+        if tokens.ndim != 1 or tokens.shape[0] < 1:
+            raise ValueError(f"{where}: tokens must be a non-empty 1-D sequence, got shape {tokens.shape}")
+        if tokens.dtype.kind not in "iu":
+            raise ValueError(f"{where}: tokens must be integers, got dtype {tokens.dtype}")
+        if loss_mask.shape != tokens.shape:
+            raise ValueError(f"{where}: loss_mask has shape {loss_mask.shape} but tokens has {tokens.shape}")
+        if loss_mask.dtype != np.bool_:
+            if loss_mask.dtype.kind not in "iu" or int(loss_mask.min()) < 0 or int(loss_mask.max()) > 1:
+                raise ValueError(f"{where}: loss_mask must be booleans or 0/1 integers")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"{where}: token ids must be in 0..{self.vocab_size - 1} (vocab_size), got {low}..{high}")
+        kind, domain = int(kind), int(domain)
+        if not 0 <= kind < len(KINDS):
+            raise ValueError(f"{where}: kind = {kind} must index {list(KINDS)}")
+        if not 0 <= domain < len(self.domains):
+            raise ValueError(f"{where}: domain = {domain} must index the domains {self.domains}")
+        self._tokens_file.write(np.ascontiguousarray(tokens, dtype=_TOKEN_DTYPE).data)
+        self._mask_file.write(np.ascontiguousarray(loss_mask, dtype=_MASK_DTYPE).data)
+        self._num_tokens += tokens.shape[0]
+        self._ends.append(self._num_tokens)
+        self._kinds.append(kind)
+        self._domains.append(domain)
+
+    def close(self, report: dict | None = None) -> "TokenDataset":
+        if self._closed:
+            raise RuntimeError(f"TokenDatasetWriter({self.out_dir}): close() called twice")
+        self._closed = True
+        try:
+            for f in (self._tokens_file, self._mask_file):
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            offsets = np.zeros(len(self._ends) + 1, dtype=np.int64)
+            offsets[1:] = np.frombuffer(self._ends, dtype=np.int64)
+            np.save(self._tmp_dir / "offsets.npy", offsets)
+            np.save(self._tmp_dir / "kinds.npy", np.frombuffer(self._kinds, dtype=np.uint8))
+            np.save(self._tmp_dir / "domains.npy", np.frombuffer(self._domains, dtype=np.int16))
+            meta = {
+                "format": FORMAT,
+                "num_samples": len(self._ends),
+                "num_tokens": self._num_tokens,
+                "domains": self.domains,
+                "kinds": list(KINDS),
+                "kind_weights": self.kind_weights,
+                "pad_id": self.pad_id,
+                "vocab_size": self.vocab_size,
+                "seq_len": self.seq_len,
+                "report": dict(report or {}),
+            }
+            # meta.json last: its presence is what marks the dataset complete.
+            with open(self._tmp_dir / META_FILE, "w") as f:
+                json.dump(meta, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            if self.out_dir.exists():
+                trash = self._tmp_dir.parent / f".{self._tmp_dir.name}.replaced"
+                os.replace(self.out_dir, trash)
+                os.replace(self._tmp_dir, self.out_dir)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(self._tmp_dir, self.out_dir)
+        except BaseException:
+            self.abort()
+            raise
+        return TokenDataset(self.out_dir)
+
+    def abort(self) -> None:
+        """Drops everything written so far; the target directory is left as it was."""
+        self._closed = True
+        for f in (self._tokens_file, self._mask_file):
+            if not f.closed:
+                f.close()
+        shutil.rmtree(self._tmp_dir, ignore_errors=True)
+
+    def __enter__(self) -> "TokenDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+
+def _replaceable(path: Path) -> bool:
+    """Only an empty directory or an earlier prepared dataset may be overwritten."""
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return not names or (META_FILE in names and names <= set(DATA_FILES) | {META_FILE})
+
+
+class TokenDataset:
+    """A prepared dataset, memory-mapped: opening it reads only the small per-sample arrays."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"prepared dataset {self.path} not found (run `rega-engine prepare` first)")
+        meta_path = self.path / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{meta_path} is missing: {self.path} is not a complete prepared dataset "
+                "(an interrupted prepare run?); run `rega-engine prepare` again")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{meta_path} is not valid JSON ({e}); prepare the dataset again") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise ValueError(f"{meta_path}: unknown dataset format {found!r} (this rega-engine reads format {FORMAT}); "
+                             "prepare the dataset again with this version")
+        missing_keys = [k for k in ("num_samples", "num_tokens", "domains", "kinds", "kind_weights", "pad_id",
+                                    "vocab_size", "seq_len") if k not in meta]
+        if missing_keys:
+            raise ValueError(f"{meta_path}: missing key(s) {missing_keys}")
+        if list(meta["kinds"]) != list(KINDS):
+            raise ValueError(f"{meta_path}: kinds {meta['kinds']} differ from this version's {list(KINDS)}; "
+                             "prepare the dataset again")
+        for name in DATA_FILES:
+            if not (self.path / name).is_file():
+                raise FileNotFoundError(f"{self.path / name} is missing; prepare the dataset again")
+        self.meta = meta
+        num_samples, num_tokens = int(meta["num_samples"]), int(meta["num_tokens"])
+
+        self.offsets = self._load_npy("offsets.npy", np.int64, num_samples + 1)
+        self.kinds = self._load_npy("kinds.npy", np.uint8, num_samples)
+        self.domains = self._load_npy("domains.npy", np.int16, num_samples)
+        self.tokens = self._map("tokens.bin", _TOKEN_DTYPE, num_tokens)
+        self.loss_mask = self._map("loss_mask.bin", _MASK_DTYPE, num_tokens)
+        if self.offsets[0] != 0 or self.offsets[-1] != num_tokens or (np.diff(self.offsets) < 0).any():
+            raise ValueError(f"{self.path / 'offsets.npy'} does not partition {num_tokens} tokens; "
+                             "prepare the dataset again")
+        self.lengths = np.diff(self.offsets)
+        self.domain_names = list(meta["domains"])
+        self.kind_weights = _check_kind_weights(meta["kind_weights"], str(meta_path))
+        self.pad_id = int(meta["pad_id"])
+        self.vocab_size = int(meta["vocab_size"])
+        self.seq_len = int(meta["seq_len"])
+
+    def _load_npy(self, name: str, dtype, count: int) -> np.ndarray:
+        array_ = np.load(self.path / name, allow_pickle=False)
+        if array_.dtype != dtype or array_.shape != (count,):
+            raise ValueError(f"{self.path / name}: expected {count} x {np.dtype(dtype).name}, found "
+                             f"{array_.shape} x {array_.dtype.name} (meta.json and the data disagree)")
+        return array_
+
+    def _map(self, name: str, dtype, count: int) -> np.ndarray:
+        file = self.path / name
+        expected = count * np.dtype(dtype).itemsize
+        size = file.stat().st_size
+        if size != expected:
+            raise ValueError(f"{file}: {size} bytes, expected {expected} ({count} x {np.dtype(dtype).name}); "
+                             "the file is truncated or does not belong to this meta.json")
+        if count == 0:
+            return np.zeros(0, dtype=dtype)  # numpy cannot map an empty file
+        return np.memmap(file, dtype=dtype, mode="r", shape=(count,))
+
+    def __len__(self) -> int:
+        return int(self.meta["num_samples"])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.meta["num_tokens"])
+
+    def sample(self, i) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample index {i} out of range for {n} samples in {self.path}")
+        begin, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.tokens[begin:end], self.loss_mask[begin:end]
+
+    def __repr__(self) -> str:
+        return f"TokenDataset({str(self.path)!r}, samples={len(self)}, tokens={self.num_tokens})"

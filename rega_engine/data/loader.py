@@ -1,0 +1,372 @@
+"""Python face of the C++ packer: `plan_bins` and the sharded, resumable `PackedLoader`.
+
+An epoch is planned up front, identically on every rank and without communication: shuffle the
+samples with (seed, epoch), pack them into rows with windowed best-fit-decreasing, shuffle the rows,
+cut them into global batches of world_size * batch_size rows and deal each global batch's rows to
+the ranks balanced by tokens. Each rank then materialises only its own rows, in C++ with the GIL
+released, on a background thread that stays `prefetch` batches ahead.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import threading
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rega_engine import _C
+from rega_engine.batch import KINDS, PackedBatch
+from rega_engine.data.dataset import TokenDataset, _check_kind_weights
+
+log = logging.getLogger(__name__)
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _int_at_least(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def plan_bins(lengths, seq_len: int, *, window: int | None = None) -> np.ndarray:
+    """Assigns each sample to a row ("bin") of at most `seq_len` tokens.
+
+    Best-fit-decreasing over consecutive windows of `window` samples in the order given (None: one
+    window over everything); a bin left open at the end of a window may still take samples from the
+    next window, then closes. Deterministic. Returns int64 bin ids in 0..num_bins-1, every id used,
+    numbered in opening order, and -1 for a sample longer than `seq_len` (it fits no row).
+    """
+    arr = np.asarray(lengths)
+    if arr.ndim != 1:
+        raise ValueError(f"plan_bins: lengths must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"plan_bins: lengths must be integers, got dtype {arr.dtype}")
+    seq_len = _int_at_least(seq_len, "plan_bins: seq_len")
+    window = max(arr.size, 1) if window is None else _int_at_least(window, "plan_bins: window")
+    if arr.size and arr.dtype.kind == "u" and int(arr.max()) > _INT64_MAX:
+        raise ValueError("plan_bins: lengths do not fit int64")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    negative = np.flatnonzero(arr < 0)
+    if negative.size:
+        i = int(negative[0])
+        raise ValueError(f"plan_bins: lengths must be >= 0, lengths[{i}] = {int(arr[i])}")
+    return _C.plan_bins(arr, seq_len, window)
+
+
+@dataclass(frozen=True)
+class _EpochPlan:
+    """One epoch as this rank sees it. Bin b holds bin_samples[bin_splits[b]:bin_splits[b + 1]]."""
+    epoch: int
+    bin_splits: np.ndarray    # int64 (num_bins + 1,)
+    bin_samples: np.ndarray   # int64 dataset sample ids
+    bin_segments: np.ndarray  # int64 cu_seqlens segments a row of this bin adds (documents + padding run)
+    batches: np.ndarray       # int64 (micro-batches, batch_size) bin ids of this rank; -1 = all-padding row
+
+
+class PackedLoader:
+    """Packed micro-batches (`rega_engine.batch.PackedBatch`) of one rank, epoch after epoch.
+
+    Iterating yields the rest of the current epoch and then moves to the next one; `state_dict()`
+    counts only the batches handed to the caller, so a restored loader continues batch for batch
+    as an uninterrupted one would. Samples longer than `seq_len` are dropped, counted in
+    `dropped_samples` and logged once. `tokens_per_epoch` counts the real (non-padding) tokens of
+    one epoch over all ranks; `len(loader)` is this rank's micro-batches in the current epoch, the
+    same on every rank. One iterator is live at a time: a new `iter(loader)` continues where the
+    caller stopped taking batches and retires the previous iterator.
+    """
+
+    def __init__(self, dataset: TokenDataset | str | os.PathLike, *, seq_len: int | None = None,
+                 batch_size: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 window: int = 65536, prefetch: int = 4, pin_memory: bool | None = None,
+                 kind_weights: dict | None = None):
+        if not isinstance(dataset, TokenDataset):
+            if not isinstance(dataset, (str, os.PathLike)):
+                raise TypeError(f"PackedLoader: dataset must be a TokenDataset or a path, got {type(dataset).__name__}")
+            dataset = TokenDataset(dataset)
+        self.dataset = dataset
+        self.seq_len = _int_at_least(dataset.seq_len if seq_len is None else seq_len, "PackedLoader: seq_len")
+        self.batch_size = _int_at_least(batch_size, "PackedLoader: batch_size")
+        self.world_size = _int_at_least(world_size, "PackedLoader: world_size")
+        self.rank = _int_at_least(rank, "PackedLoader: rank", minimum=0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"PackedLoader: rank {rank} must be below world_size {world_size}")
+        self.seed = _int_at_least(seed, "PackedLoader: seed", minimum=0)
+        self.shuffle = bool(shuffle)
+        self.window = _int_at_least(window, "PackedLoader: window")
+        self.prefetch = _int_at_least(prefetch, "PackedLoader: prefetch", minimum=0)
+        if self.batch_size * self.seq_len > np.iinfo(np.int32).max:
+            raise ValueError(f"PackedLoader: batch_size * seq_len = {self.batch_size * self.seq_len} overflows the "
+                             "int32 cu_seqlens; use fewer rows per micro-batch")
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        elif pin_memory and not torch.cuda.is_available():
+            raise ValueError("PackedLoader: pin_memory=True needs CUDA; pass pin_memory=None or False on this machine")
+        self.pin_memory = bool(pin_memory)
+        weights = dict(dataset.kind_weights)
+        if kind_weights is not None:
+            if not isinstance(kind_weights, dict):
+                raise TypeError(f"PackedLoader: kind_weights must be a dict {{kind: weight}}, got {kind_weights!r}")
+            weights.update(kind_weights)  # kinds it leaves out keep the dataset's weight
+        self.kind_weights = _check_kind_weights(weights, "PackedLoader(kind_weights)")
+        self.pad_id = dataset.pad_id
+
+        lengths = np.ascontiguousarray(dataset.lengths, dtype=np.int64)
+        self._lengths = lengths
+        too_long = lengths > self.seq_len
+        self.dropped_samples = int(too_long.sum())
+        self.tokens_per_epoch = int(lengths[~too_long].sum())
+        if self.dropped_samples:
+            log.warning("PackedLoader: %d of %d samples in %s are longer than seq_len=%d and are dropped "
+                        "(%d tokens); truncate them in prepare to keep them", self.dropped_samples, len(lengths),
+                        getattr(dataset, "path", "the dataset"), self.seq_len, int(lengths[too_long].sum()))
+        self._store = _C.TokenStore(dataset.tokens, dataset.loss_mask, dataset.offsets, dataset.kinds,
+                                    dataset.domains, np.array([self.kind_weights[k] for k in KINDS], np.float32))
+        self._epoch = 0
+        self._cursor = 0
+        self._plan: _EpochPlan | None = None
+        self._active = None  # weak reference to the live iterator, so that an abandoned one can be collected
+
+    # -- epoch planning ------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _epoch_plan(self) -> _EpochPlan:
+        if self._plan is None or self._plan.epoch != self._epoch:
+            self._plan = self._make_plan(self._epoch)
+        return self._plan
+
+    def _make_plan(self, epoch: int) -> _EpochPlan:
+        lengths = self._lengths
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(lengths)) if self.shuffle else np.arange(len(lengths), dtype=np.int64)
+        bin_of = _C.plan_bins(np.ascontiguousarray(lengths[order]), self.seq_len, self.window)
+        kept = bin_of >= 0
+        samples, bins = order[kept], bin_of[kept]
+        num_bins = int(bins.max()) + 1 if bins.size else 0
+        by_bin = np.argsort(bins, kind="stable")  # within a row, documents keep the shuffled order
+        bin_samples = np.ascontiguousarray(samples[by_bin], dtype=np.int64)
+        bin_splits = np.zeros(num_bins + 1, dtype=np.int64)
+        np.cumsum(np.bincount(bins, minlength=num_bins), out=bin_splits[1:])
+        sample_lengths = lengths[samples]
+        bin_tokens = np.bincount(bins, weights=sample_lengths, minlength=num_bins).astype(np.int64)
+        documents = np.bincount(bins, weights=sample_lengths > 0, minlength=num_bins).astype(np.int64)
+        bin_segments = documents + (bin_tokens < self.seq_len)
+
+        row_bins = rng.permutation(num_bins) if self.shuffle else np.arange(num_bins, dtype=np.int64)
+        dealt = _C.deal_rows(np.ascontiguousarray(bin_tokens[row_bins]), self.world_size, self.batch_size)
+        mine = dealt[:, self.rank, :]
+        batches = np.where(mine >= 0, row_bins[np.maximum(mine, 0)], -1)
+        return _EpochPlan(epoch, bin_splits, bin_samples, bin_segments.astype(np.int64),
+                          np.ascontiguousarray(batches, dtype=np.int64))
+
+    def __len__(self) -> int:
+        """Micro-batches per rank in the current epoch (the same on every rank)."""
+        return int(self._epoch_plan().batches.shape[0])
+
+    # -- materialising -------------------------------------------------------------------------
+    def _make_batch(self, plan: _EpochPlan, k: int) -> PackedBatch:
+        rows = plan.batches[k]
+        filled = rows[rows >= 0]
+        num_segments = int(plan.bin_segments[filled].sum()) + (len(rows) - len(filled))
+        shape = (self.batch_size, self.seq_len)
+        pin = self.pin_memory
+
+        def empty(size, dtype):
+            return torch.empty(size, dtype=dtype, pin_memory=pin)
+
+        input_ids, labels, position_ids, kind_ids, domain_ids = (empty(shape, torch.int64) for _ in range(5))
+        loss_weights = empty(shape, torch.float32)
+        cu_seqlens = empty((num_segments + 1,), torch.int32)
+        segments, max_seqlen, real_tokens = self._store.fill_batch(
+            plan.bin_splits, plan.bin_samples, rows, self.pad_id, input_ids.numpy(), labels.numpy(),
+            position_ids.numpy(), kind_ids.numpy(), domain_ids.numpy(), loss_weights.numpy(), cu_seqlens.numpy())
+        if segments != num_segments:
+            raise RuntimeError(f"PackedLoader: batch {k} of epoch {plan.epoch} has {segments} segments, "
+                               f"the plan expected {num_segments}")
+        return PackedBatch(input_ids=input_ids, labels=labels, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                           max_seqlen=int(max_seqlen), kind_ids=kind_ids, domain_ids=domain_ids,
+                           loss_weights=loss_weights, num_real_tokens=int(real_tokens))
+
+    def _retire_active_iterator(self) -> None:
+        previous = self._active() if self._active is not None else None
+        if previous is not None:
+            previous.close(invalidate=True)
+        self._active = None
+
+    def __iter__(self) -> "_BatchIterator":
+        self._retire_active_iterator()
+        iterator = _BatchIterator(self, self._epoch_plan())
+        self._active = weakref.ref(iterator)
+        return iterator
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self._epoch,
+            "cursor": self._cursor,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "window": self.window,
+            "num_samples": len(self._lengths),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in ("epoch", "cursor", "seed") if k not in state]
+        if missing:
+            raise KeyError(f"PackedLoader.load_state_dict: state lacks {missing}")
+        # These decide the plan itself; resuming under other values would replay or skip data.
+        current = self.state_dict()
+        for key in ("shuffle", "world_size", "batch_size", "seq_len", "window", "num_samples"):
+            if key in state and state[key] != current[key]:
+                raise ValueError(f"PackedLoader.load_state_dict: state has {key}={state[key]!r} but this loader has "
+                                 f"{current[key]!r}; build the loader with the settings of the saved run")
+        epoch = _int_at_least(state["epoch"], "state['epoch']", minimum=0)
+        cursor = _int_at_least(state["cursor"], "state['cursor']", minimum=0)
+        self._retire_active_iterator()
+        self.seed = _int_at_least(state["seed"], "state['seed']", minimum=0)
+        self._plan = None
+        self._epoch, self._cursor = epoch, 0
+        length = len(self)
+        if cursor > length:
+            raise ValueError(f"PackedLoader.load_state_dict: cursor {cursor} is past the {length} batches of "
+                             f"epoch {epoch}")
+        if cursor == length:
+            self._epoch, self._cursor = epoch + 1, 0
+        else:
+            self._cursor = cursor
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_LIVE_ITERATORS: "weakref.WeakSet[_BatchIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_iterators() -> None:
+    # Iterators still alive at exit (held by a global, say) must not leave a thread behind.
+    for iterator in list(_LIVE_ITERATORS):
+        iterator.close()
+
+
+class _BatchIterator:
+    """The rest of the loader's current epoch; a background thread keeps `prefetch` batches ready."""
+
+    def __init__(self, loader: PackedLoader, plan: _EpochPlan):
+        self._loader = loader
+        self._plan = plan
+        self._next = loader._cursor
+        self._end = int(plan.batches.shape[0])
+        self._done = False
+        self._invalidated = False
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if loader.prefetch > 0 and self._next < self._end:
+            self._queue = queue.Queue(maxsize=loader.prefetch)
+            # The thread gets the loader, plan and queue, never `self`: an abandoned iterator can be
+            # collected, and its __del__ stops the thread.
+            self._thread = threading.Thread(
+                target=_produce, args=(loader, plan, self._next, self._end, self._queue, self._stop),
+                name=f"rega-packed-loader-rank{loader.rank}", daemon=True)
+            self._thread.start()
+            _LIVE_ITERATORS.add(self)
+
+    def __iter__(self) -> "_BatchIterator":
+        return self
+
+    def __next__(self) -> PackedBatch:
+        loader = self._loader
+        if self._invalidated:
+            raise RuntimeError("PackedLoader: this iterator was replaced by load_state_dict() or a newer "
+                               "iter(loader); iterate the loader again")
+        if self._done:
+            raise StopIteration
+        if self._next >= self._end:  # an empty epoch still counts as one
+            self._finish_epoch()
+            raise StopIteration
+        batch = self._take() if self._queue is not None else loader._make_batch(self._plan, self._next)
+        self._next += 1
+        loader._cursor = self._next
+        if self._next == self._end:
+            self._finish_epoch()
+        return batch
+
+    def _take(self) -> PackedBatch:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("PackedLoader: the prefetch thread stopped without a batch") from None
+                continue
+            if isinstance(item, _Failure):
+                self.close()
+                raise item.error
+            return item
+
+    def _finish_epoch(self) -> None:
+        self._done = True
+        self._loader._epoch = self._plan.epoch + 1
+        self._loader._cursor = 0
+        self.close()
+
+    def close(self, invalidate: bool = False) -> None:
+        """Stops the prefetch thread and drops the batches it made ahead; the loader keeps its position."""
+        self._done = True
+        self._invalidated = self._invalidated or invalidate
+        self._stop.set()
+        if self._queue is not None:
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        self._thread = None
+        self._queue = None
+        _LIVE_ITERATORS.discard(self)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _produce(loader: PackedLoader, plan: _EpochPlan, start: int, end: int, out: queue.Queue,
+             stop: threading.Event) -> None:
+    try:
+        for k in range(start, end):
+            if stop.is_set():
+                return
+            item = loader._make_batch(plan, k)
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+    except BaseException as e:  # handed to the consumer, which raises it where the user sees it
+        while not stop.is_set():
+            try:
+                out.put(_Failure(e), timeout=0.05)
+                return
+            except queue.Full:
+                continue
