@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .data.records import DataError
+from .train.errors import TrainingError
 
 JOBS = {
     "prepare": ("rega_engine.data.prepare", "prepare", "tokenize the REGA mixture into a memory-mapped dataset"),
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"rega-engine {command}: {e}", file=sys.stderr)
         return 2
+    except (TrainingError, FileNotFoundError) as e:
+        print(f"rega-engine {command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

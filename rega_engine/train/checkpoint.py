@@ -1,0 +1,190 @@
+"""Sharded training checkpoints with torch.distributed.checkpoint (DCP).
+
+<out_dir>/checkpoints/step_<N>/
+    .metadata, __*_*.distcp   model and optimizer, each rank writing its own shards (DCP)
+    rank_<r>.pt               what is per rank: loader position, RNG states (tensors and plain
+                              Python values only, read back with torch.load(weights_only=True))
+    meta.json                 step, world size, elapsed time; written last
+
+A checkpoint is written under `step_<N>.tmp` and renamed by rank 0 after every rank has finished,
+so a directory named `step_<N>` is complete by construction and a run killed mid-write leaves only
+a `.tmp` directory, which resuming ignores. Single-process runs without a process group use DCP's
+no_dist mode: the same files, the same code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+META_FILE = "meta.json"
+
+
+def checkpoint_root(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def complete_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first; temporary directories are skipped."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and (path / META_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    found = complete_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random generator a step may draw from, in a form torch.load(weights_only=True) reads."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(out_dir: str | os.PathLike, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, rank_state: dict, *, keep: int,
+                    meta: dict | None = None) -> Path:
+    """Writes checkpoint `step` (a collective: every rank calls it) and prunes old ones.
+
+    `rank_state` is this rank's own state (loader position, RNG); `meta` goes to meta.json.
+    Returns the final directory.
+    """
+    root = checkpoint_root(out_dir)
+    final = root / f"step_{step}"
+    tmp = root / f"step_{step}.tmp"
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():   # left by a run killed while writing this very step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _quiet_single_process():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp),
+                 no_dist=not _distributed())
+    _write_durably(tmp / f"rank_{rank}.pt", lambda f: torch.save(rank_state, f))
+    _barrier()
+    if rank == 0:
+        info = {"step": step, "world_size": _world_size(), **(meta or {})}
+        _write_durably(tmp / META_FILE, lambda f: f.write(json.dumps(info, indent=2).encode()))
+        if final.exists():   # an older run's checkpoint of the same step: this one supersedes it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep > 0:
+            for _, old in complete_checkpoints(out_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Loads model and optimizer in place (resharding as needed); returns (meta, this rank's state)."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: {path} is not a complete checkpoint")
+    meta = json.loads(meta_path.read_text())
+    world = _world_size()
+    if meta["world_size"] != world:
+        raise ValueError(
+            f"{path} was written by {meta['world_size']} process(es), this run has {world}: the data "
+            f"loader's position is per rank, so resume with {meta['world_size']} processes "
+            "(or start a new run from an exported model with model.path)")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank_file = path / f"rank_{_rank()}.pt"
+    if not rank_file.is_file():
+        raise FileNotFoundError(f"{rank_file} not found: the checkpoint {path} is incomplete")
+    rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    return meta, rank_state
+
+
+@contextmanager
+def _quiet_single_process():
+    # DCP warns on every single-process save/load that it assumes a single process: we mean it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _write_durably(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Make the rename itself durable (a crash right after must not bring the .tmp name back).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

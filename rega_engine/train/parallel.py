@@ -1,0 +1,238 @@
+"""Where the model runs: device and process-group set-up, then the model built for it.
+
+The model code (rega_engine/model) is single-device; everything parallel is applied here, from the
+outside, one decoder block at a time (as torchtitan separates model.py from parallelize.py):
+activation checkpointing, then torch.compile, then FSDP2 `fully_shard` per block and at the root.
+
+When FSDP is used: whenever the run is launched by torchrun, and whenever the compute dtype is
+not fp32 (always on CUDA, where it is bf16), even in one process (then with a process group of
+one). FSDP2's MixedPrecisionPolicy is what gives fp32 master weights and optimizer state with bf16
+compute and fp32 gradient reduction; a plain model would have to train in bf16 or rely on
+autocast, which our fused kernels do not follow. A single fp32 CPU process runs the plain model.
+
+Large models are built on the meta device, sharded, materialised with `to_empty` (each rank
+allocating only its shards) and then filled: from safetensors straight into the shards, or, for a
+random init, from rank 0's CPU model broadcast tensor by tensor, so that one process and N
+processes start from bit-identical weights for a given seed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rega_engine.config import ModelConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype            # compute dtype (model.dtype resolved for the device)
+    rank: int
+    world_size: int
+    local_rank: int
+    use_fsdp: bool
+    mesh: object = None           # DeviceMesh when use_fsdp
+    owns_process_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        """A process group exists (collectives must be used, even with world size 1)."""
+        return self.use_fsdp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """Picks the device and compute dtype, and initialises the process group when launched by
+    torchrun (NCCL on GPUs, gloo on CPU) or for mixed precision (a group of one, for FSDP2)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device = {device!r}: expected auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device = 'cuda' but torch sees no CUDA device "
+                           f"(torch {torch.__version__}); use --train.device=cpu")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    torchrun = _launched_by_torchrun()
+    rank = int(os.environ.get("RANK", 0)) if torchrun else 0
+    world = int(os.environ.get("WORLD_SIZE", 1)) if torchrun else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if torchrun else 0
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
+                               "CUDA device(s) visible: --nproc_per_node must not exceed the GPUs")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    compute_dtype = resolve_dtype(dtype, dev)
+    use_fsdp = torchrun or compute_dtype != torch.float32
+    owns = False
+    mesh = None
+    if use_fsdp:
+        backend = "nccl" if use_cuda else "gloo"
+        if not dist.is_initialized():
+            kwargs = {"device_id": dev} if use_cuda else {}
+            if torchrun:
+                dist.init_process_group(backend, **kwargs)
+            else:
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                        **kwargs)
+            owns = True
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return Runtime(device=dev, dtype=compute_dtype, rank=rank, world_size=world, local_rank=local_rank,
+                   use_fsdp=use_fsdp, mesh=mesh, owns_process_group=owns)
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """model.dtype: the compute dtype. auto = bf16 on GPU, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "fp16":
+        raise ValueError("model.dtype = 'fp16': training in fp16 needs loss scaling, which this "
+                         "loop does not do; use bf16 (or fp32)")
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype = {name!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-block transformations
+
+
+def checkpoint_block(block: nn.Module) -> None:
+    """Activation checkpointing of one block: keep only its input, recompute inside in backward.
+
+    The block's forward is replaced on the instance rather than wrapping the module, so parameter
+    names stay transformers' own (`model.layers.0.mlp...`): checkpoints, the safetensors loader
+    and the export see the same names with and without checkpointing.
+    """
+    from torch.utils.checkpoint import checkpoint
+    inner = block.forward
+
+    def forward(*args, **kwargs):
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    block.forward = forward
+
+
+def compile_block(block: nn.Module) -> None:
+    """torch.compile of one block's forward (after checkpoint_block, so the checkpoint is traced
+    as part of the graph). The forward function is compiled, not the module: FSDP2's hooks, which
+    run around the forward, stay outside the graph (with `module.compile()` they would sit at its
+    start and Dynamo skips the whole call), and parameter names stay unchanged."""
+    block.forward = torch.compile(block.forward)
+
+
+def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype) -> None:
+    """fully_shard each decoder block, then the root (embeddings, final norm, LM head)."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:   # torch 2.4 / 2.5 kept FSDP2 under _composable
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    kwargs = {"mesh": mesh}
+    if param_dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    layers = model.model.layers
+    for i, block in enumerate(layers):
+        # The last block's parameters are needed again at once by the backward: keep them.
+        fully_shard(block, reshard_after_forward=i < len(layers) - 1, **kwargs)
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Building the model
+
+
+def model_source(config: ModelConfig) -> tuple[str, Path]:
+    """("path", dir) or ("init_config", file); a clear error naming what is missing."""
+    if config.path and config.init_config:
+        raise ValueError("set either model.path (a checkpoint to fine-tune) or model.init_config "
+                         "(a config.json for random init), not both")
+    if config.path:
+        path = Path(config.path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model.path = {path}: no such directory (expected a Hugging "
+                                    "Face checkpoint with config.json and safetensors)")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path = {path}: {path / 'config.json'} not found")
+        return "path", path
+    if config.init_config:
+        path = Path(config.init_config)
+        if not path.exists():
+            raise FileNotFoundError(f"model.init_config = {path}: no such file (expected a "
+                                    "Hugging Face config.json)")
+        return "init_config", path
+    raise ValueError("no model: set model.path (a Hugging Face checkpoint directory) or "
+                     "model.init_config (a config.json to initialise randomly from)")
+
+
+def build_model(config: ModelConfig, runtime: Runtime, *, seed: int) -> tuple[nn.Module, torch.dtype]:
+    """The model on runtime.device, parallelised and with its weights; returns (model, compute dtype)."""
+    from rega_engine.model import from_config, from_pretrained, load_state_dict_into
+
+    kind, source = model_source(config)
+    compute_dtype = runtime.dtype
+    if config.activation_checkpointing not in ("none", "block"):
+        raise ValueError(f"model.activation_checkpointing = {config.activation_checkpointing!r}: "
+                         "expected none or block")
+
+    if runtime.use_fsdp:
+        # fp32 master weights; the mixed-precision policy casts to the compute dtype per block.
+        if kind == "path":
+            model = from_pretrained(source, dtype=torch.float32, device="meta")
+        else:
+            model = from_config(source, dtype=torch.float32, device="meta")
+    elif kind == "path":
+        model = from_pretrained(source, dtype=compute_dtype, device=runtime.device)
+    else:
+        model = from_config(source, dtype=compute_dtype, device="cpu", seed=seed).to(runtime.device)
+
+    model.attention_backend = config.attention_backend
+    model.cross_entropy_backend = config.cross_entropy_backend
+    for block in model.model.layers:
+        if config.activation_checkpointing == "block":
+            checkpoint_block(block)
+        if config.compile:
+            compile_block(block)
+
+    if runtime.use_fsdp:
+        apply_fsdp(model, runtime.mesh, compute_dtype)
+        model.to_empty(device=runtime.device)
+        if kind == "path":
+            load_state_dict_into(model, source)
+        else:
+            _broadcast_random_init(model, source, seed, runtime)
+    return model, compute_dtype
+
+
+def _broadcast_random_init(model: nn.Module, init_config: Path, seed: int, runtime: Runtime) -> None:
+    """Rank 0 initialises the full model on CPU from `seed` (exactly as a single process does) and
+    broadcasts it tensor by tensor; every rank keeps its shards. The other ranks never hold more
+    than one full tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from rega_engine.model import from_config
+
+    full = {}
+    if runtime.rank == 0:
+        full = from_config(init_config, dtype=torch.float32, device="cpu", seed=seed).state_dict()
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                               broadcast_from_rank0=True))
