@@ -38,15 +38,27 @@ def autotune_configs(kernel) -> list:
     return list(getattr(kernel, "configs", []) or [])
 
 
+def launch_hints(kernel, signature: dict) -> dict:
+    """The specialisation a real launch with torch tensors gets: pointers and `stride*` integers
+    divisible by 16. Without it Triton cannot vectorise tile loads, skips software pipelining and
+    reports well under half the shared memory the launch will really ask for."""
+    names = jit_function(kernel).arg_names
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+            if signature.get(name, "").startswith("*")
+            or (name.startswith("stride") and signature.get(name) == "i32")}
+
+
 def compile_for(kernel, signature: dict, constexprs: dict, arch: int, *, num_warps: int = 4,
                 num_stages: int = 3):
-    """Compile `kernel` for sm_<arch>; `signature` maps every argument to a Triton type string
-    ("*fp16", "i32", "fp32", ...) or "constexpr", and `constexprs` gives the constexpr values."""
+    """Compile `kernel` for sm_<arch>, specialised as a launch would be (`launch_hints`);
+    `signature` maps every argument to a Triton type string ("*fp16", "i32", "fp32", ...) or
+    "constexpr", and `constexprs` gives the constexpr values."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=jit_function(kernel), signature=signature, constexprs=constexprs)
+    src = ASTSource(fn=jit_function(kernel), signature=signature, constexprs=constexprs,
+                    attrs=launch_hints(kernel, signature))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -69,7 +81,8 @@ def compile_in_subprocess(jobs: list[dict], timeout: float = 900) -> list[dict]:
     """Compile each job in one fresh process without TRITON_INTERPRET.
 
     A job is {"module", "kernel" (attribute name), "signature", "constexprs" (JSON values),
-    "arch", "num_warps", "num_stages"}; each result is the job plus "shared" (bytes) or "error".
+    "arch", "num_warps", "num_stages"}; each result is the job plus "shared" (bytes) and
+    "wgmma" (whether the sm_90 code uses Hopper's warpgroup MMA), or "error".
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, __file__], input=json.dumps(jobs), env=env,
@@ -88,7 +101,8 @@ def _run_jobs(jobs: list[dict]) -> list[dict]:
                                    num_warps=job["num_warps"], num_stages=job["num_stages"])
             if not compiled.asm.get("cubin"):
                 raise RuntimeError("no cubin produced")
-            results.append({**job, "shared": compiled.metadata.shared})
+            results.append({**job, "shared": compiled.metadata.shared,
+                            "wgmma": "wgmma" in compiled.asm["ptx"]})
         except Exception as e:  # reported per job, so one bad config names itself
             results.append({**job, "error": f"{type(e).__name__}: {e}"[:2000]})
     return results
@@ -104,7 +118,9 @@ def assert_all_fit(results: list[dict]) -> None:
             problems.append(f"{where}: {r['error']}")
         elif r["shared"] > SHARED_MEMORY_PER_BLOCK[r["arch"]]:
             problems.append(f"{where}: needs {r['shared']} B shared, sm_{r['arch']} allows "
-                            f"{SHARED_MEMORY_PER_BLOCK[r['arch']]} B")
+                            f"{SHARED_MEMORY_PER_BLOCK[r['arch']]} B: shrink or drop the config")
+        elif r["arch"] >= 90 and r.get("expect_wgmma") and not r["wgmma"]:
+            problems.append(f"{where}: no wgmma in the sm_90 code (slow tensor-core path)")
     assert not problems, "\n".join(problems)
 
 
