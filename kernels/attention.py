@@ -602,6 +602,14 @@ class _VarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+# torch.compile (model.compile: one graph per decoder block) must not trace into the launches:
+# Dynamo would re-trace the work-table cache and the autotuned kernels frame by frame (and under
+# TRITON_INTERPRET=1 fails inside the interpreter). The block compiles around this opaque call.
+@torch.compiler.disable
+def _varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale):
+    return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
@@ -696,7 +704,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if q.shape[0] == 0:  # nothing to launch; the reference returns the empty result
         return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal,
                                           softmax_scale=scale)
-    return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    return _varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,7 +38,11 @@ class PackedBatch:
     loss_weights: torch.Tensor   # (B, L) float32; the label token's weight, 0 where label == -100
     num_real_tokens: int         # tokens that belong to a document (padding excluded)
 
-    def to(self, device, non_blocking: bool = True) -> "PackedBatch":
+    def to(self, device, non_blocking: bool | None = None) -> "PackedBatch":
+        # Asynchronous copies are only safe host -> GPU (from pinned memory): a non-blocking copy
+        # to the CPU returns before the data has arrived.
+        if non_blocking is None:
+            non_blocking = torch.device(device).type == "cuda"
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)

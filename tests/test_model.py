@@ -180,6 +180,25 @@ def test_sliding_window_is_enforced_not_ignored():
     assert qwen.sliding_window == 16
 
 
+def test_sliding_window_ignores_padding_segments_longer_than_the_window():
+    # batch.py: a row's padding run is a segment of its own, so max_seqlen counts it; an
+    # all-padding row (the last global batch of an epoch) is a segment of seq_len. Padding
+    # trains nothing, so seq_len > window with documents within the window must train.
+    model = from_config(tiny_hf_config("mistral", sliding_window=16), seed=0)
+    ids = torch.randint(4, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, 16, 24, 28, 48], dtype=torch.int32)   # row 1: 4 tokens, 20 padding
+    labels = ids.clone()
+    labels[0, 0] = labels[0, 16] = labels[1, 0] = IGNORE_INDEX
+    labels[0, 16:] = labels[1, 4:] = IGNORE_INDEX
+    loss = model(ids, cu_seqlens=cu, max_seqlen=20, labels=labels).loss
+    model.args.sliding_window = None
+    torch.testing.assert_close(loss, model(ids, cu_seqlens=cu, max_seqlen=20, labels=labels).loss)
+    model.args.sliding_window = 16
+    labels[1, 10] = ids[1, 10]   # now the 20-token segment trains: it must fit the window
+    with pytest.raises(ValueError, match="a segment of 20 tokens exceeds sliding_window=16"):
+        model(ids, cu_seqlens=cu, max_seqlen=20, labels=labels)
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"model_type": "gpt2"}, r"'gpt2' is not supported; supported model types: llama, mistral"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_scaling.rope_type 'yarn'"),

@@ -483,9 +483,15 @@ class CausalLM(nn.Module):
             if position_ids is None:
                 position_ids = positions_from_cu_seqlens(cu_seqlens, b * l).view(b, l)
         window = self.args.sliding_window
-        if window is not None and max_seqlen > window:
+        longest = max_seqlen
+        if window is not None and max_seqlen > window and labels is not None:
+            # max_seqlen counts the padding runs, which are segments too (batch.py), so an
+            # all-padding row is a segment of seq_len. A segment without a trained label changes
+            # neither the loss nor any other token, so only segments that train must fit.
+            longest = _longest_trained_segment(cu_seqlens, labels)   # host sync, rare branch
+        if window is not None and longest > window:
             raise ValueError(
-                f"a segment of {max_seqlen} tokens exceeds sliding_window={window} of this "
+                f"a segment of {longest} tokens exceeds sliding_window={window} of this "
                 f"{self.args.model_type} config; the window is not implemented (documents "
                 f"within it get exact attention), so use seq_len <= {window} or pack shorter "
                 "documents")
@@ -567,6 +573,15 @@ def _align_with_labels(per_position: torch.Tensor, b: int, l: int) -> torch.Tens
     """(B * L,) values indexed by predicting position -> (B, L) indexed by the predicted label,
     so that they line up with labels, kind_ids and domain_ids."""
     return F.pad(per_position.view(b, l)[:, :-1], (1, 0), value=0.0)
+
+
+def _longest_trained_segment(cu_seqlens: torch.Tensor, labels: torch.Tensor) -> int:
+    """Length of the longest segment holding a label other than IGNORE_INDEX (0 if none)."""
+    starts = cu_seqlens.to(torch.int64)
+    lengths = starts[1:] - starts[:-1]
+    trained = (labels.reshape(-1) != IGNORE_INDEX).nonzero()[:, 0]
+    segment = torch.searchsorted(starts[1:], trained, right=True).clamp(max=lengths.numel() - 1)
+    return int(lengths[segment].max()) if trained.numel() and lengths.numel() else 0
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

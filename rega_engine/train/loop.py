@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from rega_engine.batch import PackedBatch
-from rega_engine.config import RunConfig
+from rega_engine.config import ConfigError, RunConfig
 from rega_engine.train import checkpoint as ckpt
 from rega_engine.train.metrics import (DeviceSums, MetricsLogger, device_peak_flops,
                                        document_lengths, peak_memory_bytes)
@@ -73,14 +73,14 @@ def _check_config(config: RunConfig) -> None:
                     "checkpoint.keep": c.keep, "train.seed": t.seed}
     for key, value in positive.items():
         if value < 1:
-            raise ValueError(f"{key} = {value}: must be >= 1")
+            raise ConfigError(f"{key} = {value}: must be >= 1")
     for key, value in non_negative.items():
         if value < 0:
-            raise ValueError(f"{key} = {value}: must be >= 0")
+            raise ConfigError(f"{key} = {value}: must be >= 0")
     if not t.lr > 0:
-        raise ValueError(f"train.lr = {t.lr}: must be > 0")
+        raise ConfigError(f"train.lr = {t.lr}: must be > 0")
     if not 0 <= t.min_lr_ratio <= 1:
-        raise ValueError(f"train.min_lr_ratio = {t.min_lr_ratio}: must be in [0, 1]")
+        raise ConfigError(f"train.min_lr_ratio = {t.min_lr_ratio}: must be in [0, 1]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,8 +97,13 @@ def _make_loaders(config: RunConfig, dataset, runtime: Runtime,
         if runtime.world_size != 1:
             raise ValueError("loader_deals is for a single process standing in for several")
         if config.train.grad_accum % len(deals):
-            raise ValueError(f"train.grad_accum = {config.train.grad_accum} must be a multiple of "
-                             f"the {len(deals)} loader deals, so that each is read equally")
+            raise ConfigError(f"train.grad_accum = {config.train.grad_accum} must be a multiple of "
+                              f"the {len(deals)} loader deals, so that each is read equally")
+    # data.kind_weights of the training config win over those prepare stored, so a weight can be
+    # retuned without re-tokenizing; say so when they differ, since the run's TOML may not show it.
+    if dict(dataset.kind_weights) != dict(config.data.kind_weights) and runtime.rank == 0:
+        print(f"note: data.kind_weights = {dict(config.data.kind_weights)} replace the weights "
+              f"{dict(dataset.kind_weights)} stored in {dataset.path}/meta.json", flush=True)
     loaders = [PackedLoader(dataset, seq_len=config.data.seq_len,
                             batch_size=config.train.micro_batch_size, rank=r, world_size=w,
                             seed=config.train.seed, kind_weights=config.data.kind_weights)

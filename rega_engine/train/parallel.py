@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rega_engine.config import ModelConfig
+from rega_engine.config import ConfigError, ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -59,7 +59,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     """Picks the device and compute dtype, and initialises the process group when launched by
     torchrun (NCCL on GPUs, gloo on CPU) or for mixed precision (a group of one, for FSDP2)."""
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device = {device!r}: expected auto, cpu or cuda")
+        raise ConfigError(f"train.device = {device!r}: expected auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device = 'cuda' but torch sees no CUDA device "
                            f"(torch {torch.__version__}); use --train.device=cpu")
@@ -107,10 +107,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name == "fp16":
-        raise ValueError("model.dtype = 'fp16': training in fp16 needs loss scaling, which this "
-                         "loop does not do; use bf16 (or fp32)")
+        raise ConfigError("model.dtype = 'fp16': training in fp16 needs loss scaling, which this "
+                          "loop does not do; use bf16 (or fp32)")
     if name not in DTYPES:
-        raise ValueError(f"model.dtype = {name!r}: expected auto, {', '.join(DTYPES)}")
+        raise ConfigError(f"model.dtype = {name!r}: expected auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -165,8 +165,8 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype) -> None:
 def model_source(config: ModelConfig) -> tuple[str, Path]:
     """("path", dir) or ("init_config", file); a clear error naming what is missing."""
     if config.path and config.init_config:
-        raise ValueError("set either model.path (a checkpoint to fine-tune) or model.init_config "
-                         "(a config.json for random init), not both")
+        raise ConfigError("set either model.path (a checkpoint to fine-tune) or model.init_config "
+                          "(a config.json for random init), not both")
     if config.path:
         path = Path(config.path)
         if not path.is_dir():
@@ -181,8 +181,8 @@ def model_source(config: ModelConfig) -> tuple[str, Path]:
             raise FileNotFoundError(f"model.init_config = {path}: no such file (expected a "
                                     "Hugging Face config.json)")
         return "init_config", path
-    raise ValueError("no model: set model.path (a Hugging Face checkpoint directory) or "
-                     "model.init_config (a config.json to initialise randomly from)")
+    raise ConfigError("no model: set model.path (a Hugging Face checkpoint directory) or "
+                      "model.init_config (a config.json to initialise randomly from)")
 
 
 def build_model(config: ModelConfig, runtime: Runtime, *, seed: int) -> tuple[nn.Module, torch.dtype]:
@@ -192,8 +192,14 @@ def build_model(config: ModelConfig, runtime: Runtime, *, seed: int) -> tuple[nn
     kind, source = model_source(config)
     compute_dtype = runtime.dtype
     if config.activation_checkpointing not in ("none", "block"):
-        raise ValueError(f"model.activation_checkpointing = {config.activation_checkpointing!r}: "
-                         "expected none or block")
+        raise ConfigError(f"model.activation_checkpointing = {config.activation_checkpointing!r}: "
+                          "expected none or block")
+    from rega_engine.kernels import attention, cross_entropy
+    for key, value, allowed in (("attention_backend", config.attention_backend, attention.BACKENDS),
+                                ("cross_entropy_backend", config.cross_entropy_backend,
+                                 cross_entropy.BACKENDS)):
+        if value not in allowed:   # else the first forward fails without naming the key
+            raise ConfigError(f"model.{key} = {value!r}: expected {', '.join(allowed)}")
 
     if runtime.use_fsdp:
         # fp32 master weights; the mixed-precision policy casts to the compute dtype per block.
