@@ -689,8 +689,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     max_seqlen, causal = int(max_seqlen), bool(causal)
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
     if not use_triton:
-        return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal,
-                                          softmax_scale=scale)
+        return _varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, causal=causal,
+                                       softmax_scale=scale)
     if not HAS_TRITON:
         raise ValueError("varlen_attention: backend='triton' needs the triton package, which is "
                          "not installed; use backend='torch'")
@@ -746,3 +746,9 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if not pieces:
         return q.new_zeros(q.shape)
     return torch.cat(pieces, 0)
+
+
+# The reference splits the batch per document, a shape that changes every micro-batch: traced
+# inside a torch.compile'd block it would recompile for each new document count, so compiled
+# blocks call it as one opaque op, like the Triton path.
+_varlen_attention_torch = torch.compiler.disable(varlen_attention_reference)

@@ -1,0 +1,462 @@
+"""rega-engine's kernels and padding-free batches inside Hugging Face transformers (and TRL).
+
+Three pieces, each usable alone:
+
+* `apply_rega_kernels(model)` patches a Llama / Qwen2 / Mistral causal LM in place: attention goes
+  through `rega_engine.kernels.varlen_attention` (registered in transformers' AttentionInterface
+  as "rega_varlen"), and the training loss through `fused_linear_cross_entropy`, which never
+  materialises the (tokens x vocab) logits.
+* `PaddingFreeCollator` flattens a list of tokenized samples into one row with restarting
+  `position_ids` and `cu_seq_lens_*`: the DataCollatorWithFlattening convention, so that the HF
+  Trainer or TRL's SFTTrainer feed the patched model without a single padding token.
+* `packed_batches_for_hf` / `PackedHFDataset` hand the batches of our own `PackedLoader` (fixed
+  shape rows, whole documents) to a transformers model or Trainer.
+
+Only public hooks that transformers 5.17 and 5.23 share are used: `AttentionInterface.register`,
+`AttentionMaskInterface.register`, `PreTrainedModel.set_attn_implementation` and the causal LM's
+`model` / `lm_head` attributes.
+"""
+from __future__ import annotations
+
+import types
+import weakref
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..batch import IGNORE_INDEX, PackedBatch
+
+ATTENTION_NAME = "rega_varlen"
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+# Feature keys that mark the tokens to train on when a sample carries no `labels`; the first is what
+# `tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)` returns, the last TRL's.
+MASK_KEYS = ("assistant_masks", "assistant_mask", "completion_mask")
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+def segments_from_position_ids(position_ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32, over the flattened batch_size * L tokens) and the longest segment.
+
+    A segment starts at every row start and wherever a position does not follow its predecessor
+    by one, which covers restarts at 0 as well as DataCollatorWithFlattening's `position_ids_start`.
+    """
+    pos = position_ids.reshape(-1, position_ids.shape[-1])
+    if pos.shape[0] != batch_size:
+        pos = pos.expand(batch_size, -1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    first = starts.reshape(-1).nonzero().reshape(-1)
+    total = torch.tensor([pos.numel()], device=pos.device, dtype=first.dtype)
+    cu_seqlens = torch.cat([first, total]).to(torch.int32)
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+class _SegmentsMemo:
+    """Remembers the segments derived from the last few position_ids / padding-mask tensors.
+
+    Every layer of one forward gets the very same tensor, so deriving once per forward saves a
+    host synchronisation per layer, and handing the kernel the same cu_seqlens object lets it
+    reuse its work tables. Entries hold the tensor weakly and check its version counter, so a
+    freed or edited tensor never hits.
+    """
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: dict = {}
+
+    def get(self, source: torch.Tensor, batch_size: int, derive):
+        key = (id(source), batch_size, derive)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0]() is source and hit[1] == source._version:
+            return hit[2]
+        value = derive(source, batch_size)
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = (weakref.ref(source), source._version, value)
+        return value
+
+
+_SEGMENTS = _SegmentsMemo()
+
+
+def _segments_from_padding_mask(attention_mask: torch.Tensor, batch_size: int):
+    # Each row's real tokens are one document: (indices of real tokens, cu_seqlens, longest).
+    real = attention_mask.to(torch.bool)
+    keep = real.reshape(-1).nonzero().reshape(-1)
+    lengths = real.sum(dim=1)
+    lengths = lengths[lengths > 0]
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return keep, cu_seqlens, int(lengths.max()) if lengths.numel() else 0
+
+
+def _padding_mask_only(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                       attention_mask=None, **kwargs):
+    # Varlen attention needs no 4D mask: keep only a 2D padding mask (bool, True = real token), and
+    # drop it when nothing is padded, as transformers does for its flash-attention implementations.
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def _attention_with_cache(module, query, key, value, attention_mask, scaling, sliding_window):
+    # Decoding / chunked prefill (queries fewer than keys): rare outside generation, so plain SDPA
+    # with an explicit bottom-right causal mask is the right tool, not the training kernel.
+    q_len, kv_len = query.shape[2], key.shape[2]
+    q_pos = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+    k_pos = torch.arange(kv_len, device=query.device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, -kv_len:].to(torch.bool)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, sliding_window: int | None = None,
+                             softcap: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers attention function over `rega_engine.kernels.varlen_attention`.
+
+    query (B, Hq, L, D), key/value (B, Hkv, L, D). Document boundaries come, in this order, from a
+    2D padding mask (one document per row), `cu_seq_lens_q` + `max_length_q` (padding-free
+    collators), restarts in `position_ids`, or else one causal document per row. Returns
+    (B, L, Hq, D) as transformers expects.
+    """
+    from rega_engine.kernels import varlen_attention
+
+    if dropout:
+        raise ValueError(
+            f"{ATTENTION_NAME} attention has no dropout, but {type(module).__name__} asks for "
+            f"p={dropout}: set config.attention_dropout=0.0 (the Llama/Qwen2/Mistral default)")
+    if softcap is not None:
+        raise ValueError(f"{ATTENTION_NAME} attention does not support attention logit softcapping "
+                         f"(softcap={softcap}); keep this model on 'sdpa' or 'eager'")
+    batch, q_heads, length, head_dim = query.shape
+    if key.shape[2] != length:
+        return _attention_with_cache(module, query, key, value, attention_mask, scaling, sliding_window)
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # Under autocast with fp32 weights the rotary embedding leaves q and k in fp32 while v comes out
+    # of its projection in the autocast dtype; SDPA would run in the autocast dtype, and so do we.
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    elif not query.dtype == key.dtype == value.dtype:
+        key, value = key.to(query.dtype), value.to(query.dtype)
+    q = query.transpose(1, 2).reshape(batch * length, q_heads, head_dim)
+    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], head_dim)
+    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], head_dim)
+
+    keep = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"{ATTENTION_NAME} attention expects no mask or a 2D padding mask, got shape "
+                             f"{tuple(attention_mask.shape)}; pass `attention_mask` as (batch, length) 0/1")
+        # Padded rows: each row's real tokens are one document; drop the padding, run varlen on
+        # what is left, and put zeros back where the padding was.
+        keep, cu_seqlens, max_seqlen = _SEGMENTS.get(attention_mask, batch, _segments_from_padding_mask)
+        q, k, v = q.index_select(0, keep), k.index_select(0, keep), v.index_select(0, keep)
+    elif kwargs.get("cu_seq_lens_q") is not None:
+        cu_seqlens = kwargs["cu_seq_lens_q"].to(device=q.device, dtype=torch.int32)
+        max_seqlen = kwargs.get("max_length_q")
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        max_seqlen = int(max_seqlen)
+        if cu_seqlens.numel() < 2 or int(cu_seqlens[-1]) != batch * length:
+            raise ValueError(
+                f"cu_seq_lens_q ends at {int(cu_seqlens[-1]) if cu_seqlens.numel() else 'nothing'} but the "
+                f"batch holds {batch}x{length}={batch * length} tokens; cu_seq_lens_q must cover every "
+                "token of the flattened batch (PaddingFreeCollator and PackedBatch.as_hf_kwargs do). With "
+                "the HF Trainer on an iterable dataset, pass accelerator_config={'dispatch_batches': False}: "
+                "dispatching slices every tensor, cu_seq_lens_q included, to the batch size")
+    elif kwargs.get("position_ids") is not None:
+        cu_seqlens, max_seqlen = _SEGMENTS.get(kwargs["position_ids"], batch, segments_from_position_ids)
+        cu_seqlens = cu_seqlens.to(q.device)
+    else:
+        cu_seqlens = torch.arange(0, batch * length + 1, length, device=q.device, dtype=torch.int32)
+        max_seqlen = length
+
+    if sliding_window is not None and max_seqlen > sliding_window:
+        raise ValueError(
+            f"{type(module).__name__} uses a sliding window of {sliding_window} tokens but a document here "
+            f"has {max_seqlen}; {ATTENTION_NAME} attention is full causal: shorten the documents "
+            "or keep this model on 'sdpa'")
+
+    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scaling,
+                           backend=getattr(module, "_rega_backend", "auto"))
+    if keep is not None:
+        out = out.new_zeros(batch * length, q_heads, head_dim).index_copy(0, keep, out)
+    return out.reshape(batch, length, q_heads, head_dim), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, varlen_attention_forward)
+    # Without a mask function of its own a custom implementation gets no padding mask at all.
+    AttentionMaskInterface.register(ATTENTION_NAME, _padding_mask_only)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+
+def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                        inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """The causal LM's forward, with the training loss taken straight from the hidden states.
+
+    Same semantics as transformers' ForCausalLMLoss: labels are unshifted and shifted here (or
+    `shift_labels` is given already shifted), the loss is the mean over non-ignored targets, or
+    their sum divided by `num_items_in_batch` when the Trainer passes it. In eval mode, without
+    labels or with `logits_to_keep`, the original forward runs unchanged (it returns logits).
+    """
+    shift_labels = kwargs.get("shift_labels")
+    if (labels is None and shift_labels is None) or not self.training or logits_to_keep:
+        return self._rega_original_forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from rega_engine.kernels import fused_linear_cross_entropy
+
+    kwargs.pop("shift_labels", None)
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    return_dict = kwargs.pop("return_dict", None)
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         **kwargs)
+    hidden = outputs.last_hidden_state
+    if shift_labels is None:
+        # Appending one ignored label and dropping the first keeps every hidden state in place
+        # (no copy of hidden[:, :-1]) while targetting labels[t + 1] from position t.
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    weight = self.lm_head.weight
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    flat_labels = shift_labels.reshape(-1).to(hidden.device)
+    if num_items_in_batch is None:
+        loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels,
+                                          ignore_index=IGNORE_INDEX, reduction="mean",
+                                          backend=self._rega_backend)
+    else:
+        loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels,
+                                          ignore_index=IGNORE_INDEX, reduction="sum",
+                                          backend=self._rega_backend)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    result = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                    hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return result.to_tuple() if return_dict is False else result
+
+
+# --------------------------------------------------------------------------------------------
+# Patching
+# --------------------------------------------------------------------------------------------
+
+def apply_rega_kernels(model, attention: bool = True, cross_entropy: bool = True, backend: str = "auto"):
+    """Patch a transformers Llama, Qwen2 or Mistral causal LM in place to use rega-engine's kernels.
+
+    attention: route every attention layer through varlen attention (padding-free batches keep
+        documents apart; padded batches are unpadded on the fly).
+    cross_entropy: in training mode with labels, compute the loss with the fused linear
+        cross-entropy over `lm_head.weight`; `outputs.logits` is then None.
+    backend: the kernels' backend, "auto" (Triton on CUDA, the PyTorch reference elsewhere),
+        "triton" or "torch"; a later call may change it.
+    Calling it again is harmless; a False switch leaves that part as it is. Returns the model.
+    A PEFT wrapper (LoRA, ...) gets its base model patched.
+    """
+    if callable(getattr(model, "get_base_model", None)):
+        apply_rega_kernels(model.get_base_model(), attention=attention, cross_entropy=cross_entropy,
+                           backend=backend)
+        return model
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise TypeError(
+            f"apply_rega_kernels supports transformers models of type {', '.join(SUPPORTED_MODEL_TYPES)}; "
+            f"got {type(model).__name__} (model_type={model_type!r}). Load one of those (e.g. "
+            "AutoModelForCausalLM.from_pretrained on a Llama checkpoint) or leave this model unpatched")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"apply_rega_kernels: backend={backend!r}; choose 'auto', 'triton' or 'torch'")
+    patched = model.__dict__.setdefault("_rega_patched", set())
+    model._rega_backend = backend
+    if attention and "attention" not in patched:
+        _register_attention()
+        model.set_attn_implementation(ATTENTION_NAME)
+        if model.config._attn_implementation != ATTENTION_NAME:
+            raise RuntimeError(f"{type(model).__name__} refused attn_implementation={ATTENTION_NAME!r} "
+                               f"(kept {model.config._attn_implementation!r})")
+        patched.add("attention")
+    if "attention" in patched:
+        # The attention function is shared by every patched model; each layer carries its backend.
+        for module in model.modules():
+            if hasattr(module, "q_proj") and hasattr(module, "o_proj"):
+                module._rega_backend = backend
+    if cross_entropy and "cross_entropy" not in patched:
+        missing = [name for name in ("model", "lm_head") if not isinstance(getattr(model, name, None), torch.nn.Module)]
+        if missing:
+            raise TypeError(f"apply_rega_kernels(cross_entropy=True) needs a causal LM with `model` and `lm_head` "
+                            f"(like {model_type.capitalize()}ForCausalLM); {type(model).__name__} lacks "
+                            f"{', '.join(missing)}. Patch the ForCausalLM model, or pass cross_entropy=False")
+        if getattr(model.lm_head, "bias", None) is not None:
+            raise TypeError(f"{type(model).__name__}.lm_head has a bias, which the fused linear cross-entropy "
+                            "does not take; pass cross_entropy=False")
+        model._rega_original_forward = model.forward
+        model.forward = types.MethodType(_fused_loss_forward, model)
+        patched.add("cross_entropy")
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Padding-free batches
+# --------------------------------------------------------------------------------------------
+
+def _as_list(value, what: str, index: int) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        value = value.reshape(-1).tolist()
+    elif hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"feature {index}: `{what}` must be a list, tensor or array of ints, got {type(value).__name__}")
+    if value and isinstance(value[0], (list, tuple)):
+        raise ValueError(f"feature {index}: `{what}` is nested; give one flat sequence per feature "
+                         "(tokenize without return_tensors, or take row 0)")
+    return list(value)
+
+
+class PaddingFreeCollator:
+    """Flattens tokenized samples into one padding-free row for the HF Trainer or TRL's SFTTrainer.
+
+    Each feature needs `input_ids` and either `labels` (unshifted, -100 = ignored), one of
+    `assistant_masks` / `assistant_mask` / `completion_mask` (1 = train on that token), or neither
+    (train on every token). The batch is the DataCollatorWithFlattening layout: `input_ids`,
+    `labels`, `position_ids` of shape (1, T), `cu_seq_lens_q/k` (int32) and `max_length_q/k`
+    (int), and the first token of every sample is labelled -100 so that no prediction crosses a
+    sample boundary.
+
+    pad_to_multiple_of: pad T up to a multiple (steadier shapes for torch.compile / CUDA graphs);
+        the padding is one extra segment of its own with labels -100, as in PackedBatch.
+    With the Trainer, keep `remove_unused_columns=False` when samples carry an assistant mask:
+    the Trainer otherwise drops every column the model's forward does not name.
+    """
+
+    def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None,
+                 ignore_index: int = IGNORE_INDEX):
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {pad_to_multiple_of}")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.ignore_index = ignore_index
+
+    def _labels(self, feature: Mapping[str, Any], ids: list[int], index: int) -> list[int]:
+        if feature.get("labels") is not None:
+            labels = _as_list(feature["labels"], "labels", index)
+        else:
+            mask_key = next((key for key in MASK_KEYS if feature.get(key) is not None), None)
+            if mask_key is None:
+                labels = list(ids)
+            else:
+                mask = _as_list(feature[mask_key], mask_key, index)
+                if len(mask) != len(ids):
+                    raise ValueError(f"feature {index}: `{mask_key}` has {len(mask)} entries but `input_ids` "
+                                     f"has {len(ids)}; they must align token for token")
+                labels = [tok if keep else self.ignore_index for tok, keep in zip(ids, mask)]
+        if len(labels) != len(ids):
+            raise ValueError(f"feature {index}: `labels` has {len(labels)} entries but `input_ids` has "
+                             f"{len(ids)}; labels are unshifted and align with input_ids")
+        return [self.ignore_index] + labels[1:]
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not features:
+            raise ValueError("PaddingFreeCollator got an empty list of features")
+        input_ids: list[int] = []
+        labels: list[int] = []
+        position_ids: list[int] = []
+        cu_seqlens = [0]
+        for index, feature in enumerate(features):
+            if "input_ids" not in feature:
+                raise KeyError(f"feature {index} has no `input_ids` (keys: {sorted(feature)}); tokenize the "
+                               "samples first (with the Trainer, also check remove_unused_columns)")
+            ids = _as_list(feature["input_ids"], "input_ids", index)
+            if not ids:
+                raise ValueError(f"feature {index} has empty `input_ids`; filter empty samples out of the dataset")
+            input_ids += ids
+            labels += self._labels(feature, ids, index)
+            position_ids += range(len(ids))
+            cu_seqlens.append(cu_seqlens[-1] + len(ids))
+        if self.pad_to_multiple_of:
+            pad = -len(input_ids) % self.pad_to_multiple_of
+            if pad:
+                input_ids += [self.pad_token_id] * pad
+                labels += [self.ignore_index] * pad
+                position_ids += range(pad)
+                cu_seqlens.append(cu_seqlens[-1] + pad)
+        max_length = max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:]))
+        cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+        return {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([position_ids], dtype=torch.long),
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+            "max_length_q": max_length, "max_length_k": max_length,
+        }
+
+
+def packed_batches_for_hf(loader: Iterable[PackedBatch], device: torch.device | str | None = None) -> Iterator[dict]:
+    """The batches of a PackedLoader (or any iterable of PackedBatch) as transformers model kwargs.
+
+    Each PackedBatch becomes one flattened padding-free row (`PackedBatch.as_hf_kwargs`): pass it as
+    `model(**kwargs)` to a model patched with `apply_rega_kernels`. The rows' trailing padding is a
+    segment of its own with labels -100, so it neither attends to documents nor adds to the loss.
+    """
+    for batch in loader:
+        if not isinstance(batch, PackedBatch):
+            raise TypeError(f"packed_batches_for_hf expects PackedBatch items (from PackedLoader), got "
+                            f"{type(batch).__name__}")
+        if device is not None:
+            batch = batch.to(device)
+        yield batch.as_hf_kwargs()
+
+
+class PackedHFDataset(torch.utils.data.IterableDataset):
+    """A PackedLoader as a Trainer train_dataset: each item is already a whole padding-free batch.
+
+    Use it with `data_collator=PackedHFDataset.collate`, `per_device_train_batch_size=1` (the
+    loader decides the batch), `max_steps` (an iterable dataset has no length) and
+    `accelerator_config={"dispatch_batches": False}`: accelerate otherwise reads iterable datasets
+    on the main process and slices every tensor of a batch, `cu_seq_lens_q` included, to the batch
+    size; the loader shards by rank itself.
+    """
+
+    def __init__(self, loader: Iterable[PackedBatch]):
+        super().__init__()
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict]:
+        return packed_batches_for_hf(self.loader)
+
+    @staticmethod
+    def collate(items: Sequence[dict]) -> dict:
+        if len(items) != 1:
+            raise ValueError(f"PackedHFDataset items are whole batches, but the DataLoader grouped {len(items)} "
+                             "of them: set per_device_train_batch_size=1")
+        return items[0]
