@@ -104,6 +104,7 @@ class DistillConfig:
     batch_size: int = 16
     seed: int = 0
     max_repeat_fraction: float = 0.5    # drop answers whose repeated n-grams exceed this share
+    repeat_ngram: int = 4               # n of the token n-grams max_repeat_fraction counts
 
 
 @dataclass

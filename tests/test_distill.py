@@ -1,0 +1,182 @@
+"""Self-distillation: deterministic for a seed, filtered answers counted by reason, resumable.
+
+The base model is a bigram model (tests/bigram_model.py) that after the prompt says nothing (EOS),
+or "law" [then "fine"] (a good answer), or "the the the ..." (a loop that sometimes ends, sometimes
+runs into max_new_tokens), so every filter has answers to catch.
+"""
+import json
+
+import pytest
+from bigram_model import make_bigram_checkpoint
+from tiny_tokenizer import tiny_tokenizer, tiny_tokenizer_dir
+
+import rega_engine.generation
+from rega_engine.config import ConfigError, RunConfig
+from rega_engine.data.render import ChatRenderer
+from rega_engine.distill import distill, instruction_key, repeat_fraction
+
+CENTRAL = "You are a helpful assistant."
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    tok = tiny_tokenizer()
+    prompt_end = ChatRenderer(tok).render_prompt([{"role": "user", "content": "q"}], CENTRAL)[-1]
+    the, law, fine = (tok.encode(f" {w}", add_special_tokens=False)[0] for w in ("the", "law", "fine"))
+    eos = tok.eos_token_id
+    table = {prompt_end: {eos: 0.2, the: 0.3, law: 0.5},
+             the: {the: 0.85, eos: 0.15},
+             law: {fine: 0.9, eos: 0.1}}
+    return make_bigram_checkpoint(tmp_path_factory.mktemp("base"), len(tok), table, {eos: 1.0},
+                                  eos_token_id=eos, pad_token_id=tok.pad_token_id)
+
+
+def write_instructions(path, questions):
+    with open(path, "w") as f:
+        for q in questions:
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n")
+    return path
+
+
+def make_config(tmp_path, base_model, output="general.jsonl", questions=None, **distill_keys):
+    config = RunConfig()
+    config.roles.central_prompt = CENTRAL
+    config.data.tokenizer = tiny_tokenizer_dir()
+    config.distill.instructions = str(write_instructions(
+        tmp_path / "instructions.jsonl", questions or [f"question number {i}" for i in range(60)]))
+    config.distill.output = str(tmp_path / output)
+    config.distill.model = base_model
+    config.distill.max_new_tokens = MAX_NEW
+    config.distill.repeat_ngram = 2
+    config.distill.max_repeat_fraction = 0.5
+    config.distill.batch_size = 4
+    for key, value in distill_keys.items():
+        setattr(config.distill, key, value)
+    return config
+
+
+def read_rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_filters_are_counted_and_every_filtered_answer_meets_its_reason(tmp_path, base_model, capsys):
+    config = make_config(tmp_path, base_model)
+    report = distill(config)
+    filtered = report["filtered"]
+    assert report["answered"] == 60 and report["kept"] + sum(filtered.values()) == 60
+    assert all(filtered[r] > 0 for r in ("empty", "no_eos", "repetitive")), filtered
+    assert report["kept"] > 0
+    assert json.load(open(config.distill.output + ".report.json")) == report
+    assert "filtered: empty" in capsys.readouterr().out
+
+    kept = read_rows(config.distill.output)
+    assert len(kept) == report["kept"] == report["exemplars_in_output"]
+    for row in kept:
+        assert row["distilled"] is True and row["domain"] == "general"
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+        assert row["messages"][-1]["content"] in ("law", "law fine", "the", "the the", "the the the")
+    tok = tiny_tokenizer()
+    rejected = read_rows(config.distill.output + ".rejected.jsonl")
+    assert {r: sum(x["reason"] == r for x in rejected) for r in filtered} == filtered
+    for row in rejected:
+        tokens = tok.encode(row["answer"], add_special_tokens=False)
+        if row["reason"] == "empty":
+            assert row["answer"].strip() == ""
+        elif row["reason"] == "no_eos":
+            assert len(tokens) == MAX_NEW
+        else:
+            assert repeat_fraction(tokens, 2) > 0.5 and len(tokens) < MAX_NEW
+    # Kept and filtered together are the instructions, each once, in file order.
+    keys = [instruction_key(r["messages"][:-1]) for r in kept] + [r["key"] for r in rejected]
+    assert len(set(keys)) == 60
+
+
+def test_same_seed_same_exemplars_whatever_the_batch_size(tmp_path, base_model):
+    outputs = []
+    for name, seed, batch in (("a.jsonl", 0, 4), ("b.jsonl", 0, 7), ("c.jsonl", 1, 4)):
+        config = make_config(tmp_path, base_model, output=name, seed=seed, batch_size=batch)
+        distill(config)
+        outputs.append(open(config.distill.output).read())
+    assert outputs[0] == outputs[1]
+    assert outputs[0] != outputs[2]
+
+
+def test_an_interrupted_run_resumes_to_the_same_output(tmp_path, base_model, monkeypatch):
+    straight = make_config(tmp_path, base_model, output="straight.jsonl", batch_size=2)
+    distill(straight)
+
+    config = make_config(tmp_path, base_model, output="resumed.jsonl", batch_size=2)
+    real_generate = rega_engine.generation.generate
+    calls = []
+
+    def generate_then_die(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(rega_engine.generation, "generate", generate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        distill(config)
+    part = tmp_path / "resumed.jsonl.part-0"
+    assert len(part.read_text().splitlines()) == calls[0] == 16     # one chunk was saved
+    with open(part, "a") as f:
+        f.write('{"index": 99, "key": "unfinis')                     # killed while writing
+
+    monkeypatch.setattr(rega_engine.generation, "generate", real_generate)
+    report = distill(config)
+    assert report["already_done"] == 16 and report["answered"] == 60
+    assert not part.exists()
+    assert open(config.distill.output).read() == open(straight.distill.output).read()
+
+
+def test_resume_answers_only_new_instructions(tmp_path, base_model, monkeypatch):
+    questions = [f"question number {i}" for i in range(60)]
+    config = make_config(tmp_path, base_model, questions=questions)
+    first = distill(config)
+    before = open(config.distill.output).read()
+
+    answered = []
+    real_generate = rega_engine.generation.generate
+
+    def counting(*args, **kwargs):
+        answered.extend(kwargs["keys"])
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(rega_engine.generation, "generate", counting)
+    more = questions + [f"a new question {i}" for i in range(10)] + ["question number 3"]
+    config = make_config(tmp_path, base_model, questions=more)
+    report = distill(config)
+    assert len(answered) == 10 and report["answered"] == 10
+    assert report["already_done"] == 60 and report["duplicates"] == 1
+    after = open(config.distill.output).read()
+    assert after.startswith(before)
+    keys = [instruction_key(r["messages"][:-1]) for r in read_rows(config.distill.output)]
+    assert len(keys) == len(set(keys)) == first["kept"] + report["kept"]
+
+
+def test_bad_rows_are_counted_and_bad_settings_named(tmp_path, base_model):
+    config = make_config(tmp_path, base_model, questions=["fine question"])
+    with open(config.distill.instructions, "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                         {"role": "assistant", "content": "answered already"}]}) + "\n")
+    report = distill(config)
+    assert report["rows_rejected"] == {"not an instruction": 1} and report["answered"] == 1
+
+    config.distill.instructions = ""
+    with pytest.raises(ConfigError, match="distill.instructions"):
+        distill(config)
+    config = make_config(tmp_path, base_model, max_repeat_fraction=1.5)
+    with pytest.raises(ConfigError, match="distill.max_repeat_fraction"):
+        distill(config)
+    config = make_config(tmp_path, base_model)
+    config.distill.model = str(tmp_path)
+    with pytest.raises(ConfigError, match="distill.model"):
+        distill(config)
+
+
+def test_repeat_fraction_counts_repeated_ngrams():
+    assert repeat_fraction([1, 2, 3, 4], 2) == 0.0
+    assert repeat_fraction([5, 5, 5, 5], 2) == pytest.approx(2 / 3)
+    assert repeat_fraction([1, 2], 4) == 0.0
