@@ -197,6 +197,9 @@ def distill(config: RunConfig) -> dict:
     finally:
         if created_group:
             import torch.distributed as dist
+            # Every rank leaves together: one tearing the group down while another is still in
+            # the last collective can abort it.
+            dist.barrier()
             dist.destroy_process_group()
 
 
