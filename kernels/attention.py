@@ -24,26 +24,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # torch wheels for macOS/Windows come without Triton: keep the reference usable
-    HAS_TRITON = False
-
-    class _NoTriton:
-        """Just enough of `triton` / `triton.language` for the kernel definitions below to parse."""
-        constexpr = object
-
-        @staticmethod
-        def jit(fn=None, **_):
-            return fn if fn is not None else (lambda f: f)
-
-        @staticmethod
-        def Config(*args, **kwargs):
-            return None
-
-    triton = tl = _NoTriton()
+from ._triton_compat import HAS_TRITON, tl, triton
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 BACKENDS = ("auto", "triton", "torch")

@@ -42,22 +42,7 @@ import warnings
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # torch wheels for macOS/Windows come without Triton: keep the reference usable
-    HAS_TRITON = False
-
-    class _NoTriton:
-        """Just enough of `triton` / `triton.language` for the kernel definitions to parse."""
-        constexpr = object
-
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    triton = tl = _NoTriton()
+from ._triton_compat import HAS_TRITON, tl, triton
 
 # Memory allowed for one chunk's logits. At V=128256 in bf16 this is 2048 tokens per chunk, whose
 # matmuls are large enough to run cuBLAS near peak, while the whole op's peak stays a small
