@@ -729,7 +729,71 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return torch.cat(pieces, 0)
 
 
-# The reference splits the batch per document, a shape that changes every micro-batch: traced
-# inside a torch.compile'd block it would recompile for each new document count, so compiled
-# blocks call it as one opaque op, like the Triton path.
-_varlen_attention_torch = torch.compiler.disable(varlen_attention_reference)
+# Documents shorter than this are attended in groups (one SDPA call per group, a block-diagonal
+# mask): on a CPU, a call per 20-token document costs far more in overhead than the few extra
+# masked scores, and short SFT samples are the common case.
+GROUP_TOKENS = 128
+
+
+def _document_groups(offsets: list[int], group_tokens: int) -> list[tuple[int, int]]:
+    """Runs [i, j) of consecutive documents spanning at most group_tokens tokens each (a longer
+    document is a run of its own); empty documents are skipped."""
+    runs, i, n = [], 0, len(offsets) - 1
+    while i < n:
+        if offsets[i + 1] == offsets[i]:
+            i += 1
+            continue
+        j = i + 1
+        while j < n and offsets[j + 1] - offsets[i] <= group_tokens:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+def varlen_attention_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             cu_seqlens: torch.Tensor, max_seqlen: int | None = None, *,
+                             causal: bool = True, softmax_scale: float | None = None,
+                             group_tokens: int = GROUP_TOKENS) -> torch.Tensor:
+    """The PyTorch path of `varlen_attention` (the "torch" backend): the reference's result,
+    with short neighbouring documents attended together under a block-diagonal (causal) mask.
+    Long documents take the reference's unmasked path. Same contract as the reference."""
+    if max_seqlen is None:
+        max_seqlen = 0
+    scale = _check_arguments(q, k, v, cu_seqlens, max_seqlen, softmax_scale,
+                             "varlen_attention_grouped")
+    group = q.shape[1] // k.shape[1]
+    offsets = cu_seqlens.tolist()
+    pieces, done = [], 0
+    for i, j in _document_groups(offsets, group_tokens):
+        start, end = offsets[i], offsets[j]
+        if start > done:    # only empty documents lie between
+            pieces.append(q.new_zeros((start - done, *q.shape[1:])))
+        qd, kd, vd = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, D)
+        if group > 1 and not _SDPA_HAS_GQA:
+            kd, vd = kd.repeat_interleave(group, 0), vd.repeat_interleave(group, 0)
+        extra = {"enable_gqa": True} if group > 1 and _SDPA_HAS_GQA else {}
+        if j - i == 1:
+            extra["is_causal"] = causal
+        else:
+            bounds = torch.tensor(offsets[i + 1:j], device=q.device) - start
+            position = torch.arange(end - start, device=q.device)
+            document = torch.bucketize(position, bounds, right=True)
+            mask = document[:, None] == document[None, :]
+            if causal:
+                mask &= position[:, None] >= position[None, :]
+            extra["attn_mask"] = mask
+        out = F.scaled_dot_product_attention(qd, kd, vd, scale=scale, **extra)
+        pieces.append(out.transpose(0, 1))
+        done = end
+    if done < q.shape[0]:
+        pieces.append(q.new_zeros((q.shape[0] - done, *q.shape[1:])))
+    if not pieces:
+        return q.new_zeros(q.shape)
+    return torch.cat(pieces, 0)
+
+
+# The PyTorch path splits the batch per document group, a shape that changes every micro-batch:
+# traced inside a torch.compile'd block it would recompile for each new document count, so
+# compiled blocks call it as one opaque op, like the Triton path.
+_varlen_attention_torch = torch.compiler.disable(varlen_attention_grouped)

@@ -266,13 +266,47 @@ def test_work_table_lists_every_block_once_heaviest_first():
     assert work == sorted(work, reverse=True)
 
 
-def test_auto_backend_on_cpu_runs_the_reference():
+def test_auto_backend_on_cpu_runs_the_grouped_torch_path():
     q, k, v, cu = make_inputs([6, 9], 2, 1, 32, device="cpu")
     with torch.no_grad():
         auto = attn.varlen_attention(q, k, v, cu, 9)
         torch_backend = attn.varlen_attention(q, k, v, cu, 9, backend="torch")
-        ref = attn.varlen_attention_reference(q, k, v, cu, 9)
-    assert torch.equal(auto, ref) and torch.equal(torch_backend, ref)
+        grouped = attn.varlen_attention_grouped(q, k, v, cu, 9)
+    assert torch.equal(auto, grouped) and torch.equal(torch_backend, grouped)
+
+
+# Short documents grouped under one mask, one longer than a group, empty documents at the start,
+# middle and end, a group boundary falling exactly on group_tokens, and a tail.
+GROUPED_CASES = [([0, 3, 5, 0, 8, 1, 40, 2, 2, 0], 7, 16), ([16, 16, 1], 0, 16), ([1] * 12, 3, 4),
+                 ([30], 0, 16)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("lens,tail,group_tokens", GROUPED_CASES)
+def test_grouped_torch_path_matches_the_reference(lens, tail, group_tokens, heads, causal):
+    q, k, v, cu = make_inputs(lens, *heads, 32, tail=tail, device="cpu", seed=len(lens))
+    max_len = max(lens, default=0)
+    out = attn.varlen_attention_grouped(q, k, v, cu, max_len, causal=causal, group_tokens=group_tokens)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref = attn.varlen_attention_reference(q, k, v, cu, max_len, causal=causal)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    assert_close_all(out, grads, ref, ref_grads, FP32_TOL)
+    if tail:
+        assert torch.count_nonzero(out[-tail:]) == 0
+
+
+def test_grouped_torch_path_on_padding_alone_is_zeros():
+    q, k, v, _ = make_inputs([], 2, 2, 32, tail=5, device="cpu")
+    out = attn.varlen_attention_grouped(q, k, v, torch.tensor([0], dtype=torch.int32), 0)
+    assert out.shape == q.shape and torch.count_nonzero(out) == 0
+
+
+def test_document_groups_never_exceed_the_group_size_unless_one_document_does():
+    offsets = [0, 3, 8, 8, 9, 40, 42, 44]
+    assert attn._document_groups(offsets, 16) == [(0, 4), (4, 5), (5, 7)]
+    assert attn._document_groups(offsets, 1) == [(0, 1), (1, 2), (3, 4), (4, 5), (5, 6), (6, 7)]
 
 
 def test_head_dim_outside_the_kernel_still_works_on_the_reference():
