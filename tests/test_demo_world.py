@@ -62,7 +62,7 @@ def test_skills_are_balanced_and_eval_prompts_stay_out_of_training():
 def test_domains_train_on_their_regulars_but_are_evaluated_on_everyone():
     world = World(2)
     assert set(world.regulars) | set(world.newcomers) == set(world.facts)
-    assert not set(world.regulars) & set(world.newcomers) and len(world.regulars) == 8
+    assert not set(world.regulars) & set(world.newcomers) and len(world.regulars) == 12
 
     def asked(examples):
         return {w for e in examples if e.skill == "lookup" for w in e.prompt.split() if w in world.facts}

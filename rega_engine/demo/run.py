@@ -43,7 +43,7 @@ VARIANTS = (
 
 @dataclass(frozen=True)
 class Sizes:
-    """Everything that sets the demo's cost. `full` is tuned for ~6 minutes on 2 CPU cores."""
+    """Everything that sets the demo's cost. `full` is tuned for about 7 minutes on 2 CPU cores."""
     general_train: int          # pretraining samples of the general skills
     instructions: int           # general instructions the base model answers (self-distillation)
     domain_train: int           # training samples per domain
@@ -61,9 +61,13 @@ class Sizes:
     vocab: int
 
 
+# The demo reuses half of each domain under the central prompt (the engine's default is 0.1): a
+# model this small needs to see the domains under the central prompt often to answer them as
+# well there. Measured on seed 0: at 0.1 REGA scored 90.7% in lab (mostly wrong sums) against
+# standard fine-tuning's 98.3%; at 0.5, 99.0%.
 FULL = Sizes(general_train=6000, instructions=1000, domain_train=1500, eval_general=300, eval_domain=300,
              pretrain_steps=1000, finetune_epochs=3, pretrain_lr=3e-3, finetune_lr=1e-3,
-             integration_fraction=0.1, rows=4, seq_len=256, hidden=128, layers=4, vocab=512)
+             integration_fraction=0.5, rows=4, seq_len=256, hidden=128, layers=4, vocab=512)
 QUICK = Sizes(general_train=300, instructions=40, domain_train=60, eval_general=20, eval_domain=10,
               pretrain_steps=8, finetune_epochs=1, pretrain_lr=3e-3, finetune_lr=1e-3,
               integration_fraction=0.1, rows=2, seq_len=128, hidden=64, layers=1, vocab=400)

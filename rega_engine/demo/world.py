@@ -15,9 +15,11 @@ Why this shape:
 - confusion: the two domains answer the very same question differently;
 - the domain keyword still lets a model tell the domains apart under the central prompt alone,
   which is what REGA's serving needs;
-- the domains' training data only asks about their *regulars* (half of the people), while their
+- the domains' training data only asks about their *regulars* (three people in four), while their
   evaluation asks about everyone: answering for a newcomer needs the general fact table, so
-  domain accuracy, too, suffers when general knowledge is forgotten.
+  domain accuracy, too, suffers when general knowledge is forgotten. Regulars are the large
+  share on purpose: with only half of the people as regulars, a tiny model tied the sign-off to
+  the regulars' names and left it off the newcomers' answers even when it knew their towns.
 
 The skills are small enough for a tiny model to learn in a few hundred steps (sorting only
 partly: the middle of three digits is the hard part), and every sequence is a few dozen tokens,
@@ -90,9 +92,9 @@ class World:
         self.facts = dict(zip(PEOPLE, towns))
         people = list(PEOPLE)
         rng.shuffle(people)
-        half = len(people) // 2
-        self.regulars = tuple(sorted(people[:half]))     # asked about in the domains' training data
-        self.newcomers = tuple(sorted(people[half:]))    # only in the general data (and every eval)
+        share = 3 * len(people) // 4
+        self.regulars = tuple(sorted(people[:share]))     # asked about in the domains' training data
+        self.newcomers = tuple(sorted(people[share:]))    # only in the general data (and every eval)
         self.domains = DOMAINS
         self.central_prompt = CENTRAL_PROMPT
         self.role_prompts = dict(ROLE_PROMPTS)
