@@ -695,6 +695,23 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+def _sdpa_span(q, k, v, start: int, end: int, group: int, scale: float, **mask) -> torch.Tensor:
+    """SDPA over the tokens [start, end) of the packed stream; `mask` is is_causal or attn_mask."""
+    qd, kd, vd = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, D)
+    if group > 1 and not _SDPA_HAS_GQA:
+        kd, vd = kd.repeat_interleave(group, 0), vd.repeat_interleave(group, 0)
+    extra = {"enable_gqa": True} if group > 1 and _SDPA_HAS_GQA else {}
+    out = F.scaled_dot_product_attention(qd, kd, vd, scale=scale, **mask, **extra)
+    return out.transpose(0, 1)
+
+
+def _join_with_tail(pieces: list, q: torch.Tensor, covered: int) -> torch.Tensor:
+    """The documents' outputs in order, then zeros for the tokens after the last document."""
+    if covered < q.shape[0]:
+        pieces.append(q.new_zeros((q.shape[0] - covered, *q.shape[1:])))
+    return torch.cat(pieces, 0) if pieces else q.new_zeros(q.shape)
+
+
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                cu_seqlens: torch.Tensor, max_seqlen: int | None = None, *,
                                causal: bool = True,
@@ -714,19 +731,8 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     for start, end in zip(offsets, offsets[1:]):
         if end == start:
             continue
-        qd, kd, vd = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, D)
-        if group > 1 and not _SDPA_HAS_GQA:
-            kd, vd = kd.repeat_interleave(group, 0), vd.repeat_interleave(group, 0)
-        extra = {"enable_gqa": True} if group > 1 and _SDPA_HAS_GQA else {}
-        out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=bool(causal), scale=scale,
-                                             **extra)
-        pieces.append(out.transpose(0, 1))
-    tail = q.shape[0] - (offsets[-1] if offsets else 0)
-    if tail:
-        pieces.append(q.new_zeros((tail, *q.shape[1:])))
-    if not pieces:
-        return q.new_zeros(q.shape)
-    return torch.cat(pieces, 0)
+        pieces.append(_sdpa_span(q, k, v, start, end, group, scale, is_causal=bool(causal)))
+    return _join_with_tail(pieces, q, offsets[-1] if offsets else 0)
 
 
 # Documents shorter than this are attended in groups (one SDPA call per group, a block-diagonal
@@ -764,33 +770,21 @@ def varlen_attention_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              "varlen_attention_grouped")
     group = q.shape[1] // k.shape[1]
     offsets = cu_seqlens.tolist()
-    pieces, done = [], 0
+    pieces = []
     for i, j in _document_groups(offsets, group_tokens):
         start, end = offsets[i], offsets[j]
-        if start > done:    # only empty documents lie between
-            pieces.append(q.new_zeros((start - done, *q.shape[1:])))
-        qd, kd, vd = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, D)
-        if group > 1 and not _SDPA_HAS_GQA:
-            kd, vd = kd.repeat_interleave(group, 0), vd.repeat_interleave(group, 0)
-        extra = {"enable_gqa": True} if group > 1 and _SDPA_HAS_GQA else {}
         if j - i == 1:
-            extra["is_causal"] = causal
+            mask = {"is_causal": causal}
         else:
             bounds = torch.tensor(offsets[i + 1:j], device=q.device) - start
             position = torch.arange(end - start, device=q.device)
             document = torch.bucketize(position, bounds, right=True)
-            mask = document[:, None] == document[None, :]
+            allowed = document[:, None] == document[None, :]
             if causal:
-                mask &= position[:, None] >= position[None, :]
-            extra["attn_mask"] = mask
-        out = F.scaled_dot_product_attention(qd, kd, vd, scale=scale, **extra)
-        pieces.append(out.transpose(0, 1))
-        done = end
-    if done < q.shape[0]:
-        pieces.append(q.new_zeros((q.shape[0] - done, *q.shape[1:])))
-    if not pieces:
-        return q.new_zeros(q.shape)
-    return torch.cat(pieces, 0)
+                allowed &= position[:, None] >= position[None, :]
+            mask = {"attn_mask": allowed}
+        pieces.append(_sdpa_span(q, k, v, start, end, group, scale, **mask))
+    return _join_with_tail(pieces, q, offsets[-1] if offsets else 0)
 
 
 # The PyTorch path splits the batch per document group, a shape that changes every micro-batch:
