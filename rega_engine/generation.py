@@ -14,6 +14,7 @@ first end token (the tokenizer's EOS and the model's generation-config EOS ids) 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -117,6 +118,12 @@ def _top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, unifor
 
 
 @torch.no_grad()
+def _cache_keyword(model) -> str:
+    """The name of the KV-cache argument: transformers 5.24 calls it `cache` (and warns that
+    `past_key_values` goes in 5.40); earlier releases take `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def _generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, greedy: bool,
                     temperature: float, top_p: float, generators: list, end_ids: set[int],
                     pad_id: int) -> list[tuple[list[int], bool]]:
@@ -132,8 +139,8 @@ def _generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, gre
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     ends = torch.tensor(sorted(end_ids), device=device)
-    cache = DynamicCache()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    cache = {_cache_keyword(model): DynamicCache()}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache,
                    use_cache=True).logits[:, -1]
     out = torch.empty((len(prompts), 0), dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -151,7 +158,7 @@ def _generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, gre
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       **cache, use_cache=True).logits[:, -1]
     results = []
     for row in out.tolist():
         end = next((i for i, t in enumerate(row) if t in end_ids), None)
