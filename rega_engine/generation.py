@@ -117,13 +117,13 @@ def _top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, unifor
     return order.gather(1, index).squeeze(1)
 
 
-@torch.no_grad()
 def _cache_keyword(model) -> str:
     """The name of the KV-cache argument: transformers 5.24 calls it `cache` (and warns that
     `past_key_values` goes in 5.40); earlier releases take `past_key_values`."""
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+@torch.no_grad()
 def _generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, greedy: bool,
                     temperature: float, top_p: float, generators: list, end_ids: set[int],
                     pad_id: int) -> list[tuple[list[int], bool]]:

@@ -1,15 +1,18 @@
 """Evaluation under the central prompt: exact match and perplexity on a bigram model whose greedy
 answer and answer likelihoods are known in advance."""
+import inspect
 import json
 import math
 
 import pytest
+import torch
 from bigram_model import make_bigram_checkpoint
 from tiny_tokenizer import tiny_tokenizer, tiny_tokenizer_dir
 
 from rega_engine.cli import main as cli_main
 from rega_engine.data.render import ChatRenderer
 from rega_engine.evaluate import evaluate_model, normalize
+from rega_engine.generation import generate, load_model
 
 CENTRAL = "You are a helpful assistant."
 ROLES = {"law": "You are an expert in the law of Arden."}
@@ -123,3 +126,16 @@ def test_missing_eval_file_is_named(tmp_path, bigram):
 
 def test_normalize_collapses_whitespace():
     assert normalize("  a\n\tb  c ") == "a b c"
+
+
+def test_generation_builds_no_autograd_graph_and_passes_the_cache_by_its_current_name(bigram):
+    model, tokenizer = load_model(bigram["path"], device="cpu"), tiny_tokenizer()
+    calls = []
+    model.register_forward_pre_hook(lambda _m, _args, kwargs: calls.append((torch.is_grad_enabled(), set(kwargs))),
+                                    with_kwargs=True)
+    prompt = ChatRenderer(tokenizer).render_prompt(chat("q", "x")[:-1], CENTRAL)
+    generate(model, tokenizer, [prompt], max_new_tokens=3)
+    declared = inspect.signature(type(model).forward).parameters
+    cache_name = "cache" if "cache" in declared else "past_key_values"
+    assert len(calls) == 3     # the prompt, then one call per further token: "law fine" + end
+    assert all(not grad and cache_name in names for grad, names in calls)

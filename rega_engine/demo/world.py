@@ -17,7 +17,7 @@ Why this shape:
   which is what REGA's serving needs;
 - the domains' training data only asks about their *regulars* (three people in four), while their
   evaluation asks about everyone: answering for a newcomer needs the general fact table, so
-  domain accuracy, too, suffers when general knowledge is forgotten. Regulars are the large
+  domain accuracy, too, can suffer when general knowledge is forgotten. Regulars are the large
   share on purpose: with only half of the people as regulars, a tiny model tied the sign-off to
   the regulars' names and left it off the newcomers' answers even when it knew their towns.
 
