@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .data.records import DataError
-from .train.errors import TrainingError
+from .errors import TrainingError
 
 JOBS = {
     "prepare": ("rega_engine.data.prepare", "prepare", "tokenize the REGA mixture into a memory-mapped dataset"),

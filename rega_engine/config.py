@@ -17,9 +17,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the file and key."""
+from .errors import ConfigError
 
 
 @dataclass

@@ -21,20 +21,13 @@ from dataclasses import dataclass, field
 from typing import Collection, Iterator
 
 from ..batch import GENERAL_DOMAIN
+from ..errors import DataError
 
 log = logging.getLogger("rega_engine.data")
 
 ROLES = ("system", "user", "assistant")
 BAD_ROW_POLICIES = ("skip", "error")
 WARN_FIRST = 5      # rejected rows logged per file under "skip"; the rest are only counted
-
-
-class DataError(ValueError):
-    """A bad input row; the message is `path:line: reason` (or names the file for file errors)."""
-
-    def __init__(self, message: str, reason: str = "", path: str = "", line: int = 0):
-        super().__init__(message)
-        self.reason, self.path, self.line = reason, path, line
 
 
 @dataclass(frozen=True)

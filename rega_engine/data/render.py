@@ -32,18 +32,10 @@ from typing import Sequence
 import numpy as np
 
 from ..config import ConfigError
+from ..errors import RenderError
 
 TEMPLATES = ("auto", "plain")
 PLAIN_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
-class RenderError(ValueError):
-    """A conversation that cannot be rendered with this tokenizer and template; `reason` is a short
-    category for counting, the message says what to do."""
-
-    def __init__(self, message: str, reason: str = "cannot render"):
-        super().__init__(message)
-        self.reason = reason
 
 
 def with_system(messages: Sequence[dict], system: str | None) -> list[dict]:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rega_engine.model.llama import CausalLM, ModelArgs
+from rega_engine.errors import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -38,8 +39,6 @@ _NON_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not match what the model needs."""
 
 
 def canonical_name(name: str) -> str:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rega_engine.errors import ConfigError
 from rega_engine.batch import IGNORE_INDEX
 from rega_engine.kernels.attention import varlen_attention
 from rega_engine.kernels.cross_entropy import fused_linear_cross_entropy
@@ -46,8 +47,6 @@ _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
                   "num_attention_heads")
 
 
-class ConfigError(ValueError):
-    """A config.json this model cannot represent faithfully."""
 
 
 @dataclass(frozen=True)

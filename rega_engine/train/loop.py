@@ -33,7 +33,7 @@ from rega_engine.train import checkpoint as ckpt
 from rega_engine.train.metrics import (DeviceSums, MetricsLogger, device_peak_flops,
                                        document_lengths, peak_memory_bytes)
 from rega_engine.train.parallel import Runtime, build_model, setup_runtime, teardown_runtime
-from rega_engine.train.errors import TrainingError
+from rega_engine.errors import TrainingError
 from rega_engine.train.schedule import lr_at
 
 # Files that make a tokenizer directory loadable by transformers' AutoTokenizer.
