@@ -180,6 +180,27 @@ def parse_override(text: str) -> dict:
     return {section: {key: value}}
 
 
+def validate_config(config: RunConfig) -> RunConfig:
+    """Every value's allowed range, checked once, here, before any stage runs; returns config."""
+    t, c = config.train, config.checkpoint
+    positive = {"train.steps": t.steps, "train.micro_batch_size": t.micro_batch_size,
+                "train.grad_accum": t.grad_accum, "train.log_every": t.log_every}
+    non_negative = {"train.warmup_steps": t.warmup_steps, "train.grad_clip": t.grad_clip,
+                    "train.weight_decay": t.weight_decay, "checkpoint.every": c.every,
+                    "checkpoint.keep": c.keep, "train.seed": t.seed}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} = {value}: must be >= 1")
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} = {value}: must be >= 0")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr = {t.lr}: must be > 0")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio = {t.min_lr_ratio}: must be in [0, 1]")
+    return config
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()) -> RunConfig:
     """Defaults, then the TOML file, then the overrides in order."""
     config = RunConfig()
@@ -195,4 +216,4 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Iterabl
         _apply(config, values, path)
     for text in overrides:
         _apply(config, parse_override(text), f"override '{text}'")
-    return config
+    return validate_config(config)

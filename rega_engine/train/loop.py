@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from rega_engine.batch import PackedBatch
-from rega_engine.config import ConfigError, RunConfig
+from rega_engine.config import ConfigError, RunConfig, validate_config
 from rega_engine.train import checkpoint as ckpt
 from rega_engine.train.metrics import (DeviceSums, MetricsLogger, device_peak_flops,
                                        document_lengths, peak_memory_bytes)
@@ -50,7 +50,7 @@ def train(config: RunConfig, *, loader_deals: Sequence[tuple[int, int]] | None =
     grad_accum=2 reads exactly the rows two processes would, which lets the tests compare a
     multi-process run against a single process on the same global batch.
     """
-    _check_config(config)
+    validate_config(config)
     prepared = Path(config.data.prepared)
     if not (prepared / "meta.json").is_file():
         raise FileNotFoundError(
@@ -62,25 +62,6 @@ def train(config: RunConfig, *, loader_deals: Sequence[tuple[int, int]] | None =
         return _train(config, runtime, prepared, loader_deals)
     finally:
         teardown_runtime(runtime)
-
-
-def _check_config(config: RunConfig) -> None:
-    t, c = config.train, config.checkpoint
-    positive = {"train.steps": t.steps, "train.micro_batch_size": t.micro_batch_size,
-                "train.grad_accum": t.grad_accum, "train.log_every": t.log_every}
-    non_negative = {"train.warmup_steps": t.warmup_steps, "train.grad_clip": t.grad_clip,
-                    "train.weight_decay": t.weight_decay, "checkpoint.every": c.every,
-                    "checkpoint.keep": c.keep, "train.seed": t.seed}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} = {value}: must be >= 1")
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} = {value}: must be >= 0")
-    if not t.lr > 0:
-        raise ConfigError(f"train.lr = {t.lr}: must be > 0")
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise ConfigError(f"train.min_lr_ratio = {t.min_lr_ratio}: must be in [0, 1]")
 
 
 # --------------------------------------------------------------------------------------------
