@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.rega-installed
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu bench bench-quick clean
+.PHONY: install demo test test-gpu gpu-check bench-quick clean
 
 install: $(STAMP)
 
@@ -36,6 +36,16 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+# The first thing to run on a CUDA machine, and all a short GPU slot needs: builds the extension in
+# place from what is installed (never the network), runs the GPU tests, the kernel and end-to-end
+# benchmarks, and writes benchmarks/results/gpu_check_<device>.{json,md}. `make gpu-check
+# ONLY=kernels` reruns one part (tests, kernels, e2e). It uses the venv where one exists, else the
+# machine's python3, and deliberately does not depend on $(STAMP), which would install packages.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+ONLY ?=
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(if $(ONLY),--only $(ONLY))
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/rega-engine bench --quick

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import is_out_of_memory, peak_bytes, time_ms  # noqa: E402
+
 IGNORE = -100
 
 
-def _implementations(include_compile: bool = True) -> dict:
+def _implementations(device: torch.device, include_compile: bool = True) -> dict:
     from rega_engine.kernels import fused_linear_cross_entropy
 
     def eager(hidden, weight, labels):
@@ -41,85 +44,75 @@ def _implementations(include_compile: bool = True) -> dict:
     except ImportError:
         pass
     else:
-        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
-        impls["liger"] = lambda hidden, weight, labels: liger(weight, hidden, labels)
+        if device.type == "cuda":
+            liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+            impls["liger"] = lambda hidden, weight, labels: liger(weight, hidden, labels)
+    backend = "triton" if device.type == "cuda" else "torch"
     impls["rega_fused"] = lambda hidden, weight, labels: fused_linear_cross_entropy(
-        hidden, weight, labels, backend="triton")
+        hidden, weight, labels, backend=backend)
     return impls
 
 
-def _inputs(n_tokens, hidden_size, vocab, dtype, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    hidden = torch.randn(n_tokens, hidden_size, device="cuda", generator=gen).to(dtype)
-    weight = (torch.randn(vocab, hidden_size, device="cuda", generator=gen)
+def _inputs(n_tokens, hidden_size, vocab, dtype, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n_tokens, hidden_size, device=device, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, device=device, generator=gen)
               * hidden_size ** -0.5).to(dtype)
-    labels = torch.randint(0, vocab, (n_tokens,), device="cuda", generator=gen)
-    labels[torch.rand(n_tokens, device="cuda", generator=gen) < 0.25] = IGNORE
+    labels = torch.randint(0, vocab, (n_tokens,), device=device, generator=gen)
+    labels[torch.rand(n_tokens, device=device, generator=gen) < 0.25] = IGNORE
     return hidden.requires_grad_(), weight.requires_grad_(), labels
 
 
-def _measure(fn, hidden, weight, labels, warmup, reps):
-    def step():
+def _measure(fn, hidden, weight, labels, warmup, reps, device):
+    def drop_grads():  # freeing the last run's gradients is not part of the op
         hidden.grad = weight.grad = None
-        fn(hidden, weight, labels).backward()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        hidden.grad = weight.grad = None  # freeing last run's gradients is not part of the op
-        start.record()
-        fn(hidden, weight, labels).backward()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    hidden.grad = weight.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    hidden.grad = weight.grad = None
-    return statistics.median(times), peak
+    ms = time_ms(lambda: fn(hidden, weight, labels).backward(), device, warmup, reps,
+                 before=drop_grads)
+    drop_grads()
+    # the new gradients count: every implementation allocates them
+    peak = peak_bytes(lambda: fn(hidden, weight, labels).backward(), device)
+    drop_grads()
+    return ms, peak
 
 
 def bench_cross_entropy(tokens=(4096, 8192, 16384, 32768), hidden_size=4096, vocab=128256,
                         dtype=torch.bfloat16, warmup=3, reps=10,
-                        include_compile=True) -> list[dict]:
-    """One dict per (implementation, N): ms (median fwd+bwd), peak_gib, ratios against eager."""
-    if not torch.cuda.is_available():
-        return []
-    impls = _implementations(include_compile)
-    device = torch.cuda.get_device_name()
+                        include_compile=True, device=None) -> list[dict]:
+    """One dict per (implementation, N): ms (median fwd+bwd), peak_gib (CUDA only), ratios
+    against eager."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    impls = _implementations(device, include_compile)
     rows = []
     for n_tokens in tokens:
-        hidden, weight, labels = _inputs(n_tokens, hidden_size, vocab, dtype)
+        hidden, weight, labels = _inputs(n_tokens, hidden_size, vocab, dtype, device)
         baseline = None
         for name, fn in impls.items():
             row = {"op": "linear_cross_entropy", "impl": name, "n_tokens": n_tokens,
-                   "hidden": hidden_size, "vocab": vocab, "dtype": str(dtype).split(".")[-1],
-                   "device": device}
+                   "hidden": hidden_size, "vocab": vocab, "dtype": str(dtype).split(".")[-1]}
             try:
-                ms, peak = _measure(fn, hidden, weight, labels, warmup, reps)
-            except torch.cuda.OutOfMemoryError:
+                ms, peak = _measure(fn, hidden, weight, labels, warmup, reps, device)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
                 hidden.grad = weight.grad = None
-                torch.cuda.empty_cache()
-                row["status"] = "out of memory"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                row["status"] = ("out of memory" if is_out_of_memory(e)
+                                 else f"failed: {type(e).__name__}: {str(e)[:200]}")
                 rows.append(row)
                 continue
-            row.update(status="ok", ms=round(ms, 3), peak_gib=round(peak / 2 ** 30, 3),
+            row.update(status="ok", ms=round(ms, 3),
+                       peak_gib=None if peak is None else round(peak / 2 ** 30, 3),
                        tokens_per_s=round(n_tokens / ms * 1e3))
             if name == "eager":
                 baseline = row
             if baseline is not None:
                 row["time_vs_eager"] = round(ms / baseline["ms"], 3)
-                row["memory_vs_eager"] = round(peak / 2 ** 30 / baseline["peak_gib"], 3)
+                if peak is not None and baseline["peak_gib"]:
+                    row["memory_vs_eager"] = round(peak / 2 ** 30 / baseline["peak_gib"], 3)
             rows.append(row)
         del hidden, weight, labels
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -26,12 +26,14 @@ import argparse
 import json
 import math
 import re
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import time_ms  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FWD_BWD_FLOP_FACTOR = 3.5
@@ -60,18 +62,30 @@ def attention_flops(lens, num_heads: int, head_dim: int, mode: str) -> float:
     return fwd if mode == "fwd" else FWD_BWD_FLOP_FACTOR * fwd
 
 
-def _attention_impls():
+def equal_documents(tokens: int, doc_len: int) -> list[int]:
+    """A row of `tokens` tokens holding documents of exactly `doc_len` tokens (the last may be
+    shorter): the gpu-check shapes, where the TFLOP/s of one document length is the question."""
+    lens = [doc_len] * (tokens // doc_len)
+    return lens + ([tokens % doc_len] if tokens % doc_len else [])
+
+
+def _attention_impls(device: torch.device):
+    """rega, SDPA on the same documents (flash backend on CUDA, math on CPU) and flash-attn where
+    installed; each takes (q, k, v, cu_seqlens, max_len, offsets)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from rega_engine.kernels import varlen_attention
 
+    backend = "triton" if device.type == "cuda" else "torch"
+    sdpa_backend = SDPBackend.FLASH_ATTENTION if device.type == "cuda" else SDPBackend.MATH
+
     def rega(q, k, v, cu, max_len, offsets):
-        return varlen_attention(q, k, v, cu, max_len, causal=True, backend="triton")
+        return varlen_attention(q, k, v, cu, max_len, causal=True, backend=backend)
 
-    def sdpa_flash(q, k, v, cu, max_len, offsets):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    def sdpa(q, k, v, cu, max_len, offsets):
         group = q.shape[1] // k.shape[1]
         outs = []
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(sdpa_backend):
             for start, end in zip(offsets, offsets[1:]):
                 qd, kd, vd = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
                 if group > 1:  # the flash backend takes no GQA: expand K/V as a user would
@@ -81,86 +95,78 @@ def _attention_impls():
                             .transpose(0, 1))
         return torch.cat(outs)
 
-    impls = {"rega": rega, "sdpa-flash": sdpa_flash}
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        pass
-    else:
-        impls["flash-attn"] = lambda q, k, v, cu, max_len, offsets: flash_attn_varlen_func(
-            q, k, v, cu, cu, max_len, max_len, causal=True)
+    impls = {"rega": rega, "sdpa-flash" if device.type == "cuda" else "sdpa-math": sdpa}
+    if device.type == "cuda":
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            pass
+        else:
+            impls["flash-attn"] = lambda q, k, v, cu, max_len, offsets: flash_attn_varlen_func(
+                q, k, v, cu, cu, max_len, max_len, causal=True)
     return impls
 
 
-def _time_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
 def bench_attention(tokens=(8192, 16384, 32768, 65536), head_dims=(64, 128), num_heads=32,
-                    num_kv_heads=8, dtype=torch.bfloat16, warmup=3, reps=10) -> list[dict]:
-    """One dict per (implementation, head dim, row length, mode) with ms, TFLOP/s and the ratio
-    of rega's speed to each other implementation's (>1: rega is faster)."""
-    if not torch.cuda.is_available():
-        return []
-    impls = _attention_impls()
+                    num_kv_heads=8, dtype=torch.bfloat16, warmup=3, reps=10, doc_lens=None,
+                    device=None) -> list[dict]:
+    """One dict per (implementation, head dim, row, mode) with ms, TFLOP/s and the ratio of
+    rega's speed to each other implementation's (>1: rega is faster). Rows hold log-uniform
+    documents, or documents of exactly each length in `doc_lens` (one row per length)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    impls = _attention_impls(device)
+    layouts = ([(total, equal_documents(total, n)) for total in tokens for n in doc_lens]
+               if doc_lens else [(total, document_lengths(total)) for total in tokens])
     rows = []
     for head_dim in head_dims:
-        for total in tokens:
-            lens = document_lengths(total)
-            offsets = [0, *torch.tensor(lens).cumsum(0).tolist()]
-            cu = torch.tensor(offsets, dtype=torch.int32, device="cuda")
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            q, k, v = (torch.randn(total, h, head_dim, device="cuda", generator=gen, dtype=dtype)
-                       .requires_grad_() for h in (num_heads, num_kv_heads, num_kv_heads))
-            grad_out = torch.randn(total, num_heads, head_dim, device="cuda", generator=gen,
-                                   dtype=dtype)
-            shape = {"op": "attention", "head_dim": head_dim, "tokens": total,
-                     "documents": len(lens), "num_heads": num_heads,
-                     "num_kv_heads": num_kv_heads, "dtype": str(dtype).split(".")[-1]}
-            per_mode = {}
-            for name, fn in impls.items():
-                run = lambda fn=fn: fn(q, k, v, cu, max(lens), offsets)  # noqa: E731
+        for total, lens in layouts:
+            rows += _bench_attention_row(impls, lens, head_dim, num_heads, num_kv_heads, dtype,
+                                         warmup, reps, device, equal=bool(doc_lens))
+    return rows
 
-                def fwd(run=run):
-                    with torch.no_grad():
-                        run()
 
-                def fwd_bwd(run=run):
-                    torch.autograd.grad(run(), (q, k, v), grad_out)
+def _bench_attention_row(impls, lens, head_dim, num_heads, num_kv_heads, dtype, warmup, reps,
+                         device, equal) -> list[dict]:
+    total = sum(lens)
+    offsets = [0, *torch.tensor(lens).cumsum(0).tolist()]
+    cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(total, h, head_dim, device=device, generator=gen, dtype=dtype)
+               .requires_grad_() for h in (num_heads, num_kv_heads, num_kv_heads))
+    grad_out = torch.randn(total, num_heads, head_dim, device=device, generator=gen, dtype=dtype)
+    shape = {"op": "attention", "head_dim": head_dim, "tokens": total, "documents": len(lens),
+             "doc_len": max(lens) if equal else "log-uniform", "num_heads": num_heads,
+             "num_kv_heads": num_kv_heads, "dtype": str(dtype).split(".")[-1]}
+    rows, per_mode = [], {}
+    for name, fn in impls.items():
+        run = lambda fn=fn: fn(q, k, v, cu, max(lens), offsets)  # noqa: E731
 
-                for mode, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                    row = {**shape, "impl": name, "mode": mode}
-                    try:
-                        ms = _time_ms(step, warmup, reps)
-                    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                        torch.cuda.empty_cache()
-                        row["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-                        rows.append(row)
-                        continue
-                    tflops = attention_flops(lens, num_heads, head_dim, mode) / ms / 1e9
-                    row.update(status="ok", ms=round(ms, 3), tflops=round(tflops, 1))
-                    per_mode.setdefault(mode, {})[name] = row
-                    rows.append(row)
-            for mode, by_impl in per_mode.items():
-                ours = by_impl.get("rega")
-                if ours is None:
-                    continue
-                for name, row in by_impl.items():
-                    if name != "rega":
-                        ours[f"speedup_vs_{name}"] = round(row["ms"] / ours["ms"], 3)
-            del q, k, v, grad_out
-            torch.cuda.empty_cache()
+        def fwd(run=run):
+            with torch.no_grad():
+                run()
+
+        def fwd_bwd(run=run):
+            torch.autograd.grad(run(), (q, k, v), grad_out)
+
+        for mode, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            row = {**shape, "impl": name, "mode": mode}
+            try:
+                ms = time_ms(step, device, warmup, reps)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                row["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+                rows.append(row)
+                continue
+            tflops = attention_flops(lens, num_heads, head_dim, mode) / ms / 1e9
+            row.update(status="ok", ms=round(ms, 3), tflops=round(tflops, 3))
+            per_mode.setdefault(mode, {})[name] = row
+            rows.append(row)
+    for by_impl in per_mode.values():
+        ours = by_impl.get("rega")
+        for name, row in by_impl.items():
+            if ours is not None and name != "rega":
+                ours[f"speedup_vs_{name}"] = round(row["ms"] / ours["ms"], 3)
     return rows
 
 
