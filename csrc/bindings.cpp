@@ -102,13 +102,6 @@ public:
 
     int64_t num_samples() const { return view_.num_samples; }
 
-    int64_t count_segments(const CArray<int64_t>& bin_splits, const CArray<int64_t>& bin_samples,
-                           const CArray<int64_t>& rows, int64_t seq_len) const {
-        const rega::BatchPlan plan = make_plan(bin_splits, bin_samples, rows);
-        py::gil_scoped_release release;
-        return rega::count_segments(view_, plan, seq_len);
-    }
-
     std::tuple<int64_t, int64_t, int64_t> fill_batch(const CArray<int64_t>& bin_splits, const CArray<int64_t>& bin_samples,
                                                      const CArray<int64_t>& rows, int32_t pad_id, CArray<int64_t> input_ids,
                                                      CArray<int64_t> labels, CArray<int64_t> position_ids,
@@ -165,6 +158,7 @@ private:
 PYBIND11_MODULE(_C, m) {
     m.doc() = "rega-engine C++ core: bin planning, rank dealing and batch materialisation for packed sequences";
 
+    m.attr("IGNORE_INDEX") = rega::kIgnoreIndex;
     m.def("plan_bins", &plan_bins_py, py::arg("lengths").noconvert(), py::arg("seq_len"), py::arg("window"),
           "Windowed best-fit-decreasing: int64 bin id per sample, -1 when longer than seq_len.");
     m.def("deal_rows", &deal_rows_py, py::arg("row_tokens").noconvert(), py::arg("world_size"),
@@ -177,8 +171,6 @@ PYBIND11_MODULE(_C, m) {
              py::arg("tokens").noconvert(), py::arg("loss_mask").noconvert(), py::arg("offsets").noconvert(),
              py::arg("kinds").noconvert(), py::arg("domains").noconvert(), py::arg("kind_weights").noconvert())
         .def_property_readonly("num_samples", &PyTokenStore::num_samples)
-        .def("count_segments", &PyTokenStore::count_segments, py::arg("bin_splits").noconvert(),
-             py::arg("bin_samples").noconvert(), py::arg("rows").noconvert(), py::arg("seq_len"))
         .def("fill_batch", &PyTokenStore::fill_batch, py::arg("bin_splits").noconvert(),
              py::arg("bin_samples").noconvert(), py::arg("rows").noconvert(), py::arg("pad_id"),
              py::arg("input_ids").noconvert(), py::arg("labels").noconvert(), py::arg("position_ids").noconvert(),

@@ -272,22 +272,6 @@ int64_t sample_checked(const TokenStore& store, const BatchPlan& plan, int64_t k
 
 }  // namespace
 
-int64_t count_segments(const TokenStore& store, const BatchPlan& plan, int64_t seq_len) {
-    int64_t segments = 0;
-    for (int64_t r = 0; r < plan.num_rows; ++r) {
-        const auto range = row_range(plan, r);
-        int64_t used = 0;
-        for (int64_t k = range.first; k < range.second; ++k) {
-            const int64_t s = sample_checked(store, plan, k);
-            const int64_t n = store.offsets[s + 1] - store.offsets[s];
-            used += n;
-            segments += n > 0;
-        }
-        segments += used < seq_len;
-    }
-    return segments;
-}
-
 BatchStats fill_batch(const TokenStore& store, const BatchPlan& plan, int32_t pad_id, const BatchOut& out) {
     const int64_t L = out.seq_len;
     if (L < 1) fail("fill_batch: seq_len must be >= 1");
@@ -338,13 +322,13 @@ BatchStats fill_batch(const TokenStore& store, const BatchPlan& plan, int32_t pa
             float* weights = out.loss_weights + at;
             // Separate branch-free loops so that each one vectorises.
             for (int64_t j = 0; j < n; ++j) ids[j] = tok[j];
-            for (int64_t j = 0; j < n; ++j) labels[j] = mask[j] ? int64_t{tok[j]} : int64_t{-100};
+            for (int64_t j = 0; j < n; ++j) labels[j] = mask[j] ? int64_t{tok[j]} : kIgnoreIndex;
             for (int64_t j = 0; j < n; ++j) weights[j] = mask[j] ? weight : 0.0f;
             for (int64_t j = 0; j < n; ++j) positions[j] = j;
             std::fill(kinds, kinds + n, kind);
             std::fill(domains, domains + n, domain);
             // Nothing before a document's first token may predict it.
-            labels[0] = -100;
+            labels[0] = kIgnoreIndex;
             weights[0] = 0.0f;
             pos += n;
             stats.num_real_tokens += n;
@@ -354,7 +338,7 @@ BatchStats fill_batch(const TokenStore& store, const BatchPlan& plan, int32_t pa
             const int64_t at = base + pos;
             const int64_t n = L - pos;
             std::fill(out.input_ids + at, out.input_ids + at + n, int64_t{pad_id});
-            std::fill(out.labels + at, out.labels + at + n, int64_t{-100});
+            std::fill(out.labels + at, out.labels + at + n, kIgnoreIndex);
             std::fill(out.kind_ids + at, out.kind_ids + at + n, int64_t{-1});
             std::fill(out.domain_ids + at, out.domain_ids + at + n, int64_t{-1});
             std::fill(out.loss_weights + at, out.loss_weights + at + n, 0.0f);

@@ -10,6 +10,11 @@
 
 namespace rega {
 
+// Label of a token that carries no loss. It must equal rega_engine.batch.IGNORE_INDEX, which is
+// torch's cross_entropy default ignore_index; exported as rega_engine._C.IGNORE_INDEX so a test
+// holds the two together.
+constexpr int64_t kIgnoreIndex = -100;
+
 // Best-fit-decreasing over consecutive windows of `window` samples, in the order given.
 // Within a window samples are placed longest first (ties in index order) into the open bin whose
 // remaining capacity fits them most tightly; a bin stays open for the window it was opened in and
@@ -71,12 +76,9 @@ struct BatchStats {
     int64_t num_real_tokens;
 };
 
-// Segments (documents plus trailing padding runs) the batch will have: the cu_seqlens size - 1.
-int64_t count_segments(const TokenStore& store, const BatchPlan& plan, int64_t seq_len);
-
-// Fills a micro-batch following rega_engine/batch.py: unshifted labels, -100 on prompt tokens,
-// padding and every document's first token; positions restarting per document; one trailing
-// padding segment per row that is not full.
+// Fills a micro-batch following rega_engine/batch.py: unshifted labels, kIgnoreIndex on prompt
+// tokens, padding and every document's first token; positions restarting per document; one
+// trailing padding segment per row that is not full.
 BatchStats fill_batch(const TokenStore& store, const BatchPlan& plan, int32_t pad_id, const BatchOut& out);
 
 }  // namespace rega

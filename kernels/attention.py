@@ -49,6 +49,60 @@ def _work_item(TABLE, table_stride, BLOCK: tl.constexpr):
     return tl.load(entry), tl.load(entry + 1)
 
 
+# The prologue the three kernels share, after the surplus programs (doc < 0) have left: the
+# helpers below are inlined by Triton, so the kernels compile to the code they had when each
+# spelled it out.
+@triton.jit
+def _block_of_segment(CU, doc, blk, BLOCK: tl.constexpr):
+    """Item `blk` of segment `doc`: the segment's first token (int64, since token * stride passes
+    2**31 in long packed batches), its length, the block's first row, its rows and which of
+    them lie inside the segment."""
+    start = tl.load(CU + doc)
+    seqlen = tl.load(CU + doc + 1) - start
+    block_start = blk * BLOCK
+    offs = block_start + tl.arange(0, BLOCK)
+    return start.to(tl.int64), seqlen, block_start, offs, offs < seqlen
+
+
+@triton.jit
+def _head_base(BASE, start64, head, stride_t, stride_h):
+    # The segment's first token in one head of a (tokens, heads, D) tensor.
+    return BASE + start64 * stride_t + head * stride_h
+
+
+@triton.jit
+def _tile_ptrs(BASE, start64, head, stride_t, stride_h, offs, HEAD_DIM: tl.constexpr):
+    # Rows `offs` of the segment in one head, every column (the head dim has unit stride).
+    return (_head_base(BASE, start64, head, stride_t, stride_h) + offs[:, None] * stride_t
+            + tl.arange(0, HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _head_rows(BASE, head, total_tokens, start64):
+    # The segment's first entry in one head's row of a (heads, tokens) fp32 tensor (LSE, DELTA).
+    return BASE + head.to(tl.int64) * total_tokens + start64
+
+
+@triton.jit
+def _store_zero_tile(ptrs, ok, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # The tail segment after the last document gets defined zeros, never stale memory.
+    tl.store(ptrs, tl.zeros([ROWS, HEAD_DIM], ptrs.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _key_ranges(m_start, seqlen, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Keys a query block visits: whole unmasked key blocks in [0, full_end), then the masked
+    ones (diagonal, end of document) in [full_end, masked_end)."""
+    if CAUSAL:
+        full_end = (m_start // BLOCK_N) * BLOCK_N
+        masked_end = tl.minimum(m_start + BLOCK_M, seqlen)
+    else:
+        full_end = (seqlen // BLOCK_N) * BLOCK_N
+        masked_end = seqlen
+    return full_end, masked_end
+
+
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, seqlen,
                     qk_scale, lo, hi,
@@ -100,35 +154,22 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU, TABLE,
     if doc < 0:  # surplus program of the upper-bound grid
         return
     head = tl.program_id(1)
-    start = tl.load(CU + doc)
-    seqlen = tl.load(CU + doc + 1) - start
-    m_start = blk * BLOCK_M
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < seqlen
-    start64 = start.to(tl.int64)
-    o_ptrs = (O + start64 * stride_ot + head * stride_oh
-              + offs_m[:, None] * stride_ot + offs_d[None, :])
+    start64, seqlen, m_start, offs_m, row_ok = _block_of_segment(CU, doc, blk, BLOCK_M)
+    o_ptrs = _tile_ptrs(O, start64, head, stride_ot, stride_oh, offs_m, HEAD_DIM)
     if doc == num_docs:  # tokens after the last document: defined zeros
-        tl.store(o_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], O.dtype.element_ty), mask=row_ok[:, None])
+        _store_zero_tile(o_ptrs, row_ok, BLOCK_M, HEAD_DIM)
         return
 
     kv_head = head // group
-    q_ptrs = (Q + start64 * stride_qt + head * stride_qh
-              + offs_m[:, None] * stride_qt + offs_d[None, :])
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    k_base = K + start64 * stride_kt + kv_head * stride_kh
-    v_base = V + start64 * stride_vt + kv_head * stride_vh
+    q = tl.load(_tile_ptrs(Q, start64, head, stride_qt, stride_qh, offs_m, HEAD_DIM),
+                mask=row_ok[:, None], other=0.0)
+    k_base = _head_base(K, start64, kv_head, stride_kt, stride_kh)
+    v_base = _head_base(V, start64, kv_head, stride_vt, stride_vh)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if CAUSAL:
-        full_end = (m_start // BLOCK_N) * BLOCK_N
-        masked_end = tl.minimum(m_start + BLOCK_M, seqlen)
-    else:
-        full_end = (seqlen // BLOCK_N) * BLOCK_N
-        masked_end = seqlen
+    full_end, masked_end = _key_ranges(m_start, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
     # Every row sees key 0 in the first block it visits, so m_i is finite before any fully
     # masked block comes along and exp2(m_i - m_new) never meets inf - inf.
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
@@ -139,8 +180,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU, TABLE,
                                     HEAD_DIM, BLOCK_N, CAUSAL, True, DOT_PRECISION)
     acc = acc / l_i[:, None]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
-    lse_ptrs = LSE + head.to(tl.int64) * total_tokens + start64 + offs_m
-    tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(_head_rows(LSE, head, total_tokens, start64) + offs_m, m_i + tl.log2(l_i),
+             mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["total_tokens"])
@@ -204,33 +245,25 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, TABLE,
     if doc < 0:
         return
     kv_head = tl.program_id(1)
-    start = tl.load(CU + doc)
-    seqlen = tl.load(CU + doc + 1) - start
-    n_start = blk * BLOCK_N
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < seqlen
-    start64 = start.to(tl.int64)
-    dk_ptrs = (DK + start64 * stride_dkt + kv_head * stride_dkh
-               + offs_n[:, None] * stride_dkt + offs_d[None, :])
-    dv_ptrs = (DV + start64 * stride_dvt + kv_head * stride_dvh
-               + offs_n[:, None] * stride_dvt + offs_d[None, :])
+    start64, seqlen, n_start, offs_n, col_ok = _block_of_segment(CU, doc, blk, BLOCK_N)
+    dk_ptrs = _tile_ptrs(DK, start64, kv_head, stride_dkt, stride_dkh, offs_n, HEAD_DIM)
+    dv_ptrs = _tile_ptrs(DV, start64, kv_head, stride_dvt, stride_dvh, offs_n, HEAD_DIM)
     if doc == num_docs:
-        tl.store(dk_ptrs, tl.zeros([BLOCK_N, HEAD_DIM], DK.dtype.element_ty), mask=col_ok[:, None])
-        tl.store(dv_ptrs, tl.zeros([BLOCK_N, HEAD_DIM], DV.dtype.element_ty), mask=col_ok[:, None])
+        _store_zero_tile(dk_ptrs, col_ok, BLOCK_N, HEAD_DIM)
+        _store_zero_tile(dv_ptrs, col_ok, BLOCK_N, HEAD_DIM)
         return
 
-    k = tl.load(K + start64 * stride_kt + kv_head * stride_kh + offs_n[:, None] * stride_kt
-                + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + start64 * stride_vt + kv_head * stride_vh + offs_n[:, None] * stride_vt
-                + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    k = tl.load(_tile_ptrs(K, start64, kv_head, stride_kt, stride_kh, offs_n, HEAD_DIM),
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(_tile_ptrs(V, start64, kv_head, stride_vt, stride_vh, offs_n, HEAD_DIM),
+                mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    first_head = kv_head * group
-    q_base = Q + start64 * stride_qt + first_head * stride_qh
-    do_base = DO + start64 * stride_dot + first_head * stride_doh
-    lse_base = LSE + first_head.to(tl.int64) * total_tokens + start64
-    delta_base = DELTA + first_head.to(tl.int64) * total_tokens + start64
+    first_head = kv_head * group  # the GQA group's query heads follow it
+    q_base = _head_base(Q, start64, first_head, stride_qt, stride_qh)
+    do_base = _head_base(DO, start64, first_head, stride_dot, stride_doh)
+    lse_base = _head_rows(LSE, first_head, total_tokens, start64)
+    delta_base = _head_rows(DELTA, first_head, total_tokens, start64)
     if CAUSAL:
         # Query blocks that straddle this key block's diagonal (masked), then the ones wholly
         # below it; queries above the diagonal never see these keys.
@@ -294,36 +327,24 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, TABLE,
     if doc < 0:
         return
     head = tl.program_id(1)
-    start = tl.load(CU + doc)
-    seqlen = tl.load(CU + doc + 1) - start
-    m_start = blk * BLOCK_M
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < seqlen
-    start64 = start.to(tl.int64)
-    dq_ptrs = (DQ + start64 * stride_dqt + head * stride_dqh
-               + offs_m[:, None] * stride_dqt + offs_d[None, :])
+    start64, seqlen, m_start, offs_m, row_ok = _block_of_segment(CU, doc, blk, BLOCK_M)
+    dq_ptrs = _tile_ptrs(DQ, start64, head, stride_dqt, stride_dqh, offs_m, HEAD_DIM)
     if doc == num_docs:
-        tl.store(dq_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], DQ.dtype.element_ty), mask=row_ok[:, None])
+        _store_zero_tile(dq_ptrs, row_ok, BLOCK_M, HEAD_DIM)
         return
 
     kv_head = head // group
-    q = tl.load(Q + start64 * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + start64 * stride_dot + head * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + head.to(tl.int64) * total_tokens + start64 + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + head.to(tl.int64) * total_tokens + start64 + offs_m, mask=row_ok,
+    q = tl.load(_tile_ptrs(Q, start64, head, stride_qt, stride_qh, offs_m, HEAD_DIM),
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(_tile_ptrs(DO, start64, head, stride_dot, stride_doh, offs_m, HEAD_DIM),
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(_head_rows(LSE, head, total_tokens, start64) + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(_head_rows(DELTA, head, total_tokens, start64) + offs_m, mask=row_ok,
                     other=0.0)
-    k_base = K + start64 * stride_kt + kv_head * stride_kh
-    v_base = V + start64 * stride_vt + kv_head * stride_vh
+    k_base = _head_base(K, start64, kv_head, stride_kt, stride_kh)
+    v_base = _head_base(V, start64, kv_head, stride_vt, stride_vh)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if CAUSAL:
-        full_end = (m_start // BLOCK_N) * BLOCK_N
-        masked_end = tl.minimum(m_start + BLOCK_M, seqlen)
-    else:
-        full_end = (seqlen // BLOCK_N) * BLOCK_N
-        masked_end = seqlen
+    full_end, masked_end = _key_ranges(m_start, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
                             seqlen, qk_scale, 0, full_end,
                             HEAD_DIM, BLOCK_N, CAUSAL, False, DOT_PRECISION)
@@ -333,21 +354,53 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, TABLE,
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-# Autotune configs per kernel and head-dim class (64 covers 32 and 64). Chosen from the compiled
-# sm_90 code (no register spills, software-pipelined loads) and the shared memory of sm_80/sm_90;
-# tests/test_attention_compile.py compiles every one for both chips in fp16 and bf16.
+# Autotune configs per kernel and head-dim class (64 covers 32 and 64), as (BLOCK_M, BLOCK_N,
+# num_warps, num_stages). Chosen from the compiled code without a GPU (ptxas registers and spills,
+# software-pipelined loads, wgmma on sm_90) and the shared memory of sm_80/sm_90:
+# tests/test_attention_compile.py compiles every one for both chips in fp16 and bf16, and
+# benchmarks/results/ptxas_sm90.md lists the figures. Three configs that spilled on sm_90 gave way
+# to their nearest clean neighbour: the forward's (128, 64, 4 warps) at head dim 64 (255
+# registers with one warpgroup over 128 rows) became 8 warps; at head dim 128 (128, 128, 8, 2)
+# became (128, 32, 8, 3) and (64, 64, 4, 3), which spilled on sm_80, 8 warps; the dK/dV
+# (32, 128) at head dim 128 became (16, 128).
 def _configs(*shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in shapes]
 
 
 AUTOTUNE_CONFIGS = {
-    "fwd": {64: _configs((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
-            128: _configs((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3))},
+    "fwd": {64: _configs((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
+            128: _configs((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3))},
     "dkdv": {64: _configs((32, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 3)),
-             128: _configs((32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3))},
+             128: _configs((32, 64, 8, 3), (64, 64, 8, 3), (16, 128, 8, 3))},
     "dq": {64: _configs((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
            128: _configs((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3))},
+}
+
+
+def _spill_label(head_dim, block_m, block_n, num_warps, num_stages):
+    # A causal config as rega_engine.kernels.compile_check.config_label spells it.
+    return (f"HEAD_DIM={head_dim},CAUSAL=True,DOT_PRECISION=tf32,BLOCK_M={block_m},"
+            f"BLOCK_N={block_n},num_warps={num_warps},num_stages={num_stages}")
+
+
+# The register spills ptxas reports for the configs above, each with why the config stays; the
+# compile tests fail on any spill missing here and on an entry that no longer spills. Key:
+# (kernel, "sm_<arch>", config label). All are sm_80 only: the lists are tuned for sm_90, where
+# wgmma reads its operands from shared memory, while sm_80's mma holds them in registers, so the
+# biggest tiles pass 255 registers there. An A100 autotunes each against the clean configs of the
+# same list, so such a spill costs time only where the config still measures fastest.
+_SM80_ONLY = "sm_80 only; clean on sm_90"
+KNOWN_SPILLS = {
+    ("_attn_fwd_kernel", "sm_80", _spill_label(128, 128, 64, 8, 3)):
+        f"80 B; {_SM80_ONLY} (228 registers), the forward's main tile there",
+    ("_attn_bwd_dkdv_kernel", "sm_80", _spill_label(64, 64, 128, 8, 3)):
+        f"4 B, one register; {_SM80_ONLY} (231 registers), the largest dK/dV tile at d=64",
+    ("_attn_bwd_dkdv_kernel", "sm_80", _spill_label(128, 16, 128, 8, 3)):
+        f"8 B; {_SM80_ONLY} (238 registers), the one 128-key dK/dV tile at d=128 (no 128-key "
+        "config is clean on both chips)",
+    ("_attn_bwd_dq_kernel", "sm_80", _spill_label(128, 128, 64, 8, 3)):
+        f"84 B; {_SM80_ONLY} (247 registers), the largest dQ tile at d=128",
 }
 
 

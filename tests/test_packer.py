@@ -196,8 +196,17 @@ def test_fill_batch_matches_the_reference(lengths, seq_len, batch_size, seed, pa
     np.testing.assert_array_equal(cu, expected_cu)
     assert max_seqlen == np.diff(expected_cu).max()
     assert real == expected_real
-    segments = store.count_segments(bin_splits, order.astype(np.int64), rows, seq_len)
-    assert segments == len(expected_cu) - 1
+    # One segment per non-empty document, plus one padding run per row that is not full.
+    lengths_of = [[lengths[s] for s in m] for m in members]
+    segments = sum(sum(n > 0 for n in row) + (sum(row) < seq_len) for row in lengths_of)
+    assert len(cu) - 1 == segments
+
+
+def test_ignore_index_matches_the_python_side():
+    # The C++ labels and the losses that skip them must agree on the marker.
+    from rega_engine.batch import IGNORE_INDEX
+
+    assert _C.IGNORE_INDEX == IGNORE_INDEX == -100
 
 
 def test_fill_batch_rejects_a_row_over_seq_len_and_bad_ids():
