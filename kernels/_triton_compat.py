@@ -23,4 +23,26 @@ except ImportError:
 
     triton = tl = _NoTriton()
 
-__all__ = ["HAS_TRITON", "triton", "tl"]
+BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_backend(backend: str, x, who: str, interpreted: bool) -> str:
+    """"triton" or "torch" for a kernel call on tensor `x`: "auto" takes Triton on CUDA tensors
+    when it is installed; "triton" is refused, naming `who`, where it cannot run (no triton, or
+    CPU tensors without the interpreter the kernel module was built for)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{who}: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and HAS_TRITON else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise ValueError(f"{who}: backend='triton' needs the triton package, which is not "
+                             "installed; use backend='auto' or 'torch'")
+        if not x.is_cuda and not interpreted:
+            raise ValueError(f"{who}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
+                             f"set before triton is imported to run on CPU; got tensors on "
+                             f"{x.device}. Use backend='auto' or 'torch' on this device.")
+    return backend
+
+
+__all__ = ["BACKENDS", "HAS_TRITON", "resolve_backend", "triton", "tl"]
