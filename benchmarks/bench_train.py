@@ -6,7 +6,8 @@ the same samples in every optimizer step (so the same real tokens per step), the
 (AdamW, lr 1e-5, no weight decay, gradient clipping at 1.0), the same initial weights and the
 same objective (mean cross-entropy over the step's label tokens):
 
-  rega            rega-engine: PackedLoader (C++ packer) rows, our model, our Triton kernels
+  rega            rega-engine: PackedLoader (C++ packer) rows, our model, our Triton kernels,
+                  the training loop's own optimizer_step (rega_engine/train/loop.py)
   rega-compile    the same with torch.compile on every decoder block
   hf-padded       transformers, SDPA attention, samples padded to the longest of each micro-batch:
                   the step of transformers.Trainer with its default collator, written as a plain
@@ -191,7 +192,7 @@ def _adamw(model, device):
 def _setup_engine(spec: dict, compile_blocks: bool):
     import torch
     from rega_engine.config import ModelConfig
-    from rega_engine.train.loop import grad_norm_and_clip, train_step
+    from rega_engine.train.loop import optimizer_step
     from rega_engine.train.parallel import build_model, setup_runtime
 
     runtime = setup_runtime("cuda" if spec["device"] == "cuda" else "cpu")
@@ -210,11 +211,12 @@ def _setup_engine(spec: dict, compile_blocks: bool):
             raise RuntimeError(f"step {index}: the loader gave {sum(b.num_real_tokens for b in host)} real "
                                f"tokens, the plan {expected}")
         micro = [b.to(runtime.device) for b in host]
-        loss, _ = train_step(model, micro, world_size=runtime.world_size, distributed=runtime.distributed)
-        grad_norm_and_clip(model, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss, sum(b.input_ids.numel() for b in host)
+        # The training loop's own step (forward/backward, clipping, its finite-loss check with
+        # the step's one host sync, AdamW), so that this measures the code users run.
+        result = optimizer_step(model, optimizer, micro, lr=LR, grad_clip=MAX_GRAD_NORM,
+                                step=index + 1, world_size=runtime.world_size,
+                                distributed=runtime.distributed)
+        return result.loss_value, sum(b.input_ids.numel() for b in host)
 
     return runtime.device, step, {"attention": "rega varlen (Triton)" if runtime.device.type == "cuda"
                                   else "rega varlen (PyTorch reference on CPU)"}
@@ -323,7 +325,7 @@ class Worker:
         self._sync()
         started = time.perf_counter()
         loss, processed = self._step(index)
-        self.losses[index] = float(loss)       # the step's one host sync
+        self.losses[index] = float(loss)       # the step's one host sync (rega: already done)
         self._sync()
         self.times[index] = time.perf_counter() - started
         self.processed[index] = processed

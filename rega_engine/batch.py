@@ -18,12 +18,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from rega_engine.kinds import GENERAL_DOMAIN, KIND_ID, KINDS  # noqa: F401  (re-exported)
+
 IGNORE_INDEX = -100
-# Sample kinds of the REGA mixture; a sample's kind id is its index here.
-KINDS = ("distilled", "role", "integration")
-KIND_ID = {name: i for i, name in enumerate(KINDS)}
-# Domain id 0 is always the general domain; specific domains follow in role-table order.
-GENERAL_DOMAIN = "general"
 
 
 @dataclass

@@ -1,19 +1,29 @@
-"""`rega-engine <prepare|train|distill|eval|demo|bench>`.
+"""`rega-engine <tokenizer|model-config|prepare|train|distill|eval|demo|bench>`.
 
 Every subcommand that runs a job takes `--config run.toml` plus any number of `--section.key=value`
-overrides; each stage's module is imported only when its subcommand runs, so `prepare` on a data
-box never pays for importing the model code.
+overrides (`rega-engine <job> --help` lists each key the job reads, with its default and meaning);
+each stage's module is imported only when its subcommand runs, so `prepare` on a data box never
+pays for importing the model code. `tokenizer` and `model-config` are tools with their own options.
+
+A user's mistake ends in one line on stderr and a non-zero exit, never a traceback: every
+deliberate error is a RegaError (exit 2 for bad configuration or input, 1 for a run that cannot go
+on), and a file the operating system cannot open is named with its reason. Anything else is a bug
+and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import runpy
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
-from .data.records import DataError
-from .errors import TrainingError
+from .config import config_keys, load_config
+from .errors import RegaError
+
+# The operating system's refusals that come from a path the user gave: bad input, exit 2.
+_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                FileExistsError)
 
 JOBS = {
     "prepare": ("rega_engine.data.prepare", "prepare", "tokenize the REGA mixture into a memory-mapped dataset"),
@@ -21,11 +31,65 @@ JOBS = {
     "distill": ("rega_engine.distill", "distill", "self-distil general exemplars from the base model"),
     "eval": ("rega_engine.evaluate", "evaluate", "evaluate a checkpoint with the central prompt"),
 }
+# The config keys each job reads, for its --help: a section name stands for all its keys.
+# tests/test_cli_tools.py holds this against the `config.<section>.<key>` reads in the jobs' modules.
+READS = {
+    "prepare": ("data", "roles", "model.path", "train.micro_batch_size", "train.grad_accum",
+                "train.seed"),
+    "train": ("model", "data.prepared", "data.seq_len", "data.kind_weights", "data.tokenizer", "train",
+              "checkpoint"),
+    "distill": ("distill", "roles", "model.path", "model.dtype", "data.tokenizer", "data.general",
+                "data.chat_template", "data.bad_rows", "train.threads"),
+    "eval": ("eval", "roles", "model.dtype", "data.tokenizer", "data.chat_template", "data.bad_rows",
+             "train.out_dir", "train.threads"),
+}
+TOOLS = {
+    "tokenizer": "train a tokenizer on your text files (prints its vocabulary size and special ids)",
+    "model-config": "write a Llama config.json (tiny, 1b, 8b) for training a base model from scratch",
+}
+OTHERS = {
+    "demo": "the whole REGA pipeline on a bundled synthetic world (CPU, minutes)",
+    "bench": "end-to-end training throughput against Hugging Face baselines",
+}
+COMMANDS = (*TOOLS, *JOBS, *OTHERS)
+
+
+def keys_read(name: str) -> list[tuple[str, object, str]]:
+    """[(dotted key, default, meaning)] of the keys job `name` reads, in config order."""
+    reads = READS[name]
+    return [(f"{section}.{key}", default, meaning) for section, keys in config_keys().items()
+            for key, default, meaning in keys if section in reads or f"{section}.{key}" in reads]
+
+
+def _toml(value) -> str:
+    """A default as one would write it in the TOML file."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)   # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }" if value else "{}"
+    return repr(value)
+
+
+def _keys_help(name: str) -> str:
+    lines = [f"config keys {name} reads (in the TOML file, or --section.key=value), default and meaning:"]
+    for key, default, meaning in keys_read(name):
+        lines.append(f"  {key} = {_toml(default)}")
+        lines.append(f"      {meaning}")
+    return "\n".join(lines)
 
 
 def _run_job(name: str, argv: list[str]) -> int:
     module_name, function_name, help_text = JOBS[name]
-    parser = argparse.ArgumentParser(prog=f"rega-engine {name}", description=help_text)
+    # No abbreviations: "--con=x" must not silently mean --config.
+    parser = argparse.ArgumentParser(prog=f"rega-engine {name}", description=help_text,
+                                     allow_abbrev=False, epilog=_keys_help(name),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run configuration (TOML)")
     parser.add_argument("--resume", action="store_true", help="train: resume from the newest checkpoint")
     args, rest = parser.parse_known_args(argv)
@@ -36,6 +100,9 @@ def _run_job(name: str, argv: list[str]) -> int:
     if args.resume:
         overrides.append("--checkpoint.resume=true")
     config = load_config(args.config, overrides)
+    if config.train.threads:   # train, distill and eval: torch's CPU threads, before any work
+        import torch
+        torch.set_num_threads(config.train.threads)
     module = __import__(module_name, fromlist=[function_name])
     result = getattr(module, function_name)(config)
     return result if isinstance(result, int) else 0
@@ -53,30 +120,62 @@ def _run_bench(argv: list[str]) -> int:
     return 0
 
 
+def _usage(file=None) -> None:
+    file = file or sys.stdout   # looked up now: tests and notebooks replace sys.stdout
+    print("usage: rega-engine <command> [--config run.toml] [--section.key=value ...]\n", file=file)
+    helps = {**TOOLS, **{name: help_text for name, (_, _, help_text) in JOBS.items()}, **OTHERS}
+    for name in COMMANDS:
+        print(f"  {name:<12} {helps[name]}", file=file)
+    print("\nrega-engine <command> --help: its options (for a job: every config key it reads)", file=file)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = [*JOBS, "demo", "bench"]
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: rega-engine <command> [--config run.toml] [--section.key=value ...]\n")
-        for name, (_, _, help_text) in JOBS.items():
-            print(f"  {name:<8} {help_text}")
-        print(f"  {'demo':<8} the whole REGA pipeline on a bundled synthetic world (CPU, minutes)")
-        print(f"  {'bench':<8} end-to-end training throughput against Hugging Face baselines")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        _usage()
+        return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"rega-engine: unknown command '{command}'{hint}\n", file=sys.stderr)
+        _usage(sys.stderr)
+        return 2
     try:
+        if command == "tokenizer":
+            from .tokenizer import main as tokenizer_main
+            return tokenizer_main(rest, prog="rega-engine tokenizer")
+        if command == "model-config":
+            from .model.presets import main as model_config_main
+            return model_config_main(rest)
         if command == "demo":
             from .demo.run import main as demo_main
             return demo_main(rest)
         if command == "bench":
             return _run_bench(rest)
         return _run_job(command, rest)
-    except (ConfigError, DataError) as e:
-        print(f"rega-engine {command}: {e}", file=sys.stderr)
-        return 2
-    except (TrainingError, FileNotFoundError) as e:
-        print(f"rega-engine {command}: {e}", file=sys.stderr)
-        return 1
+    except RegaError as e:
+        return _fail(command, str(e), e.exit_code)
+    except _PATH_ERRORS as e:
+        return _fail(command, _os_error_text(e), 2)
+    except OSError as e:
+        if e.filename is None:   # not about a file we were given: a bug, keep the traceback
+            raise
+        return _fail(command, _os_error_text(e), 1)
+
+
+def _os_error_text(e: OSError) -> str:
+    """"path: reason" for the operating system's own errors; our own messages as they are."""
+    if e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    # One line, whatever the message holds (third-party causes can span several).
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"rega-engine {command}: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

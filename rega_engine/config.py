@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -18,16 +19,27 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .errors import ConfigError
+from .kinds import GENERAL_DOMAIN, check_kind_weights
+
+# The allowed values of the enumerated settings, here so that they are checked once, before any
+# stage runs (the stages import them from here).
+MODEL_DTYPES = ("auto", "bf16", "fp16", "fp32")
+KERNEL_BACKENDS = ("auto", "triton", "torch")   # the kernels' BACKENDS; a test keeps them equal
+ACTIVATION_CHECKPOINTING = ("none", "block")
+DEVICES = ("auto", "cpu", "cuda")
+CHAT_TEMPLATES = ("auto", "plain")
+TOO_LONG_POLICIES = ("truncate", "drop", "error")
+BAD_ROW_POLICIES = ("skip", "error")
 
 
 @dataclass
 class ModelConfig:
     path: str = ""                      # Hugging Face checkpoint directory (config.json + safetensors)
-    init_config: str = ""               # or: a config.json to initialise a model randomly from
+    init_config: str = ""               # or: a config.json to initialise a model randomly from (rega-engine model-config writes one)
     dtype: str = "auto"                 # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     attention_backend: str = "auto"     # auto | triton | torch (see rega_engine.kernels)
-    cross_entropy_backend: str = "auto"
-    activation_checkpointing: str = "none"  # none | block
+    cross_entropy_backend: str = "auto"  # auto | triton | torch, for the fused linear cross-entropy
+    activation_checkpointing: str = "none"  # none | block (recompute each decoder block in backward: less memory)
     compile: bool = False               # torch.compile per decoder block
 
 
@@ -43,42 +55,47 @@ class RolesConfig:
 class DataConfig:
     tokenizer: str = ""                 # tokenizer directory; default: model.path
     general: str = ""                   # distilled general exemplars (JSONL, output of distill)
-    domains: dict = field(default_factory=dict)   # domain name -> JSONL path
+    domains: dict = field(default_factory=dict)   # domain name -> JSONL path (trained under its role prompt)
+    files: list = field(default_factory=list)     # JSONL files whose rows name their domain ("domain": "law" or "general")
+    pretrain: list = field(default_factory=list)  # JSONL for training a base model: {"text": ...} rows or chats (kind pretrain)
     sizes: dict = field(default_factory=dict)     # source ("general" or a domain) -> sample count
     integration_fraction: float = 0.1   # share of each domain's samples reused under the central prompt
-    kind_weights: dict = field(default_factory=lambda: {"distilled": 1.0, "role": 1.0, "integration": 1.0})
+    kind_weights: dict = field(default_factory=lambda: {"distilled": 1.0, "role": 1.0, "integration": 1.0,
+                                                        "pretrain": 1.0})   # loss weight per sample kind (pretrain: 1.0 if left out)
     # Ablations of REGA's three parts, by configuration alone.
     self_distillation: bool = True      # false: no distilled general samples
     role_prompts: bool = True           # false: every sample under the central prompt
     role_integration: bool = True       # false: no integration samples
     chat_template: str = "auto"         # auto (the tokenizer's if it has one) | plain
-    seq_len: int = 2048
+    seq_len: int = 2048                 # tokens per packed row; longer samples follow data.too_long
     too_long: str = "truncate"          # truncate | drop | error
     bad_rows: str = "skip"              # skip (reported with file:line and counted) | error
     workers: int = 0                    # tokenizing processes; 0 = one per CPU core
     prepared: str = "runs/prepared"     # directory written by prepare, read by train
-    seed: int = 0
+    seed: int = 0                       # seed of the mixture: sampling data.sizes and the order
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/train"
-    steps: int = 100
+    out_dir: str = "runs/train"         # log.jsonl, checkpoints/ and the exported model (hf/)
+    steps: int = 100                    # optimizer steps (or set train.epochs instead)
+    epochs: float = 0.0                 # passes over the prepared data, instead of train.steps; 0 = use train.steps
     micro_batch_size: int = 1           # rows of seq_len tokens per micro-batch and rank
-    grad_accum: int = 1
-    lr: float = 2e-5
+    grad_accum: int = 1                 # micro-batches per optimizer step and rank
+    lr: float = 2e-5                    # peak learning rate, after warmup
     min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    warmup_steps: int = 10              # linear warmup steps
+    weight_decay: float = 0.0           # AdamW weight decay (not on norms and biases)
+    beta1: float = 0.9                  # AdamW beta1
+    beta2: float = 0.95                 # AdamW beta2
+    eps: float = 1e-8                   # AdamW epsilon
     grad_clip: float = 1.0              # 0 disables clipping
-    seed: int = 0
+    seed: int = 0                       # seed of the initialisation and the loader's order
     device: str = "auto"                # auto | cpu | cuda
-    log_every: int = 1
-    progress: bool = True
-    tensorboard: bool = False
+    threads: int = 0                    # torch CPU threads of train, distill and eval; 0 = torch's default
+    log_every: int = 1                  # steps between log records
+    progress: bool = True               # a progress bar on a terminal
+    tensorboard: bool = False           # also write TensorBoard events to out_dir
     plot: bool = True                   # PNG of loss curves per kind at the end
 
 
@@ -93,26 +110,28 @@ class CheckpointConfig:
 @dataclass
 class DistillConfig:
     instructions: str = ""              # general instructions (JSONL without the final assistant turn)
-    output: str = ""                    # default: data.general
-    model: str = ""                     # default: model.path (the base model)
-    temperature: float = 0.7
-    top_p: float = 0.95
-    greedy: bool = False
-    max_new_tokens: int = 512
-    batch_size: int = 16
-    seed: int = 0
+    output: str = ""                    # JSONL of the answered instructions; default: data.general
+    model: str = ""                     # the model that answers; default: model.path (the base model)
+    temperature: float = 0.7            # sampling temperature (the paper's 0.7)
+    top_p: float = 0.95                 # nucleus sampling (the paper's 0.95)
+    greedy: bool = False                # greedy decoding instead of sampling
+    max_new_tokens: int = 512           # longest answer; a longer one is cut off and filtered (no_eos)
+    batch_size: int = 16                # instructions answered together
+    seed: int = 0                       # seed of the sampling
     max_repeat_fraction: float = 0.5    # drop answers whose repeated n-grams exceed this share
     repeat_ngram: int = 4               # n of the token n-grams max_repeat_fraction counts
+    restart: bool = False               # move an earlier run's files aside, answer all again
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = ""                # default: <train.out_dir>/hf
+    checkpoint: str = ""                # model directory to evaluate; default: <train.out_dir>/hf
     general: str = ""                   # general evaluation set (JSONL)
     domains: dict = field(default_factory=dict)   # domain -> evaluation JSONL
+    files: list = field(default_factory=list)     # evaluation JSONL files whose rows name their domain
     role_prompts: bool = False          # also evaluate under the role prompts, for comparison
-    max_new_tokens: int = 64
-    batch_size: int = 16
+    max_new_tokens: int = 64            # longest generated answer
+    batch_size: int = 16                # samples evaluated together
     output: str = ""                    # JSON of the results; default: <train.out_dir>/eval.json
 
 
@@ -126,22 +145,44 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self):
+        # The dotted keys the TOML file and the overrides set (not a field: it is not part of the
+        # run's values); validate_config needs it where a default is indistinguishable from a
+        # value given on purpose (train.steps next to train.epochs).
+        self.given: set[str] = set()
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+# How alike a misspelt name and a valid one must be (difflib's ratio) to be offered as "did you
+# mean": high enough that a key of another meaning is not offered for a mere resemblance
+# ('eps', Adam's epsilon, for 'epochs').
+SUGGEST_CUTOFF = 0.8
+
+
 def _closest(name: str, options, prefix: str = "") -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    if match:
+    """"; did you mean 'x'?" for a likely typo of one of `options`, else the list of them all."""
+    options = list(options)
+    match = difflib.get_close_matches(name, options, n=1, cutoff=SUGGEST_CUTOFF)
+    if not match:
+        # A shorter name for one key: every word of it in that key alone ('batch_size' ->
+        # 'micro_batch_size', 'decay' -> 'weight_decay').
+        words = set(name.split("_"))
+        match = [o for o in options if words <= set(o.split("_"))]
+    if len(match) == 1:
         return f"; did you mean '{prefix}{match[0]}'?"
     return f"; valid: {', '.join(prefix + o for o in sorted(options))}"
 
 
 def _coerce(value, annotation, where: str):
-    """Check a TOML value against the dataclass field's type; ints are accepted where floats are."""
-    kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}[annotation]
+    """Check a TOML value against the dataclass field's type; ints are accepted where floats are,
+    and one string where a list (of paths) is."""
+    kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[annotation]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is list and isinstance(value, str):
+        return [value]
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
         raise ConfigError(f"{where}: expected {annotation}, got {type(value).__name__} {value!r}")
     return value
@@ -163,6 +204,7 @@ def _apply(config: RunConfig, values: dict, source: str) -> None:
                                   f"{_closest(key, keys, section + '.')}")
             annotation = getattr(hints[key], "__name__", str(hints[key]))
             setattr(target, key, _coerce(value, annotation, f"{source}: '{section}.{key}'"))
+            config.given.add(f"{section}.{key}")
 
 
 def parse_override(text: str) -> dict:
@@ -180,25 +222,183 @@ def parse_override(text: str) -> dict:
     return {section: {key: value}}
 
 
+def _one_of(key: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r}: expected one of {', '.join(allowed)}")
+
+
+def _at_least(values: dict, minimum) -> None:
+    for key, value in values.items():
+        if not value >= minimum:    # also catches NaN
+            raise ConfigError(f"{key} = {value}: must be >= {minimum}")
+
+
+def _within(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key} = {value}: must be in [{low}, {high}]")
+
+
+def _paths_table(key: str, table: dict) -> None:
+    """A table of name = "path" (data.domains, eval.domains)."""
+    for name, path in table.items():
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{key}.{name} = {path!r}: expected the path of a JSONL file")
+
+
+def _paths_list(key: str, paths: list) -> None:
+    """A list of paths (data.files, data.pretrain, eval.files); one string is read as a list."""
+    if not isinstance(paths, list):
+        raise ConfigError(f"{key} = {paths!r}: expected a list of JSONL paths")
+    for i, path in enumerate(paths):
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{key}[{i}] = {path!r}: expected the path of a JSONL file")
+
+
+def _check_model(m: ModelConfig) -> None:
+    _one_of("model.dtype", m.dtype, MODEL_DTYPES)
+    _one_of("model.attention_backend", m.attention_backend, KERNEL_BACKENDS)
+    _one_of("model.cross_entropy_backend", m.cross_entropy_backend, KERNEL_BACKENDS)
+    _one_of("model.activation_checkpointing", m.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+
+
+def _check_sizes(sizes: dict, domains) -> None:
+    sources = list(dict.fromkeys([GENERAL_DOMAIN, *domains]))
+    for source, n in sizes.items():
+        if source not in sources:
+            raise ConfigError(f"data.sizes.{source}: no such source; sources are "
+                              f"{', '.join(sources)}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"data.sizes.{source} = {n!r}: expected a whole number >= 0")
+
+
+def _check_data(d: DataConfig, roles: RolesConfig) -> None:
+    _one_of("data.chat_template", d.chat_template, CHAT_TEMPLATES)
+    _one_of("data.too_long", d.too_long, TOO_LONG_POLICIES)
+    _one_of("data.bad_rows", d.bad_rows, BAD_ROW_POLICIES)
+    _at_least({"data.seq_len": d.seq_len}, 2)
+    _at_least({"data.workers": d.workers}, 0)    # 0 = one per CPU core
+    _within("data.integration_fraction", d.integration_fraction, 0.0, 1.0)
+    check_kind_weights(d.kind_weights, "data.kind_weights")
+    _paths_table("data.domains", d.domains)
+    _paths_list("data.files", d.files)
+    _paths_list("data.pretrain", d.pretrain)
+    # Rows of data.files may belong to any domain of the role table.
+    file_domains = list(roles.prompts) if d.files and isinstance(roles.prompts, dict) else []
+    _check_sizes(d.sizes, [*d.domains, *file_domains])
+    if not d.prepared:
+        raise ConfigError("data.prepared is empty; set the directory of the prepared dataset")
+
+
+def _check_train(t: TrainConfig, c: CheckpointConfig, given: set) -> None:
+    _one_of("train.device", t.device, DEVICES)
+    if not 0 <= t.epochs < math.inf:
+        raise ConfigError(f"train.epochs = {t.epochs}: must be a finite number >= 0 (0 = use train.steps)")
+    # train.steps has a default, so only a value set on purpose (in the file, an override, or in
+    # code: other than the default) conflicts with train.epochs.
+    if t.epochs > 0 and ("train.steps" in given or t.steps != TrainConfig.steps):
+        raise ConfigError(f"train.epochs = {t.epochs} and train.steps = {t.steps} are both set; "
+                          "give one: train.epochs (passes over the data) or train.steps")
+    _at_least({"train.threads": t.threads}, 0)
+    _at_least({"train.steps": t.steps, "train.micro_batch_size": t.micro_batch_size,
+               "train.grad_accum": t.grad_accum, "train.log_every": t.log_every}, 1)
+    _at_least({"train.warmup_steps": t.warmup_steps, "train.grad_clip": t.grad_clip,
+               "train.weight_decay": t.weight_decay, "checkpoint.every": c.every,
+               "checkpoint.keep": c.keep, "train.seed": t.seed}, 0)
+    if not 0 < t.lr < math.inf:
+        raise ConfigError(f"train.lr = {t.lr}: must be a finite number > 0")
+    if not t.eps > 0:
+        raise ConfigError(f"train.eps = {t.eps}: must be > 0")
+    _within("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0)
+    for key, beta in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"{key} = {beta}: must be in [0, 1)")
+
+
+def _check_distill(d: DistillConfig) -> None:
+    _at_least({"distill.max_new_tokens": d.max_new_tokens, "distill.batch_size": d.batch_size,
+               "distill.repeat_ngram": d.repeat_ngram}, 1)
+    _within("distill.max_repeat_fraction", d.max_repeat_fraction, 0.0, 1.0)   # 1 keeps every answer
+    if not d.greedy and not (d.temperature > 0 and 0 < d.top_p <= 1):
+        raise ConfigError(f"distill.temperature = {d.temperature}, distill.top_p = {d.top_p}: "
+                          "sampling needs temperature > 0 and 0 < top_p <= 1 "
+                          "(or distill.greedy = true)")
+
+
+def _check_eval(e: EvalConfig) -> None:
+    _at_least({"eval.max_new_tokens": e.max_new_tokens, "eval.batch_size": e.batch_size}, 1)
+    _paths_table("eval.domains", e.domains)
+    _paths_list("eval.files", e.files)
+
+
 def validate_config(config: RunConfig) -> RunConfig:
-    """Every value's allowed range, checked once, here, before any stage runs; returns config."""
-    t, c = config.train, config.checkpoint
-    positive = {"train.steps": t.steps, "train.micro_batch_size": t.micro_batch_size,
-                "train.grad_accum": t.grad_accum, "train.log_every": t.log_every}
-    non_negative = {"train.warmup_steps": t.warmup_steps, "train.grad_clip": t.grad_clip,
-                    "train.weight_decay": t.weight_decay, "checkpoint.every": c.every,
-                    "checkpoint.keep": c.keep, "train.seed": t.seed}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} = {value}: must be >= 1")
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} = {value}: must be >= 0")
-    if not t.lr > 0:
-        raise ConfigError(f"train.lr = {t.lr}: must be > 0")
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise ConfigError(f"train.min_lr_ratio = {t.min_lr_ratio}: must be in [0, 1]")
+    """Every value's allowed range, checked once, here, before any stage runs; returns config.
+
+    Only what the values alone decide: whether files exist and what they hold is checked by the
+    stage that reads them. Every stage's entry point calls this too, for configs built in code."""
+    _check_model(config.model)
+    _check_data(config.data, config.roles)
+    _check_train(config.train, config.checkpoint, getattr(config, "given", set()))
+    _check_distill(config.distill)
+    _check_eval(config.eval)
     return config
+
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """{(class name, field): its comment}: the comment on the field's line(s), else the comment
+    lines right above it. Read from this file, so each key's meaning is written once, next to it."""
+    import ast
+    import io
+    import tokenize
+
+    with open(__file__, encoding="utf-8") as f:
+        source = f.read()
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    lines = source.splitlines()
+    found = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+                continue
+            trailing = [comments[n] for n in range(item.lineno, item.end_lineno + 1) if n in comments
+                        and not lines[n - 1].lstrip().startswith("#")]
+            above, n = [], item.lineno - 1
+            while n in comments and lines[n - 1].lstrip().startswith("#"):
+                above.insert(0, comments[n])
+                n -= 1
+            found[(node.name, item.target.id)] = " ".join(trailing or above)
+    return found
+
+
+def config_keys() -> dict[str, list[tuple[str, object, str]]]:
+    """Every key of a run configuration by section: [(key, default, one line of meaning)]."""
+    comments = _field_comments()
+    default = RunConfig()
+    out = {}
+    for section in dataclasses.fields(RunConfig):
+        values = getattr(default, section.name)
+        out[section.name] = [(f.name, getattr(values, f.name), comments.get((type(values).__name__, f.name), ""))
+                             for f in dataclasses.fields(values)]
+    return out
+
+
+def _read_toml(path: str) -> dict:
+    if os.path.isdir(path):
+        raise ConfigError(f"--config {path} is a directory; give the run's TOML file")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}), so not a TOML file") from None
+    except tomllib.TOMLDecodeError as e:   # its message ends with "(at line L, column C)"
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()) -> RunConfig:
@@ -206,14 +406,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Iterabl
     config = RunConfig()
     if path is not None:
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path, "rb") as f:
-            try:
-                values = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        _apply(config, values, path)
+        _apply(config, _read_toml(path), path)
     for text in overrides:
         _apply(config, parse_override(text), f"override '{text}'")
     return validate_config(config)

@@ -16,7 +16,17 @@ and written to `<output>.report.json`.
 
 Resuming: an instruction is identified by a hash of its messages. Instructions whose hash is in
 the output (answered) or in the rejected file (filtered: the same seed would give the same answer
-again; delete that file to retry them) are skipped, so an interrupted run is simply run again.
+again; delete that file to retry them) are skipped, so an interrupted run is simply run again, and
+instructions added to the file later are answered on the next run.
+
+Provenance: `<output>.provenance.json` records what produced the answers: a fingerprint of the
+model (weights, config.json, generation_config.json), the tokenizer, the chat template setting,
+the central prompt, the sampling settings, the filters and the instruction file's sha256. A run
+that finds earlier answers made otherwise refuses to add to them, naming every setting that
+changed (old -> new); `distill.restart = true` (for one run: --distill.restart=true) moves the
+earlier files into `<output>.stale-<time>/` and answers every instruction again. A changed
+instruction file is no reason to refuse (answers are keyed by instruction); answers to
+instructions no longer in it are counted and stay.
 
 Several processes (torchrun): the pending instructions are dealt round-robin (rank r answers
 pending[r::world_size]); each rank appends its answers to `<output>.part-<rank>` as it goes, and
@@ -31,14 +41,21 @@ import glob
 import hashlib
 import json
 import os
+import struct
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 
+from . import distributed
 from .batch import GENERAL_DOMAIN
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, validate_config
 from .data.records import RowStats, read_instructions
+from .errors import RegaError
+from .log import get_logger
+from .tokenizer import load_tokenizer
+
+log = get_logger(__name__)
 
 FILTER_REASONS = ("empty", "no_eos", "repetitive")
 
@@ -85,11 +102,20 @@ class DistillPaths:
     def report(self) -> str:
         return self.output + ".report.json"
 
+    @property
+    def provenance(self) -> str:
+        return self.output + ".provenance.json"
+
     def part(self, rank: int) -> str:
         return f"{self.output}.part-{rank}"
 
     def parts(self) -> list[str]:
         return sorted(glob.glob(glob.escape(self.output) + ".part-*"))
+
+    def results(self) -> list[str]:
+        """The files holding an earlier run's answers (what a resume would reuse)."""
+        return [p for p in (self.output, self.rejected, *self.parts())
+                if os.path.isfile(p) and os.path.getsize(p) > 0]
 
 
 def resolve_paths(config: RunConfig) -> DistillPaths:
@@ -114,22 +140,6 @@ def resolve_paths(config: RunConfig) -> DistillPaths:
     return DistillPaths(d.instructions, output, model, tokenizer)
 
 
-def _check(config: RunConfig) -> None:
-    d = config.distill
-    if d.max_new_tokens < 1:
-        raise ConfigError(f"distill.max_new_tokens = {d.max_new_tokens}; expected >= 1")
-    if d.batch_size < 1:
-        raise ConfigError(f"distill.batch_size = {d.batch_size}; expected >= 1")
-    if d.repeat_ngram < 1:
-        raise ConfigError(f"distill.repeat_ngram = {d.repeat_ngram}; expected >= 1")
-    if not 0.0 <= d.max_repeat_fraction <= 1.0:
-        raise ConfigError(f"distill.max_repeat_fraction = {d.max_repeat_fraction}; expected 0..1 "
-                          "(1 keeps every answer)")
-    if not d.greedy and not (d.temperature > 0 and 0 < d.top_p <= 1):
-        raise ConfigError(f"distill.temperature = {d.temperature}, distill.top_p = {d.top_p}: sampling needs "
-                          "temperature > 0 and 0 < top_p <= 1 (or distill.greedy = true)")
-
-
 def _read_jsonl_keys(path: str, key_of) -> set[str]:
     """Keys of the rows of a JSONL file we wrote. An unfinished last line (a run killed while
     writing) is cut off; any other unreadable line is an error naming it."""
@@ -140,8 +150,8 @@ def _read_jsonl_keys(path: str, key_of) -> set[str]:
         data = f.read()
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
-        print(f"distill: {path}: dropping an unfinished last line (an interrupted run); its "
-              "instruction will be answered again", file=sys.stderr)
+        log.warning(f"distill: {path}: dropping an unfinished last line (an interrupted run); "
+                    "its instruction will be answered again")
         with open(path, "r+b") as f:
             f.truncate(cut)
         data = data[:cut]
@@ -163,48 +173,222 @@ def _answered_key(row: dict) -> str:
     return instruction_key(messages[:-1])
 
 
-# -- distributed helpers -------------------------------------------------------------------------
-def _world() -> tuple[int, int, bool]:
-    """(rank, world_size, initialised_here): joins the torchrun group when there is one."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or "RANK" not in os.environ:
-        return 0, 1, False
-    created = False
-    if not dist.is_initialized():
-        # gloo: only barriers and a few small objects travel between ranks, whatever the device.
-        dist.init_process_group("gloo")
-        created = True
-    return dist.get_rank(), dist.get_world_size(), created
+# -- provenance ----------------------------------------------------------------------------------
+# Models up to this many bytes of weights are hashed whole. Above it, hashing tens of GB would
+# cost minutes at every start, so each tensor contributes its name, dtype, shape and _SAMPLES
+# evenly spaced blocks of _SAMPLE_BYTES of its data: any retraining (full fine-tune, a merged
+# LoRA, one layer or the LM head alone) changes those blocks with near certainty, but an edit of a
+# few isolated weights between the blocks would pass unseen.
+_FULL_HASH_BYTES = 1 << 30
+_SAMPLES = 8
+_SAMPLE_BYTES = 4096
+# Text whose encoding shows the tokenizer's normalisation and pre-tokenisation at work.
+_PROBE_TEXT = "Hello, World!  It's 12.5%\n\tof 1000 ünïcödé 中文 <tag> ```code```  end "
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
+def _canonical_sha256(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _safetensors_tensors(file: str) -> tuple[int, dict]:
+    """(byte offset of the data, {tensor name: header entry}) of a safetensors file."""
+    from .files import open_safetensors
+
+    with open_safetensors(file):   # a truncated or foreign file: an error naming it
+        pass
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    return 8 + header_len, header
+
+
+def model_fingerprint(model_dir: str) -> str:
+    """sha256 over what decides the model's answers: config.json and generation_config.json
+    (parsed, without the transformers_version a re-save rewrites) and every tensor's name, dtype,
+    shape and data (whole up to _FULL_HASH_BYTES of weights, sampled above; see there). Taken
+    tensor by tensor in name order, so re-sharding or re-saving the same weights keeps it."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "generation_config.json"):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                try:
+                    content = json.load(f)
+                except ValueError:
+                    content = None
+            if isinstance(content, dict):
+                content.pop("transformers_version", None)
+            digest.update(f"{name}:{_canonical_sha256(content)}\n".encode())
+    files = sorted(glob.glob(os.path.join(glob.escape(model_dir), "*.safetensors")))
+    if not files:   # not ours to load (safetensors only), but answers came from something
+        for path in sorted(glob.glob(os.path.join(glob.escape(model_dir), "*.bin"))):
+            digest.update(f"{os.path.basename(path)}:{file_sha256(path)}\n".encode())
+        return digest.hexdigest()
+    tensors = []
+    for file in files:
+        start, header = _safetensors_tensors(file)
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            tensors.append((name, entry["dtype"], entry["shape"], file, start + begin, end - begin))
+    whole = sum(t[5] for t in tensors) <= _FULL_HASH_BYTES
+    handles = {}
+    try:
+        for name, dtype, shape, file, offset, size in sorted(tensors):
+            digest.update(f"{name}:{dtype}:{shape}\n".encode())
+            f = handles.get(file) or handles.setdefault(file, open(file, "rb"))
+            if whole or size <= _SAMPLES * _SAMPLE_BYTES:
+                f.seek(offset)
+                digest.update(f.read(size))
+                continue
+            step = (size - _SAMPLE_BYTES) / (_SAMPLES - 1)
+            for k in range(_SAMPLES):
+                f.seek(offset + int(k * step))
+                digest.update(f.read(_SAMPLE_BYTES))
+    finally:
+        for f in handles.values():
+            f.close()
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what the tokenizer does rather than of its files (which a re-save rewrites):
+    the vocabulary, the special token ids, its chat template and the encoding of a probe text."""
+    return _canonical_sha256({
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0])),
+        "special": [getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")],
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "probe": list(tokenizer.encode(_PROBE_TEXT, add_special_tokens=True)),
+    })
+
+
+def provenance_of(config: RunConfig, paths: DistillPaths, tokenizer, central_prompt: str) -> dict:
+    """What produces this run's answers. "produced_by" is compared on resume, setting by setting
+    (its keys are how the message names them); the rest is a record for the reader."""
+    d = config.distill
+    sampled = not d.greedy   # greedy decoding never reads temperature or top_p
+    return {
+        "format": 1,
+        "produced_by": {
+            "model weights": model_fingerprint(paths.model),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "data.chat_template": config.data.chat_template,
+            "roles.central_prompt": central_prompt,
+            "model.dtype": config.model.dtype,
+            "distill.greedy": d.greedy,
+            "distill.temperature": d.temperature if sampled else None,
+            "distill.top_p": d.top_p if sampled else None,
+            "distill.max_new_tokens": d.max_new_tokens,
+            "distill.seed": d.seed,
+            "distill.max_repeat_fraction": d.max_repeat_fraction,
+            "distill.repeat_ngram": d.repeat_ngram,
+        },
+        "model": paths.model,
+        "tokenizer": paths.tokenizer,
+        "instructions": paths.instructions,
+        "instructions_sha256": file_sha256(paths.instructions),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _shown(key: str, value, record: dict) -> str:
+    if key == "model weights":
+        return f"{str(value)[:12]} ({record.get('model')})"
+    if key == "tokenizer":
+        return f"{str(value)[:12]} ({record.get('tokenizer')})"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + '..."'
+
+
+def provenance_changes(old: dict, new: dict) -> list[str]:
+    """"setting: old -> new" for every setting of "produced_by" that differs."""
+    before, now = old.get("produced_by", {}), new["produced_by"]
+    return [f"{key}: {_shown(key, before.get(key), old)} -> {_shown(key, now[key], new)}"
+            for key in now if before.get(key) != now[key]]
+
+
+def _move_aside(paths: DistillPaths) -> None:
+    """distill.restart: the earlier run's files go into <output>.stale-<time>/, none is deleted."""
+    files = [p for p in (paths.output, paths.rejected, paths.report, paths.provenance,
+                         *paths.parts()) if os.path.exists(p)]
+    if not files:
+        log.info("distill.restart = true: no earlier output to move aside")
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = f"{paths.output}.stale-{stamp}", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{paths.output}.stale-{stamp}-{n}"
+    os.makedirs(target)
+    for path in files:
+        os.replace(path, os.path.join(target, os.path.basename(path)))
+    log.warning(f"distill.restart = true: moved the earlier run's "
+                f"{', '.join(os.path.basename(p) for p in files)} to {target}/; every instruction "
+                "is answered again (set distill.restart back to false, or the next run starts "
+                "over too)")
+
+
+def _check_provenance(config: RunConfig, paths: DistillPaths, tokenizer, central_prompt: str) -> str | None:
+    """On rank 0: moves earlier files aside when asked to, compares what produced any earlier
+    answers with this run, and writes this run's record. Returns the refusal, or None."""
+    if config.distill.restart:
+        _move_aside(paths)
+    current = provenance_of(config, paths, tokenizer, central_prompt)
+    earlier = paths.results()
+    if earlier:
+        if not os.path.isfile(paths.provenance):
+            log.warning(f"distill: {paths.output} holds earlier answers but there is no "
+                        f"{paths.provenance} saying what produced them (an older rega-engine or "
+                        "another tool wrote them), so they cannot be checked against this run; "
+                        "resuming, and recording the current settings from now on. Set "
+                        "distill.restart = true to answer everything again")
+        else:
+            from .files import read_json_object
+            recorded = read_json_object(paths.provenance, error=ConfigError,
+                                        fix="remove it with the output, or set distill.restart = true")
+            changes = provenance_changes(recorded, current)
+            if changes:
+                return (f"distill: the answers in {', '.join(earlier)} were made with other "
+                        f"settings than this run's (recorded in {paths.provenance}): "
+                        f"{'; '.join(changes)}. "
+                        "Adding to them would mix the two. Set distill.restart = true "
+                        "(--distill.restart=true) to move them aside and answer every instruction "
+                        "again, set distill.output to a new file, or restore the earlier settings")
+            if recorded.get("instructions_sha256") != current["instructions_sha256"]:
+                log.info(f"distill: distill.instructions = {paths.instructions} changed since the "
+                         "earlier run; only instructions without an answer are answered")
+    tmp = paths.provenance + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(current, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, paths.provenance)
+    return None
 
 
 # -- the job -------------------------------------------------------------------------------------
 def distill(config: RunConfig) -> dict:
     """Self-distil general exemplars; returns the report (also printed and written as JSON)."""
     started = time.time()
-    _check(config)
+    validate_config(config)
     paths = resolve_paths(config)
-    rank, world, created_group = _world()
+    # gloo: only barriers and a few small objects travel between ranks, whatever the device.
+    created_group = distributed.join_torchrun_group("gloo")
     try:
-        return _distill(config, paths, rank, world, started)
+        return _distill(config, paths, distributed.rank(), distributed.world_size(), started)
     finally:
         if created_group:
-            import torch.distributed as dist
-            # Every rank leaves together: one tearing the group down while another is still in
-            # the last collective can abort it.
-            dist.barrier()
-            dist.destroy_process_group()
+            distributed.leave_group()
 
 
 def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, started: float) -> dict:
-    from .data.prepare import load_tokenizer
     from .data.render import ChatRenderer, RenderError
     from .data.roles import RoleTable
     from .generation import generate, load_model
@@ -223,9 +407,20 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
         seen.add(key)
         keyed.append((index, key, record))
 
+    tokenizer = load_tokenizer(paths.tokenizer, "data.tokenizer" if paths.tokenizer != paths.model else "distill.model")
+    decision = None
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(paths.output)), exist_ok=True)
-    _barrier(world)
+        try:
+            decision = _check_provenance(config, paths, tokenizer, roles.central_prompt)
+        except RegaError as e:   # every rank raises it, none waits for rank 0 forever
+            decision = e
+    decision = distributed.broadcast_from_rank0(decision)
+    if isinstance(decision, RegaError):
+        raise decision
+    if decision:
+        raise ConfigError(decision)
+    distributed.barrier()
     # Every rank reads the same files before anyone writes, so all agree on what is pending.
     answered = _read_jsonl_keys(paths.output, _answered_key) if rank == 0 else None
     rejected = _read_jsonl_keys(paths.rejected, lambda row: row["key"]) if rank == 0 else None
@@ -233,17 +428,19 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
     if rank == 0:
         for part in paths.parts():
             leftovers[part] = _read_jsonl_keys(part, lambda row: row["key"])
-    if world > 1:
-        import torch.distributed as dist
-        box = [(answered, rejected, leftovers)]
-        dist.broadcast_object_list(box, src=0)
-        answered, rejected, leftovers = box[0]
+    answered, rejected, leftovers = distributed.broadcast_from_rank0((answered, rejected,
+                                                                      leftovers))
     in_parts = set().union(*leftovers.values()) if leftovers else set()
     done = answered | rejected | in_parts
     pending = [item for item in keyed if item[1] not in done]
     mine = pending[rank::world]
+    orphans = len(answered - seen)
+    if orphans and rank == 0:
+        log.warning(f"distill: {orphans} answers in {paths.output} are to instructions no longer "
+                    f"in distill.instructions = {paths.instructions}; they stay in the output "
+                    "(and so in training). Set distill.restart = true to answer the current "
+                    "instructions afresh without them")
 
-    tokenizer = load_tokenizer(paths.tokenizer, "data.tokenizer" if paths.tokenizer != paths.model else "distill.model")
     renderer = ChatRenderer(tokenizer, config.data.chat_template)
     prompts, kept_items, unrenderable = [], [], Counter()
     for index, key, record in mine:
@@ -251,14 +448,13 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
             prompts.append(renderer.render_prompt(record.messages, roles.central_prompt))
         except RenderError as e:
             unrenderable[e.reason] += 1
-            print(f"distill: {record.origin}: {e}; instruction skipped", file=sys.stderr)
+            log.warning(f"distill: {record.origin}: {e}; instruction skipped")
             continue
         kept_items.append((index, key, record))
 
-    if rank == 0:
-        print(f"distill: {len(keyed)} instructions from {paths.instructions} ({len(keyed) - len(pending)} "
-              f"already done, {len(pending)} to answer on {world} process(es)); model {paths.model}",
-              file=sys.stderr)
+    log.info(f"distill: {len(keyed)} instructions from {paths.instructions} "
+             f"({len(keyed) - len(pending)} already done, {len(pending)} to answer on {world} "
+             f"process(es)); model {paths.model}")
     part_path = paths.part(rank)
     if kept_items:
         from tqdm import tqdm
@@ -278,13 +474,13 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
                 for (index, key, record), answer in zip(items, answers):
                     part.write(json.dumps(_part_row(index, key, record, answer, d), ensure_ascii=False) + "\n")
                 part.flush()
-    _barrier(world)
+    distributed.barrier()
 
     counts = Counter()
     if rank == 0:
         counts = _merge(paths)
-    _barrier(world)
-    unrenderable_all = _sum_counters(unrenderable, world)
+    distributed.barrier()
+    unrenderable_all = _sum_counters(unrenderable)
     report = None
     if rank == 0:
         total_out = len(_read_jsonl_keys(paths.output, _answered_key))
@@ -305,17 +501,13 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
             "kept": counts["kept"],
             "filtered": {reason: counts[reason] for reason in FILTER_REASONS},
             "exemplars_in_output": total_out,
+            "provenance": paths.provenance,
             "seconds": round(time.time() - started, 3),
         }
         with open(paths.report, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
         print(format_report(report))
-    if world > 1:
-        import torch.distributed as dist
-        box = [report]
-        dist.broadcast_object_list(box, src=0)
-        report = box[0]
-    return report
+    return distributed.broadcast_from_rank0(report)
 
 
 def _part_row(index: int, key: str, record, answer, d) -> dict:
@@ -361,14 +553,9 @@ def _merge(paths: DistillPaths) -> Counter:
     return counts
 
 
-def _sum_counters(counter: Counter, world: int) -> Counter:
-    if world <= 1:
-        return counter
-    import torch.distributed as dist
-    gathered = [None] * world
-    dist.all_gather_object(gathered, dict(counter))
+def _sum_counters(counter: Counter) -> Counter:
     total = Counter()
-    for c in gathered:
+    for c in distributed.gather_objects(dict(counter)):
         total.update(c)
     return total
 

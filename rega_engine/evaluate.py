@@ -9,6 +9,11 @@ answer is each row's final assistant turn:
 With `eval.role_prompts`, each domain's set is evaluated again under its role prompt, for
 comparison only: serving never switches prompts by domain.
 
+An eval row may carry a `"tag"` (a string: the skill or kind of question it tests); exact match
+is then also broken down by tag (`by_tag` in each set's metrics, and a second table). Every
+question's prompt, reference, prediction and verdict go to `<eval.output stem>.predictions.jsonl`
+beside eval.json (eval.json keeps the aggregates only).
+
 `evaluate_model` does the same for a model directory and in-memory sets, and returns the dict
 (the demo uses it).
 """
@@ -19,12 +24,29 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
 from .batch import GENERAL_DOMAIN
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, validate_config
+from .errors import DataError
+from .log import get_logger
+from .tokenizer import load_tokenizer
+
+log = get_logger(__name__)
+
+UNTAGGED = "(no tag)"   # the by_tag group of a set's rows without a tag, where others have one
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One eval row: its conversation (ending with the reference answer), where it came from and
+    its optional tag."""
+    messages: tuple
+    origin: str = ""
+    tag: str | None = None
 
 
 def normalize(text: str) -> str:
@@ -95,6 +117,7 @@ def _evaluate_set(model, tokenizer, renderer, items: Sequence, system: str, *, m
                        batch_size=batch_size, progress=progress)
     references = [c[-1]["content"] for c in conversations]
     correct = [normalize(a.text) == normalize(r) for a, r in zip(answers, references)]
+    tags = [getattr(item, "tag", None) for item in items]
     renderings = []
     for c in conversations:
         ids, mask = renderer.render(c, system)
@@ -113,10 +136,42 @@ def _evaluate_set(model, tokenizer, renderer, items: Sequence, system: str, *, m
         "perplexity": math.exp(min(loss, 700.0)) if loss is not None else None,
         "answer_tokens": total_tokens,
     }
+    if any(tag is not None for tag in tags):
+        result["by_tag"] = _by_tag(tags, correct)
     if keep_predictions:
-        result["predictions"] = [{"prediction": a.text.strip(), "reference": r, "correct": ok}
-                                 for a, r, ok in zip(answers, references, correct)]
+        result["predictions"] = [
+            _prediction_row(item, c, system, a, ok, nll, tag)
+            for item, c, a, ok, nll, tag in zip(items, conversations, answers, correct, losses, tags)]
     return result
+
+
+def _by_tag(tags: Sequence[str | None], correct: Sequence[bool]) -> dict:
+    groups: dict[str, list[bool]] = {}
+    for tag, ok in zip(tags, correct):
+        groups.setdefault(UNTAGGED if tag is None else tag, []).append(ok)
+    return {tag: {"samples": len(v), "correct": sum(v), "exact_match": sum(v) / len(v)}
+            for tag, v in sorted(groups.items())}
+
+
+def _prediction_row(item, conversation: tuple, system: str, answer, correct: bool,
+                    nll: tuple[float, int], tag: str | None) -> dict:
+    """One question as predictions.jsonl holds it: what was asked, under which system prompt,
+    what was expected, what came and the verdict."""
+    context = list(conversation[:-1])
+    last_user = max((i for i, m in enumerate(context) if m["role"] == "user"), default=None)
+    row = {"system": system,
+           "prompt": context[last_user]["content"] if last_user is not None else "",
+           "reference": conversation[-1]["content"], "prediction": answer.text.strip(),
+           "correct": correct, "cut_off": not answer.ended,
+           "loss": nll[0] / nll[1] if nll[1] else None}
+    if last_user:   # earlier turns of a multi-turn chat: the context the prompt came in
+        row["history"] = context[:last_user]
+    origin = getattr(item, "origin", "")
+    if origin:
+        row["origin"] = origin
+    if tag is not None:
+        row["tag"] = tag
+    return row
 
 
 def evaluate_model(model_dir: str | os.PathLike, sets: Mapping[str, Sequence], *, central_prompt: str,
@@ -124,14 +179,17 @@ def evaluate_model(model_dir: str | os.PathLike, sets: Mapping[str, Sequence], *
                    chat_template: str = "auto", max_new_tokens: int = 64, batch_size: int = 16,
                    device: str = "auto", dtype: str = "auto", keep_predictions: bool = False,
                    model=None, progress: bool = False) -> dict:
-    """Evaluates a model directory on `sets` (name -> conversations or Records, each ending with
-    the reference answer) under `central_prompt`; with `role_prompts` (domain -> prompt), also the
-    sets named after a domain under its role prompt. `model` reuses an already loaded model.
+    """Evaluates a model directory on `sets` (name -> conversations, Records or EvalItems, each
+    ending with the reference answer) under `central_prompt`; with `role_prompts` (domain ->
+    prompt), also the sets named after a domain under its role prompt. `model` reuses an already
+    loaded model.
 
     Returns {"checkpoint", "central": {name: metrics}, "role": {name: metrics}} where metrics has
-    samples, exact_match, correct, cut_off, loss, perplexity, answer_tokens (and predictions).
+    samples, exact_match, correct, cut_off, loss, perplexity, answer_tokens, by_tag (when an item
+    has a `tag`: tag -> samples, correct, exact_match) and, with keep_predictions, predictions:
+    per item in order, set, under ("central" or "role"), system, prompt, reference, prediction,
+    correct, cut_off, loss (and history, origin, tag where there are).
     """
-    from .data.prepare import load_tokenizer
     from .data.render import ChatRenderer
     from .generation import load_model, tokenizer_dir_for
 
@@ -159,6 +217,11 @@ def evaluate_model(model_dir: str | os.PathLike, sets: Mapping[str, Sequence], *
             if role_prompts and name in role_prompts:
                 result["role"][name] = _evaluate_set(model, tokenizer, renderer, items, role_prompts[name],
                                                      **kwargs)
+        for under in ("central", "role"):
+            for name, metrics in result[under].items():
+                if "predictions" in metrics:
+                    metrics["predictions"] = [{"set": name, "under": under, **row}
+                                              for row in metrics["predictions"]]
     finally:
         if bar is not None:
             bar.close()
@@ -183,34 +246,96 @@ def format_table(result: dict) -> str:
             line += ("   " + (f"{_fmt(r['exact_match'], '11.1%')} {_fmt(r['loss'], '7.3f')}" if r
                                 else f"{'-':>11} {'-':>7}"))
         lines.append(line)
+    lines += _format_by_tag(result)
     return "\n".join(lines)
 
 
+def _format_by_tag(result: dict) -> list[str]:
+    """The breakdown by tag, for the sets whose rows carry one."""
+    central, role = result["central"], result["role"]
+    tagged = [name for name, m in central.items() if m.get("by_tag")]
+    if not tagged:
+        return []
+    width = max(16, *(len(t) for name in tagged for t in central[name]["by_tag"]))
+    header = f"{'set':<16} {'tag':<{width}} {'n':>5} {'exact match':>11}"
+    with_role = any(role.get(name, {}).get("by_tag") for name in tagged)
+    if with_role:
+        header += f"   {'role: exact':>11}"
+    lines = ["", "exact match by tag", header, "-" * len(header)]
+    for name in tagged:
+        role_tags = role.get(name, {}).get("by_tag") or {}
+        for tag, m in central[name]["by_tag"].items():
+            line = f"{name:<16} {tag:<{width}} {m['samples']:>5} {_fmt(m['exact_match'], '11.1%')}"
+            if with_role:
+                value = role_tags.get(tag, {}).get("exact_match")
+                line += "   " + (f"{'-':>11}" if value is None else format(value, "11.1%"))
+            lines.append(line)
+    return lines
+
+
 def load_eval_sets(config: RunConfig) -> dict:
-    """{"general": Records, domain: Records} from eval.general and eval.domains."""
-    from .data.records import RowStats, read_samples
+    """{"general": Records, domain: Records} from eval.general, eval.domains and eval.files (each
+    row of those names its own set in its "domain" field; the file is read once)."""
+    from .data.records import RowStats, read_samples, read_tagged_samples
 
     e = config.eval
     if not isinstance(e.domains, dict):
         raise ConfigError("eval.domains must be a table of domain = \"path.jsonl\"")
     sources = ([(GENERAL_DOMAIN, e.general, "eval.general")] if e.general else [])
     sources += [(d, p, f"eval.domains.{d}") for d, p in e.domains.items()]
-    if not sources:
-        raise ConfigError("nothing to evaluate: set eval.general and/or eval.domains")
+    if not sources and not e.files:
+        raise ConfigError("nothing to evaluate: set eval.general, eval.domains and/or eval.files")
     sets, stats = {}, RowStats()
     for name, path, key in sources:
         if name == GENERAL_DOMAIN and key != "eval.general":
             raise ConfigError("eval.domains.general: the general set is eval.general")
         if not isinstance(path, str) or not os.path.isfile(path):
             raise ConfigError(f"{key} = {path!r}: file not found")
-        sets[name] = list(read_samples(path, source=name, bad_rows=config.data.bad_rows, stats=stats,
-                                       source_key=key))
+        records = list(read_samples(path, source=name, bad_rows=config.data.bad_rows, stats=stats,
+                                    source_key=key))
+        tags = _read_tags(path, {r.line for r in records}, key)
+        sets[name] = [EvalItem(r.messages, r.origin, tags.get(r.line)) for r in records]
         if not sets[name]:
             raise ConfigError(f"{key} = {path!r} has no usable rows (see the rejected rows above)")
+    for i, path in enumerate(e.files):
+        key = f"eval.files[{i}]"
+        if not os.path.isfile(path):
+            raise ConfigError(f"{key} = {path!r}: file not found")
+        records = list(read_tagged_samples(path, source_key=key, bad_rows=config.data.bad_rows,
+                                           stats=stats))
+        if not records:
+            raise ConfigError(f"{key} = {path!r} has no usable rows (see the rejected rows above)")
+        tags = _read_tags(path, {r.line for r in records}, key)
+        for r in records:
+            sets.setdefault(r.domain, []).append(EvalItem(r.messages, r.origin, tags.get(r.line)))
+    sets = {name: sets[name] for name in sorted(sets, key=lambda name: name != GENERAL_DOMAIN)}
     if stats.rejected:
-        print("eval: rows rejected: " + ", ".join(f"{r} {n}" for r, n in sorted(stats.rejected.items())),
-              file=sys.stderr)
+        log.warning("eval: rows rejected: "
+                    + ", ".join(f"{r} {n}" for r, n in sorted(stats.rejected.items())))
     return sets
+
+
+def _read_tags(path: str, lines: set[int], key: str) -> dict[int, str]:
+    """line -> the row's "tag", for the accepted rows (`lines`) of an eval file that have one."""
+    tags = {}
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no not in lines:
+                continue
+            tag = json.loads(raw).get("tag")
+            if tag is None:
+                continue
+            if not isinstance(tag, str) or not tag.strip():
+                raise DataError(f"{path}:{line_no}: 'tag' must be a non-empty string (the skill or "
+                                f"kind of question the row tests), got {tag!r}; fix the row in "
+                                f"{key} or drop its tag", "wrong type", path, line_no)
+            tags[line_no] = tag.strip()
+    return tags
+
+
+def predictions_path(output: str) -> str:
+    """Where the per-question predictions go beside eval.output: <stem>.predictions.jsonl."""
+    return os.path.splitext(output)[0] + ".predictions.jsonl"
 
 
 def evaluate(config: RunConfig) -> dict:
@@ -218,10 +343,8 @@ def evaluate(config: RunConfig) -> dict:
     from .data.roles import RoleTable
 
     started = time.time()
+    validate_config(config)
     e = config.eval
-    if e.max_new_tokens < 1 or e.batch_size < 1:
-        raise ConfigError(f"eval.max_new_tokens = {e.max_new_tokens}, eval.batch_size = {e.batch_size}: "
-                          "both must be >= 1")
     checkpoint = e.checkpoint or os.path.join(config.train.out_dir, "hf")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         key = "eval.checkpoint" if e.checkpoint else "train.out_dir"
@@ -240,12 +363,22 @@ def evaluate(config: RunConfig) -> dict:
                             tokenizer_dir=tokenizer_dir_for(checkpoint, config.data.tokenizer),
                             chat_template=config.data.chat_template, max_new_tokens=e.max_new_tokens,
                             batch_size=e.batch_size, dtype=config.model.dtype,
-                            progress=sys.stderr.isatty())
+                            keep_predictions=True, progress=sys.stderr.isatty())
     result["seconds"] = round(time.time() - started, 3)
     output = e.output or os.path.join(config.train.out_dir, "eval.json")
+    predictions = predictions_path(output)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    rows = 0
+    with open(predictions, "w", encoding="utf-8") as f:
+        for under in ("central", "role"):
+            for metrics in result[under].values():
+                for row in metrics.pop("predictions", []):
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    rows += 1
+    result["predictions"] = predictions
     with open(output, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(format_table(result))
-    print(f"eval: wrote {output} ({result['seconds']:.1f} s)")
+    log.info(f"eval: wrote {output} and {rows} predictions to {predictions} "
+             f"({result['seconds']:.1f} s)")
     return result

@@ -13,6 +13,7 @@ first end token (the tokenizer's EOS and the model's generation-config EOS ids) 
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import inspect
 import os
@@ -52,6 +53,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dty
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: not a model directory (no config.json); point at a Hugging Face "
                                 "checkpoint, e.g. <train.out_dir>/hf written by rega-engine train")
+    _check_checkpoint_files(path)
     if isinstance(device, str):
         device = _local_rank_device() if device == "auto" else pick_device(device)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -73,6 +75,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dty
         if bars:
             hf_logging.enable_progress_bar()
     return model.to(device).eval()
+
+
+def _check_checkpoint_files(path: str) -> None:
+    """Reads config.json and every weights file's header (cheap), so that a broken file is an
+    error naming it rather than a traceback from inside transformers."""
+    from .errors import ConfigError
+    from .files import open_safetensors, read_json_object
+
+    read_json_object(os.path.join(path, "config.json"), error=ConfigError)
+    for file in sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors"))):
+        with open_safetensors(file):
+            pass
 
 
 def tokenizer_dir_for(model_dir: str | os.PathLike, fallback: str = "") -> str:

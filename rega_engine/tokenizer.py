@@ -1,4 +1,5 @@
-"""Train a small SentencePiece tokenizer and save it as a directory `AutoTokenizer` loads.
+"""Loading a tokenizer directory (`load_tokenizer`, for every stage), and training a small
+SentencePiece tokenizer saved as a directory `AutoTokenizer` loads.
 
 Used by the tests and the bundled demo world, where a real model's tokenizer is too big to ship.
 SentencePiece trains the pieces (BPE, single thread, fixed seed: the same text always gives the
@@ -20,8 +21,42 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .errors import ConfigError
+from .files import read_json
+
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 NEWLINE = "\n"
+# A directory AutoTokenizer can load holds at least one of these.
+_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                     "tokenizer_config.json")
+# Its JSON files (and the model's config.json, which AutoTokenizer reads too), checked one by one
+# when loading fails, to name the broken one.
+_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "chat_template.json", "config.json")
+
+
+def load_tokenizer(path: str | os.PathLike, key: str = "data.tokenizer"):
+    """`AutoTokenizer.from_pretrained(path)`, local files only, never remote code. Raises
+    ConfigError naming `key` and the directory (and the broken file, where one is) when there is
+    no loadable tokenizer there."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key} = {path!r}: no such directory; point it at a tokenizer (a model "
+                          "directory or the output of rega_engine.tokenizer.train_tokenizer)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in _VOCABULARY_FILES):
+        raise ConfigError(f"{key} = {path!r}: cannot load a tokenizer from it: it holds none of "
+                          f"{', '.join(_VOCABULARY_FILES)}")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except Exception as e:   # transformers raises OSError, ValueError, KeyError... by the cause
+        cause = f"{type(e).__name__}: {e}"
+    fix = f"so the tokenizer of {key} = {path!r} cannot be loaded; copy its files again"
+    for name in _JSON_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            read_json(os.path.join(path, name), error=ConfigError, fix=fix)
+    raise ConfigError(f"{key} = {path!r}: cannot load a tokenizer from it ({cause})")
 
 
 def _train_sentencepiece(lines: list[str], vocab_size: int, special_tokens: Sequence[str], seed: int):
@@ -119,14 +154,19 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     return out_dir
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m rega_engine.tokenizer TEXT_FILE... --out DIR`: train a tokenizer on text files."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m rega_engine.tokenizer") -> int:
+    """`rega-engine tokenizer TEXT_FILE... --out DIR`: train a tokenizer on text files; prints the
+    directory, the vocabulary size and the special token ids a model config needs."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m rega_engine.tokenizer", description=main.__doc__)
-    parser.add_argument("texts", nargs="+", help="UTF-8 text files to train on")
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False,
+        description="train a BPE tokenizer (SentencePiece pieces, saved for AutoTokenizer) on UTF-8 text "
+                    "files; the same files and options always give the same tokenizer")
+    parser.add_argument("texts", nargs="+", help="UTF-8 text files to train on (a JSONL file is text too)")
     parser.add_argument("--out", required=True, help="output directory (AutoTokenizer.from_pretrained loads it)")
-    parser.add_argument("--vocab-size", type=int, default=1000)
+    parser.add_argument("--vocab-size", type=int, default=1000,
+                        help="upper bound on the vocabulary (default 1000; a small text gives fewer)")
     parser.add_argument("--chat-template", help="a Jinja chat template file to store with the tokenizer")
     parser.add_argument("--special-token", action="append", default=[], help="an extra control token (repeatable)")
     args = parser.parse_args(argv)
@@ -135,8 +175,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{name}: file not found")
     template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else None
     texts = (Path(name).read_text(encoding="utf-8") for name in args.texts)
-    out = train_tokenizer(texts, args.out, args.vocab_size, template, args.special_token)
-    print(f"tokenizer written to {out}")
+    try:
+        out = train_tokenizer(texts, args.out, args.vocab_size, template, args.special_token)
+    except ValueError as e:   # too small a vocabulary, no text: the user's to fix, in one line
+        raise ConfigError(str(e)) from None
+    tokenizer = load_tokenizer(out, "--out")
+    special = ", ".join(f"{name} {token} = {tokenizer.convert_tokens_to_ids(token)}" for name, token in
+                        (("bos", tokenizer.bos_token), ("eos", tokenizer.eos_token),
+                         ("pad", tokenizer.pad_token), ("unk", tokenizer.unk_token)) if token)
+    print(f"tokenizer written to {out}: vocabulary of {len(tokenizer)} tokens (vocab_size {len(tokenizer)})")
+    print(f"special tokens: {special}")
+    print(f"next: rega-engine model-config --preset tiny --tokenizer {out} --out model.json "
+          "(a model config.json with this vocabulary and these ids)")
     return 0
 
 

@@ -1,5 +1,5 @@
 """Checkpoints: a run killed with SIGKILL and resumed is bit-identical to one never interrupted;
-SIGTERM saves and exits 0; a NaN stops the run naming the step and leaves the last checkpoint
+SIGTERM saves and exits 143 (not finished: `train && eval` must stop); a NaN stops the run naming the step and leaves the last checkpoint
 intact. The killed and resumed runs go through the real CLI in subprocesses."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from train_helpers import cli_args, read_log, run_config  # noqa: E402
 
 from rega_engine.model.llama import CausalLM  # noqa: E402
 from rega_engine.train.checkpoint import checkpoint_root, complete_checkpoints  # noqa: E402
-from rega_engine.train.loop import TrainingError, train  # noqa: E402
+from rega_engine.train.loop import PREEMPTED_EXIT_CODE, TrainingError, train  # noqa: E402
 
 # One thread everywhere: the runs compared bit for bit must do their float sums in the same order.
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -30,9 +30,9 @@ def _start(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(proc: subprocess.Popen, timeout: int = 300) -> str:
+def _finish(proc: subprocess.Popen, timeout: int = 300, returncode: int = 0) -> str:
     out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-2000:] + err[-5000:]
+    assert proc.returncode == returncode, out[-2000:] + err[-5000:]
     return err
 
 
@@ -102,18 +102,21 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_143_saying_how_to_resume(tmp_path):
     config = run_config(tmp_path, "--checkpoint.every=0", "--checkpoint.export=true", steps=200)
     run_dir = tmp_path / "run"
     proc = _start(cli_args(config))
     _wait_for(lambda: len(_logged_steps(run_dir)) >= 2, proc, "two logged steps")
     proc.send_signal(signal.SIGTERM)
-    err = _finish(proc, timeout=120)
+    # 128 + SIGTERM: what Slurm's --requeue and `train && eval` read as "not done".
+    assert PREEMPTED_EXIT_CODE == 143
+    err = _finish(proc, timeout=120, returncode=143)
     last = max(_logged_steps(run_dir))
     assert last < 200
     saved = complete_checkpoints(run_dir)
     assert [s for s, _ in saved] == [last]
     assert f"checkpoint saved to {saved[0][1]}" in err
+    assert "exiting with status 143" in err and "--resume" in err
     assert not (run_dir / "hf").exists()   # a pre-empted run is not finished: no export
 
 

@@ -180,3 +180,95 @@ def test_repeat_fraction_counts_repeated_ngrams():
     assert repeat_fraction([1, 2, 3, 4], 2) == 0.0
     assert repeat_fraction([5, 5, 5, 5], 2) == pytest.approx(2 / 3)
     assert repeat_fraction([1, 2], 4) == 0.0
+
+
+def _retrained_copy(base_model, path):
+    """The base model with one tensor changed, as a fine-tune would leave it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(base_model, path)
+    weights = load_file(f"{path}/model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"] + 0.5 * torch.randn_like(weights["lm_head.weight"])
+    save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+def test_resume_after_the_model_or_settings_changed_is_refused_naming_each_change(tmp_path, base_model):
+    config = make_config(tmp_path, base_model)
+    distill(config)
+    before = open(config.distill.output).read()
+    record = json.load(open(config.distill.output + ".provenance.json"))
+    assert record["produced_by"]["distill.temperature"] == 0.7
+    assert record["produced_by"]["roles.central_prompt"] == CENTRAL
+
+    changed = make_config(tmp_path, _retrained_copy(base_model, tmp_path / "tuned"), temperature=1.0)
+    changed.roles.central_prompt = "You are terse."
+    with pytest.raises(ConfigError) as error:
+        distill(changed)
+    message = str(error.value)
+    assert f"the answers in {config.distill.output}" in message
+    assert "model weights: " in message and str(tmp_path / "tuned") in message
+    assert "distill.temperature: 0.7 -> 1.0" in message
+    assert 'roles.central_prompt: "You are a helpful assistant." -> "You are terse."' in message
+    assert "distill.seed" not in message and "tokenizer" not in message   # only what changed
+    assert "distill.restart = true" in message
+    assert open(config.distill.output).read() == before                  # nothing touched
+
+    same_model_elsewhere = make_config(tmp_path, _copy(base_model, tmp_path / "moved"), seed=1)
+    with pytest.raises(ConfigError, match=r"distill\.seed: 0 -> 1") as error:
+        distill(same_model_elsewhere)
+    assert "model weights" not in str(error.value)   # a copy of the same weights is the same model
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_restart_moves_the_earlier_run_aside_and_answers_everything_again(tmp_path, base_model, capsys):
+    config = make_config(tmp_path, base_model)
+    first = distill(config)
+    old = {name: open(tmp_path / name).read()
+           for name in ("general.jsonl", "general.jsonl.rejected.jsonl", "general.jsonl.provenance.json")}
+
+    config = make_config(tmp_path, base_model, seed=3, restart=True)
+    report = distill(config)
+    assert report["already_done"] == 0 and report["answered"] == first["answered"] == 60
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith("general.jsonl.stale-")]
+    assert len(stale) == 1 and stale[0].is_dir()
+    for name, text in old.items():                      # moved whole, not lost
+        assert (stale[0] / name).read_text() == text
+    assert "moved the earlier run's general.jsonl" in capsys.readouterr().err
+    assert json.load(open(config.distill.output + ".provenance.json"))["produced_by"]["distill.seed"] == 3
+    assert open(config.distill.output).read() != old["general.jsonl"]
+
+    config.distill.restart = False                      # the new record is the one checked now
+    assert distill(config)["already_done"] == 60
+
+
+def test_model_fingerprint_follows_the_weights_not_the_files(tmp_path, base_model, monkeypatch):
+    import rega_engine.distill as distill_module
+    from transformers import AutoModelForCausalLM
+    from rega_engine.distill import model_fingerprint
+
+    resaved = tmp_path / "resaved"
+    AutoModelForCausalLM.from_pretrained(base_model).save_pretrained(resaved)
+    tuned = _retrained_copy(base_model, tmp_path / "tuned")
+    for whole in (True, False):   # small models are hashed whole, large ones sampled per tensor
+        monkeypatch.setattr(distill_module, "_FULL_HASH_BYTES", 1 << 40 if whole else 0)
+        reference = model_fingerprint(base_model)
+        assert model_fingerprint(str(resaved)) == reference
+        assert model_fingerprint(tuned) != reference
+
+
+def test_an_output_without_provenance_resumes_with_a_warning(tmp_path, base_model, capsys):
+    config = make_config(tmp_path, base_model)
+    distill(config)
+    (tmp_path / "general.jsonl.provenance.json").unlink()
+    capsys.readouterr()
+    assert distill(config)["already_done"] == 60
+    assert "cannot be checked against this run" in capsys.readouterr().err
+    assert (tmp_path / "general.jsonl.provenance.json").is_file()

@@ -119,6 +119,61 @@ def test_eval_command_writes_json_and_prints_the_table(bigram, tmp_path, capsys)
     assert "under the central prompt" in printed and "100.0%" in printed
 
 
+def test_eval_keeps_every_prediction_and_breaks_exact_match_down_by_tag(bigram, tmp_path, capsys):
+    general = tmp_path / "general.jsonl"
+    law = tmp_path / "law.jsonl"
+    rows = [({"messages": chat("one", "law fine"), "tag": "add"}),        # right
+            ({"messages": chat("two", "law"), "tag": "add"}),             # wrong
+            ({"messages": chat("three", "law fine"), "tag": "sort"}),     # right
+            ({"messages": [*chat("four", "fine"), *chat("five", "fine")]})]   # wrong, untagged
+    general.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    law.write_text(json.dumps({"messages": chat("fine?", "law fine"), "domain": "law", "tag": "fines"}) + "\n")
+    out = tmp_path / "results" / "eval.json"
+    code = cli_main(["eval", f"--eval.checkpoint={bigram['path']}", f"--eval.general={general}",
+                     f"--eval.domains={{law = '{law}'}}", f"--eval.output={out}",
+                     f"--roles.central_prompt={CENTRAL!r}", f"--roles.prompts={{law = '{ROLES['law']}'}}",
+                     f"--data.tokenizer={tiny_tokenizer_dir()}", "--eval.role_prompts=true"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["central"]["general"]["by_tag"] == {
+        "(no tag)": {"samples": 1, "correct": 0, "exact_match": 0.0},
+        "add": {"samples": 2, "correct": 1, "exact_match": 0.5},
+        "sort": {"samples": 1, "correct": 1, "exact_match": 1.0}}
+    assert result["role"]["law"]["by_tag"] == {"fines": {"samples": 1, "correct": 1, "exact_match": 1.0}}
+    assert "predictions" not in result["central"]["general"]   # eval.json: aggregates only
+
+    predictions_file = tmp_path / "results" / "eval.predictions.jsonl"
+    assert result["predictions"] == str(predictions_file)
+    written = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    assert [(p["set"], p["under"]) for p in written] == [("general", "central")] * 4 + [
+        ("law", "central"), ("law", "role")]
+    first, fourth = written[0], written[3]
+    assert first == {"set": "general", "under": "central", "system": CENTRAL, "prompt": "one",
+                     "reference": "law fine", "prediction": "law fine", "correct": True,
+                     "cut_off": False, "loss": first["loss"], "origin": f"{general}:1", "tag": "add"}
+    assert first["loss"] > 0
+    assert [p["correct"] for p in written[:4]] == [True, False, True, False]
+    assert fourth["prompt"] == "five" and fourth["history"] == chat("four", "fine") and "tag" not in fourth
+    assert written[5]["system"] == ROLES["law"] and written[5]["tag"] == "fines"
+
+    printed = capsys.readouterr().out
+    table = printed[printed.index("exact match by tag"):].splitlines()
+    assert [line.split()[:2] for line in table[3:]] == [["general", "(no"], ["general", "add"],
+                                                        ["general", "sort"], ["law", "fines"]]
+    assert "50.0%" in table[4] and table[6].split()[-2:] == ["100.0%", "100.0%"]   # central, role
+
+
+def test_a_tag_that_is_not_a_string_is_named_with_its_line(bigram, tmp_path, capsys):
+    general = tmp_path / "general.jsonl"
+    general.write_text(json.dumps({"messages": chat("one", "law")}) + "\n"
+                       + json.dumps({"messages": chat("two", "law"), "tag": 7}) + "\n")
+    code = cli_main(["eval", f"--eval.checkpoint={bigram['path']}", f"--eval.general={general}",
+                     f"--eval.output={tmp_path / 'eval.json'}", f"--roles.central_prompt={CENTRAL!r}",
+                     f"--data.tokenizer={tiny_tokenizer_dir()}"])
+    assert code == 2
+    assert f"{general}:2: 'tag' must be a non-empty string" in capsys.readouterr().err
+
+
 def test_missing_eval_file_is_named(tmp_path, bigram):
     code = cli_main(["eval", f"--eval.checkpoint={bigram['path']}", f"--eval.general={tmp_path / 'nope.jsonl'}"])
     assert code == 2

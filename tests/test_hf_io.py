@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rega_engine.model import (CheckpointError, from_config, from_pretrained,
-                               load_state_dict_into)
+                               load_state_dict_into, save_pretrained)
 from tiny_models import make_tiny_checkpoint, tiny_hf_config
 
 ATOL = 1e-5
@@ -51,7 +51,7 @@ def _tensor_names(path):
 @pytest.mark.parametrize("which", ["llama3_dir", "qwen2_tied_dir"])
 def test_save_pretrained_loads_unchanged_in_transformers(request, tmp_path, which):
     ours = from_pretrained(request.getfixturevalue(which))
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     hf = _hf_load(tmp_path)
     hf_state = hf.state_dict()
     for name, tensor in ours.state_dict().items():
@@ -70,7 +70,7 @@ def test_save_pretrained_loads_unchanged_in_transformers(request, tmp_path, whic
 
 def test_model_from_a_config_dict_saves_in_bf16_for_transformers(tmp_path):
     model = from_config(tiny_hf_config("mistral"), seed=3)
-    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
     with open(os.path.join(tmp_path, "config.json")) as f:
         config = json.load(f)
     assert config["dtype"] == "bfloat16" and config["sliding_window"] == 64
@@ -86,8 +86,8 @@ def test_model_from_a_config_dict_saves_in_bf16_for_transformers(tmp_path):
 
 def test_sharded_checkpoint_with_index_loads_here_and_in_transformers(llama3_dir, tmp_path):
     ours = from_pretrained(llama3_dir)
-    ours.save_pretrained(tmp_path)                          # a single file first ...
-    written = ours.save_pretrained(tmp_path, max_shard_size="100KB")   # ... then sharded
+    save_pretrained(ours, tmp_path)                          # a single file first ...
+    written = save_pretrained(ours, tmp_path, max_shard_size="100KB")   # ... then sharded
     shards = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
     assert len(shards) >= 3 and "model.safetensors" not in shards   # stale file removed
     assert "model.safetensors.index.json" in written
@@ -196,9 +196,9 @@ def test_fsdp2_sharded_and_wrapped_blocks_load_and_save(llama3_dir, tmp_path):
         full = {k: (v.full_tensor() if isinstance(v, DTensor) else v)
                 for k, v in model.named_parameters()}
         assert any("_checkpoint_wrapped_module" in k for k in full)
-        eager.save_pretrained(tmp_path, state_dict=full)
+        save_pretrained(eager, tmp_path, state_dict=full)
         with pytest.raises(CheckpointError, match="sharded DTensor"):
-            eager.save_pretrained(tmp_path / "x", state_dict=model.state_dict())
+            save_pretrained(eager, tmp_path / "x", state_dict=model.state_dict())
     finally:
         dist.destroy_process_group()
     torch.testing.assert_close(_logits(from_pretrained(tmp_path)), _logits(eager), atol=0,

@@ -1,7 +1,6 @@
 """The prepared dataset on disk and the packed, sharded, resumable loader in front of the C++ packer."""
 import gc
 import json
-import logging
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from rega_engine.batch import KINDS, PackedBatch
 from rega_engine.data import PackedLoader, TokenDataset, TokenDatasetWriter
 
 PAD = 0
-DATASET_WEIGHTS = {"distilled": 1.0, "role": 2.0, "integration": 0.5}
+DATASET_WEIGHTS = {"distilled": 1.0, "role": 2.0, "integration": 0.5, "pretrain": 3.0}
 SOME = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -134,7 +133,7 @@ def test_writer_puts_the_general_domain_first(tmp_path):
     ([], [], 0, 0, "non-empty"),
     ([1, 10], [0, 1], 0, 0, "0..9"),
     ([1, 2], [0, 2], 0, 0, "loss_mask must be booleans or 0/1"),
-    ([1, 2], [0, 1], 3, 0, "kind = 3"),
+    ([1, 2], [0, 1], 4, 0, "kind = 4"),   # KINDS has 4 kinds: ids 0..3
     ([1, 2], [0, 1], 0, 2, "domain = 2"),
     ([1.5, 2.0], [0, 1], 0, 0, "integers"),
 ])
@@ -324,12 +323,13 @@ def test_kind_weights_can_be_overridden(tmp_path):
         PackedLoader(dataset, kind_weights={"chitchat": 1.0})
 
 
-def test_too_long_samples_are_dropped_counted_and_logged(tmp_path, caplog):
+def test_too_long_samples_are_dropped_counted_and_logged(tmp_path, capsys):
     dataset, _ = write_dataset(tmp_path / "ds", [10, 40, 12, 50])
-    with caplog.at_level(logging.WARNING, logger="rega_engine.data.loader"):
-        loader = PackedLoader(str(tmp_path / "ds"), seq_len=32)
+    capsys.readouterr()
+    loader = PackedLoader(str(tmp_path / "ds"), seq_len=32)
     assert loader.dropped_samples == 2 and loader.tokens_per_epoch == 22
-    assert "2 of 4 samples" in caplog.text and "seq_len=32" in caplog.text
+    logged = capsys.readouterr().err   # the package's log lines go to stderr
+    assert "2 of 4 samples" in logged and "seq_len=32" in logged
     assert sum(b.num_real_tokens for b in loader) == 22
 
 

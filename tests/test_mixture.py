@@ -76,10 +76,10 @@ def test_kinds_prompts_domains_and_integration_fraction(config):
     assert len({s.origin for s in integration}) == 8
     role_rows = {s.origin: s.messages for s in role}
     assert all(role_rows[s.origin] == s.messages for s in integration)
-    assert m.counts["kind"] == {"distilled": 15, "role": 30, "integration": 8}
+    assert m.counts["kind"] == {"distilled": 15, "role": 30, "integration": 8, "pretrain": 0}
     assert m.counts["domain"] == {"general": 15, "law": 25, "medicine": 13}
     assert m.counts["kind_domain"]["integration/law"] == 5
-    assert m.kind_weights == {"distilled": 1.0, "role": 1.0, "integration": 1.0}
+    assert m.kind_weights == {"distilled": 1.0, "role": 1.0, "integration": 1.0, "pretrain": 1.0}
     assert m.rows.files[config.data.domains["law"]]["kept"] == 20
     # the sample's domain id follows its source; origins name the file and line
     assert all(s.origin.startswith(config.data.domains["law"] + ":") for s in role if s.domain == 1)
@@ -136,9 +136,12 @@ def test_select_is_deterministic_and_whole_passes_first():
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"kind_weights": {"distilled": 1.0, "role": 1.0}}, r"data.kind_weights must have exactly the keys"),
-    ({"kind_weights": {"distilled": 1.0, "role": 1.0, "integration": 1.0, "extra": 1.0}}, r"exactly the keys"),
+    ({"kind_weights": {"distilled": 1.0, "role": 1.0}},
+     r"data.kind_weights: no weight for integration"),
+    ({"kind_weights": {"distilled": 1.0, "role": 1.0, "integration": 1.0, "extra": 1.0}},
+     r"data.kind_weights: unknown kind\(s\) extra"),
     ({"kind_weights": {"distilled": -1.0, "role": 1.0, "integration": 1.0}}, r"data.kind_weights.distilled = -1.0"),
+    ({"kind_weights": {"distilled": 0, "role": 0.0, "integration": 0}}, r"every weight is 0"),
     ({"sizes": {"finance": 3}}, r"data.sizes.finance: no such source"),
     ({"sizes": {"law": -1}}, r"data.sizes.law = -1"),
     ({"integration_fraction": 1.5}, r"data.integration_fraction = 1.5"),
@@ -155,7 +158,9 @@ def test_config_errors_name_the_key(config, change, message):
 
 def test_kind_weights_reach_the_mixture_and_a_source_without_usable_rows_fails(config, tmp_path):
     config.data.kind_weights = {"distilled": 0.5, "role": 1.0, "integration": 2}
-    assert build_mixture(config).kind_weights == {"distilled": 0.5, "role": 1.0, "integration": 2.0}
+    # pretrain, a kind added after the three of REGA, weighs 1.0 when a table leaves it out
+    assert build_mixture(config).kind_weights == {"distilled": 0.5, "role": 1.0, "integration": 2.0,
+                                                  "pretrain": 1.0}
     (tmp_path / "empty.jsonl").write_text('{"messages": []}\n')
     config.data.domains["law"] = str(tmp_path / "empty.jsonl")
     with pytest.raises(ConfigError, match=r"data.domains.law = .*empty.jsonl' has no usable rows"):

@@ -172,7 +172,7 @@ def test_prepare_two_workers_writes_the_rendered_mixture(tmp_path, capsys, templ
         ["general", "law", "medicine"], tok.pad_token_id, len(tok), 256)
 
     assert report["rows"][config.data.domains["law"]] == {"read": 82, "blank": 0, "kept": 82, "rejected": 0}
-    assert report["samples"]["kind"] == {"distilled": 138, "role": 160, "integration": 16}
+    assert report["samples"]["kind"] == {"distilled": 138, "role": 160, "integration": 16, "pretrain": 0}
     assert report["samples"]["domain"] == {"general": 138, "law": 90, "medicine": 86}
     assert report["tokens"] == data.num_tokens and report["loss_tokens"] == int(data.loss_mask.sum())
     assert report["truncated"] == report["dropped_too_long"] == report["dropped_no_loss"] == 0

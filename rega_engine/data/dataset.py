@@ -4,7 +4,8 @@ Layout (format 1):
     tokens.bin     int32, every sample's tokens concatenated
     loss_mask.bin  uint8, 1 where the token is an assistant token the model must learn to predict
     offsets.npy    int64, num_samples + 1: sample i is tokens[offsets[i]:offsets[i + 1]]
-    kinds.npy      uint8, index into rega_engine.batch.KINDS
+    kinds.npy      uint8, index into rega_engine.batch.KINDS (meta.json's "kinds" may be a prefix of
+                   KINDS: a dataset prepared before a kind was added)
     domains.npy    int16, 0 = general, then the specific domains in role-table order
     meta.json      {"format": 1, "num_samples", "num_tokens", "domains", "kinds", "kind_weights",
                     "pad_id", "vocab_size", "seq_len", "report"}
@@ -16,7 +17,6 @@ that dies half way never leaves something that looks like a whole dataset.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from array import array
@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rega_engine.batch import GENERAL_DOMAIN, KINDS
+from rega_engine.errors import DataError
+from rega_engine.files import read_json_object
+from rega_engine.kinds import GENERAL_DOMAIN, KINDS, check_kind_weights
 
 FORMAT = 1
 DATA_FILES = ("tokens.bin", "loss_mask.bin", "offsets.npy", "kinds.npy", "domains.npy")
@@ -35,20 +37,13 @@ _INT32_MAX = np.iinfo(np.int32).max
 _DOMAIN_MAX = np.iinfo(np.int16).max
 
 
-def _check_kind_weights(kind_weights: dict, where: str) -> dict[str, float]:
-    """Every kind gets a finite, non-negative weight; kinds left out weigh 1.0."""
+def _kind_weights_for_writer(kind_weights: dict, where: str) -> dict[str, float]:
+    """Callers may leave kinds out (they weigh 1.0); the result obeys the one kind-weight rule."""
     if not isinstance(kind_weights, dict):
-        raise TypeError(f"{where}: kind_weights must be a dict {{kind: weight}}, got {type(kind_weights).__name__}")
-    unknown = sorted(set(kind_weights) - set(KINDS))
-    if unknown:
-        raise ValueError(f"{where}: unknown kind(s) {unknown} in kind_weights; known kinds are {list(KINDS)}")
-    weights = {}
-    for kind in KINDS:
-        value = float(kind_weights.get(kind, 1.0))
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{where}: kind_weights[{kind!r}] = {value} must be a finite number >= 0")
-        weights[kind] = value
-    return weights
+        raise TypeError(f"{where}: kind_weights must be a dict {{kind: weight}}, got "
+                        f"{type(kind_weights).__name__}")
+    return check_kind_weights({**dict.fromkeys(KINDS, 1.0), **kind_weights},
+                              f"{where}: kind_weights", error=ValueError)
 
 
 class TokenDatasetWriter:
@@ -75,7 +70,8 @@ class TokenDatasetWriter:
         if not 0 <= int(pad_id) < int(vocab_size):
             raise ValueError(f"TokenDatasetWriter({self.out_dir}): pad_id = {pad_id} must be in 0..vocab_size-1")
         self.domains = domains
-        self.kind_weights = _check_kind_weights(kind_weights, f"TokenDatasetWriter({self.out_dir})")
+        self.kind_weights = _kind_weights_for_writer(kind_weights,
+                                                     f"TokenDatasetWriter({self.out_dir})")
         self.pad_id = int(pad_id)
         self.vocab_size = int(vocab_size)
         self.seq_len = int(seq_len)
@@ -200,6 +196,37 @@ def _replaceable(path: Path) -> bool:
     return not names or (META_FILE in names and names <= set(DATA_FILES) | {META_FILE})
 
 
+_PREPARE_AGAIN = "run `rega-engine prepare` again to rebuild the dataset"
+_META_INTS = ("num_samples", "num_tokens", "pad_id", "vocab_size", "seq_len")
+
+
+def _read_meta(meta_path: Path) -> dict:
+    """meta.json, checked as far as it can be alone: format, keys and their types."""
+    meta = read_json_object(meta_path, error=DataError, fix=_PREPARE_AGAIN)
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{meta_path}: unknown dataset format {meta.get('format')!r} (this "
+                        f"rega-engine reads format {FORMAT}; prepared by another version?); "
+                        f"{_PREPARE_AGAIN} with this version")
+    missing = [k for k in (*_META_INTS, "domains", "kinds", "kind_weights") if k not in meta]
+    if missing:
+        raise DataError(f"{meta_path}: missing key(s) {', '.join(missing)}; {_PREPARE_AGAIN}")
+    for key in _META_INTS:
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DataError(f"{meta_path}: {key} = {value!r}, expected a whole number >= 0; "
+                            f"{_PREPARE_AGAIN}")
+    domains = meta["domains"]
+    if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+        raise DataError(f"{meta_path}: domains = {meta['domains']!r}, expected a list of names; "
+                        f"{_PREPARE_AGAIN}")
+    # Kinds are only ever appended, so a dataset prepared before a kind existed keeps its ids.
+    kinds = meta["kinds"]
+    if not isinstance(kinds, list) or not kinds or kinds != list(KINDS[:len(kinds)]):
+        raise DataError(f"{meta_path}: kinds {meta['kinds']} differ from this version's "
+                        f"{list(KINDS)}; {_PREPARE_AGAIN}")
+    return meta
+
+
 class TokenDataset:
     """A prepared dataset, memory-mapped: opening it reads only the small per-sample arrays."""
 
@@ -212,26 +239,12 @@ class TokenDataset:
             raise FileNotFoundError(
                 f"{meta_path} is missing: {self.path} is not a complete prepared dataset "
                 "(an interrupted prepare run?); run `rega-engine prepare` again")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{meta_path} is not valid JSON ({e}); prepare the dataset again") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else None
-            raise ValueError(f"{meta_path}: unknown dataset format {found!r} (this rega-engine reads format {FORMAT}); "
-                             "prepare the dataset again with this version")
-        missing_keys = [k for k in ("num_samples", "num_tokens", "domains", "kinds", "kind_weights", "pad_id",
-                                    "vocab_size", "seq_len") if k not in meta]
-        if missing_keys:
-            raise ValueError(f"{meta_path}: missing key(s) {missing_keys}")
-        if list(meta["kinds"]) != list(KINDS):
-            raise ValueError(f"{meta_path}: kinds {meta['kinds']} differ from this version's {list(KINDS)}; "
-                             "prepare the dataset again")
+        meta = _read_meta(meta_path)
         for name in DATA_FILES:
             if not (self.path / name).is_file():
                 raise FileNotFoundError(f"{self.path / name} is missing; prepare the dataset again")
         self.meta = meta
-        num_samples, num_tokens = int(meta["num_samples"]), int(meta["num_tokens"])
+        num_samples, num_tokens = meta["num_samples"], meta["num_tokens"]
 
         self.offsets = self._load_npy("offsets.npy", np.int64, num_samples + 1)
         self.kinds = self._load_npy("kinds.npy", np.uint8, num_samples)
@@ -239,20 +252,26 @@ class TokenDataset:
         self.tokens = self._map("tokens.bin", _TOKEN_DTYPE, num_tokens)
         self.loss_mask = self._map("loss_mask.bin", _MASK_DTYPE, num_tokens)
         if self.offsets[0] != 0 or self.offsets[-1] != num_tokens or (np.diff(self.offsets) < 0).any():
-            raise ValueError(f"{self.path / 'offsets.npy'} does not partition {num_tokens} tokens; "
-                             "prepare the dataset again")
+            raise DataError(f"{self.path / 'offsets.npy'} does not partition {num_tokens} tokens; "
+                            f"{_PREPARE_AGAIN}")
         self.lengths = np.diff(self.offsets)
         self.domain_names = list(meta["domains"])
-        self.kind_weights = _check_kind_weights(meta["kind_weights"], str(meta_path))
-        self.pad_id = int(meta["pad_id"])
-        self.vocab_size = int(meta["vocab_size"])
-        self.seq_len = int(meta["seq_len"])
+        self.kind_weights = check_kind_weights(meta["kind_weights"], f"{meta_path}: kind_weights",
+                                               error=DataError)
+        self.pad_id = meta["pad_id"]
+        self.vocab_size = meta["vocab_size"]
+        self.seq_len = meta["seq_len"]
 
     def _load_npy(self, name: str, dtype, count: int) -> np.ndarray:
-        array_ = np.load(self.path / name, allow_pickle=False)
+        file = self.path / name
+        try:
+            array_ = np.load(file, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:   # what numpy raises for a damaged .npy
+            raise DataError(f"{file}: not a readable .npy file ({e}); {_PREPARE_AGAIN}") from None
         if array_.dtype != dtype or array_.shape != (count,):
-            raise ValueError(f"{self.path / name}: expected {count} x {np.dtype(dtype).name}, found "
-                             f"{array_.shape} x {array_.dtype.name} (meta.json and the data disagree)")
+            raise DataError(f"{file}: expected {count} x {np.dtype(dtype).name}, found "
+                            f"{array_.shape} x {array_.dtype.name} (meta.json and the data "
+                            f"disagree); {_PREPARE_AGAIN}")
         return array_
 
     def _map(self, name: str, dtype, count: int) -> np.ndarray:
@@ -260,8 +279,9 @@ class TokenDataset:
         expected = count * np.dtype(dtype).itemsize
         size = file.stat().st_size
         if size != expected:
-            raise ValueError(f"{file}: {size} bytes, expected {expected} ({count} x {np.dtype(dtype).name}); "
-                             "the file is truncated or does not belong to this meta.json")
+            raise DataError(f"{file}: {size} bytes, expected {expected} ({count} x "
+                            f"{np.dtype(dtype).name}): the file is truncated or does not belong to "
+                            f"this meta.json; {_PREPARE_AGAIN}")
         if count == 0:
             return np.zeros(0, dtype=dtype)  # numpy cannot map an empty file
         return np.memmap(file, dtype=dtype, mode="r", shape=(count,))

@@ -9,7 +9,6 @@ released, on a background thread that stays `prefetch` batches ahead.
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import queue
 import threading
@@ -21,9 +20,11 @@ import torch
 
 from rega_engine import _C
 from rega_engine.batch import KINDS, PackedBatch
-from rega_engine.data.dataset import TokenDataset, _check_kind_weights
+from rega_engine.data.dataset import TokenDataset
+from rega_engine.kinds import check_kind_weights
+from rega_engine.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -116,7 +117,8 @@ class PackedLoader:
             if not isinstance(kind_weights, dict):
                 raise TypeError(f"PackedLoader: kind_weights must be a dict {{kind: weight}}, got {kind_weights!r}")
             weights.update(kind_weights)  # kinds it leaves out keep the dataset's weight
-        self.kind_weights = _check_kind_weights(weights, "PackedLoader(kind_weights)")
+        self.kind_weights = check_kind_weights(weights, "PackedLoader: kind_weights",
+                                               error=ValueError)
         self.pad_id = dataset.pad_id
 
         lengths = np.ascontiguousarray(dataset.lengths, dtype=np.int64)
@@ -173,6 +175,12 @@ class PackedLoader:
         """Micro-batches per rank in the current epoch (the same on every rank)."""
         return int(self._epoch_plan().batches.shape[0])
 
+    def _advance(self, epoch: int, cursor: int) -> None:
+        """Moves the position state_dict() saves: the next batch to hand out is batch `cursor` of
+        `epoch`. Only the live iterator calls this, once per batch it hands to the caller (and at
+        an epoch's end), so that the position counts batches taken, not batches prefetched."""
+        self._epoch, self._cursor = epoch, cursor
+
     # -- materialising -------------------------------------------------------------------------
     def _make_batch(self, plan: _EpochPlan, k: int) -> PackedBatch:
         rows = plan.batches[k]
@@ -205,7 +213,7 @@ class PackedLoader:
 
     def __iter__(self) -> "_BatchIterator":
         self._retire_active_iterator()
-        iterator = _BatchIterator(self, self._epoch_plan())
+        iterator = _BatchIterator(self, self._epoch_plan(), start=self._cursor)
         self._active = weakref.ref(iterator)
         return iterator
 
@@ -267,10 +275,10 @@ def _stop_all_iterators() -> None:
 class _BatchIterator:
     """The rest of the loader's current epoch; a background thread keeps `prefetch` batches ready."""
 
-    def __init__(self, loader: PackedLoader, plan: _EpochPlan):
+    def __init__(self, loader: PackedLoader, plan: _EpochPlan, start: int):
         self._loader = loader
         self._plan = plan
-        self._next = loader._cursor
+        self._next = start
         self._end = int(plan.batches.shape[0])
         self._done = False
         self._invalidated = False
@@ -302,9 +310,10 @@ class _BatchIterator:
             raise StopIteration
         batch = self._take() if self._queue is not None else loader._make_batch(self._plan, self._next)
         self._next += 1
-        loader._cursor = self._next
         if self._next == self._end:
             self._finish_epoch()
+        else:
+            loader._advance(self._plan.epoch, self._next)
         return batch
 
     def _take(self) -> PackedBatch:
@@ -322,8 +331,7 @@ class _BatchIterator:
 
     def _finish_epoch(self) -> None:
         self._done = True
-        self._loader._epoch = self._plan.epoch + 1
-        self._loader._cursor = 0
+        self._loader._advance(self._plan.epoch + 1, 0)
         self.close()
 
     def close(self, invalidate: bool = False) -> None:

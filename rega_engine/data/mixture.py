@@ -7,6 +7,14 @@
 Each part can be switched off by configuration alone (`self_distillation`, `role_prompts`:
 false puts every sample under the central prompt, `role_integration`).
 
+Two more sources:
+- `data.files`: JSONL files holding several domains, read once each; every row's own `domain`
+  ("general" or a domain of the role table) says which source it joins (a row without one is
+  rejected and counted). Its general rows join `data.general`'s, its domain rows that domain's.
+- pretrain: the rows of `data.pretrain` (chats under the central prompt, or `{"text": ...}` plain
+  text trained on every token), for training a base model; every row once, in the general domain,
+  whatever the REGA switches say.
+
 `data.sizes` sets the samples per source ("general" or a domain): fewer than the source holds is a
 seeded sample without replacement, more repeats whole passes and samples the rest, absent takes
 all. Everything is a function of `data.seed` and the files: the same config gives the same
@@ -20,10 +28,13 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..batch import GENERAL_DOMAIN, KIND_ID, KINDS
-from ..config import ConfigError, RunConfig
-from .records import Record, RowStats, read_samples
+from ..config import ConfigError, RunConfig, validate_config
+from ..kinds import GENERAL_DOMAIN, KIND_ID, KINDS, check_kind_weights
+from ..log import get_logger
+from .records import Record, RowStats, read_pretrain, read_samples, read_tagged_samples
 from .roles import RoleTable
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,7 @@ class Sample:
     kind: int          # index into KINDS
     domain: int        # index into the role table's domains; 0 = general
     origin: str        # "path:line" of the row it came from
+    text: str | None = None   # a plain-text pretraining row: trained as this text alone
 
 
 @dataclass
@@ -43,30 +55,6 @@ class Mixture:
     kind_weights: dict             # kind name -> loss weight
     rows: RowStats                 # what was read and rejected
     counts: dict = field(default_factory=dict)   # {"kind": {...}, "domain": {...}, "kind_domain": {...}}
-
-
-def check_kind_weights(weights) -> dict:
-    if not isinstance(weights, dict) or set(weights) != set(KINDS):
-        got = sorted(weights) if isinstance(weights, dict) else weights
-        raise ConfigError(f"data.kind_weights must have exactly the keys {', '.join(KINDS)}; got {got}")
-    out = {}
-    for kind in KINDS:
-        w = weights[kind]
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ConfigError(f"data.kind_weights.{kind} = {w!r}; expected a finite number >= 0")
-        out[kind] = float(w)
-    return out
-
-
-def _check_sizes(sizes, sources: list[str]) -> dict:
-    if not isinstance(sizes, dict):
-        raise ConfigError("data.sizes must be a table of source = sample count")
-    for source, n in sizes.items():
-        if source not in sources:
-            raise ConfigError(f"data.sizes.{source}: no such source; sources are {', '.join(sources)}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ConfigError(f"data.sizes.{source} = {n!r}; expected a whole number >= 0")
-    return dict(sizes)
 
 
 def select(rows: list, n: int | None, rng: random.Random) -> list:
@@ -88,24 +76,23 @@ def _rng(seed: int, *parts: str) -> random.Random:
 
 def build_mixture(config: RunConfig) -> Mixture:
     """Read the sources of `config.data` and build the shuffled REGA mixture."""
+    validate_config(config)
     data = config.data
     roles = RoleTable.from_config(config.roles)
-    if not isinstance(data.domains, dict):
-        raise ConfigError("data.domains must be a table of domain = \"path.jsonl\"")
     roles.check_domains(data.domains)
-    kind_weights = check_kind_weights(data.kind_weights)
-    sizes = _check_sizes(data.sizes, [GENERAL_DOMAIN, *data.domains])
-    if not 0.0 <= data.integration_fraction <= 1.0:
-        raise ConfigError(f"data.integration_fraction = {data.integration_fraction}; expected 0..1")
-    if data.self_distillation and not data.general:
+    kind_weights = check_kind_weights(data.kind_weights)   # as floats, in KINDS order
+    sizes = data.sizes
+    if data.self_distillation and not (data.general or data.files or data.pretrain):
         raise ConfigError("data.general is empty but data.self_distillation = true: set data.general to the "
                           "distilled exemplars (rega-engine distill), or data.self_distillation = false")
     sources = {f"data.domains.{d}": p for d, p in data.domains.items()}
-    if data.self_distillation:
+    if data.self_distillation and data.general:
         sources["data.general"] = data.general
+    sources.update({f"data.files[{i}]": p for i, p in enumerate(data.files)})
+    sources.update({f"data.pretrain[{i}]": p for i, p in enumerate(data.pretrain)})
     for key, path in sources.items():
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"{key} must be the path of a JSONL file")
+        if os.path.isdir(path):
+            raise ConfigError(f"{key} = {path!r} is a directory; give the JSONL file in it")
         if not os.path.isfile(path):
             raise ConfigError(f"{key} = {path!r}: file not found")
 
@@ -113,22 +100,55 @@ def build_mixture(config: RunConfig) -> Mixture:
     rows = RowStats()
     samples: list[Sample] = []
 
-    def load(source: str, path: str) -> list[Record]:
-        records = list(read_samples(path, source=source, known_domains=known, bad_rows=data.bad_rows, stats=rows))
-        if not records and sizes.get(source, 1) > 0:
-            key = "data.general" if source == GENERAL_DOMAIN else f"data.domains.{source}"
+    def usable(records: list, key: str, path: str, needed: bool = True) -> list[Record]:
+        if not records and needed:
             raise ConfigError(f"{key} = {path!r} has no usable rows (see the rejected rows above)")
         return records
 
-    if data.self_distillation:
-        chosen = select(load(GENERAL_DOMAIN, data.general), sizes.get(GENERAL_DOMAIN),
-                        _rng(data.seed, "select", GENERAL_DOMAIN))
+    # Each source's rows: its own file first, then those of data.files naming it, in file order.
+    pooled: dict[str, list[Record]] = {GENERAL_DOMAIN: [], **{d: [] for d in data.domains}}
+    if data.self_distillation and data.general:
+        pooled[GENERAL_DOMAIN] += usable(list(read_samples(
+            data.general, source=GENERAL_DOMAIN, known_domains=known, bad_rows=data.bad_rows, stats=rows)),
+            "data.general", data.general, sizes.get(GENERAL_DOMAIN, 1) > 0)
+    for domain, path in data.domains.items():
+        pooled[domain] += usable(list(read_samples(
+            path, source=domain, known_domains=known, bad_rows=data.bad_rows, stats=rows)),
+            f"data.domains.{domain}", path, sizes.get(domain, 1) > 0)
+    left_out = 0
+    for i, path in enumerate(data.files):
+        key = f"data.files[{i}]"
+        for r in usable(list(read_tagged_samples(path, source_key=key, known_domains=known,
+                                                 bad_rows=data.bad_rows, stats=rows)), key, path):
+            if r.domain == GENERAL_DOMAIN and not data.self_distillation:
+                left_out += 1
+                continue
+            pooled.setdefault(r.domain, []).append(r)
+    if left_out:
+        log.info("data.self_distillation = false: the %d general row(s) of data.files are left out",
+                 left_out)
+    domain_rows = sum(len(v) for d, v in pooled.items() if d != GENERAL_DOMAIN)
+    if data.self_distillation and not pooled[GENERAL_DOMAIN] and domain_rows:
+        raise ConfigError("data.self_distillation = true but there are no general exemplars: set data.general to "
+                          "the distilled exemplars (rega-engine distill), give data.files rows with "
+                          "\"domain\": \"general\", or set data.self_distillation = false")
+
+    for i, path in enumerate(data.pretrain):
+        key = f"data.pretrain[{i}]"
+        records = usable(list(read_pretrain(path, bad_rows=data.bad_rows, stats=rows, source_key=key)), key, path)
+        samples += [Sample(r.messages, "" if r.text is not None else roles.central_prompt, KIND_ID["pretrain"], 0,
+                           r.origin, r.text) for r in records]
+
+    if pooled[GENERAL_DOMAIN]:
+        chosen = select(pooled[GENERAL_DOMAIN], sizes.get(GENERAL_DOMAIN), _rng(data.seed, "select", GENERAL_DOMAIN))
         samples += [Sample(r.messages, roles.central_prompt, KIND_ID["distilled"], 0, r.origin) for r in chosen]
 
-    for domain, path in data.domains.items():
+    # Domains in data.domains order, then those only data.files holds, in role-table order.
+    order = [*data.domains, *(d for d in roles.role_prompts if d not in data.domains and d in pooled)]
+    for domain in order:
         domain_id = roles.domain_id(domain)
         prompt = roles.prompt(domain) if data.role_prompts else roles.central_prompt
-        chosen = select(load(domain, path), sizes.get(domain), _rng(data.seed, "select", domain))
+        chosen = select(pooled[domain], sizes.get(domain), _rng(data.seed, "select", domain))
         samples += [Sample(r.messages, prompt, KIND_ID["role"], domain_id, r.origin) for r in chosen]
         if data.role_integration and chosen:
             k = math.floor(data.integration_fraction * len(chosen) + 0.5)
@@ -137,8 +157,8 @@ def build_mixture(config: RunConfig) -> Mixture:
                         for r in reused]
 
     if not samples:
-        raise ConfigError("the mixture is empty: give data.domains and/or data.general (with self_distillation), "
-                          "and data.sizes above 0")
+        raise ConfigError("the mixture is empty: give data.domains, data.files, data.pretrain and/or data.general "
+                          "(with self_distillation), and data.sizes above 0")
     _rng(data.seed, "shuffle").shuffle(samples)
     return Mixture(samples, known, kind_weights, rows, count_samples(samples, known))
 

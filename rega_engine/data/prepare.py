@@ -11,24 +11,22 @@ stored in the dataset's meta.json) counts every row and sample that did not make
 from __future__ import annotations
 
 import contextlib
-import logging
 import multiprocessing
 import os
-import sys
 import time
 from collections import Counter
 
-
-from ..batch import KINDS
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, validate_config
+from ..kinds import KINDS
+from ..log import get_logger
+from ..tokenizer import load_tokenizer
 from .dataset import TokenDatasetWriter
 from .mixture import Mixture, build_mixture, count_samples
-from .records import BAD_ROW_POLICIES, WARN_FIRST, DataError
+from .records import WARN_FIRST, DataError
 from .render import ChatRenderer, RenderError
 
-log = logging.getLogger("rega_engine.data")
+log = get_logger(__name__)
 
-TOO_LONG_POLICIES = ("truncate", "drop", "error")
 CHUNK = 256             # samples per task sent to a worker
 
 
@@ -41,33 +39,6 @@ def tokenizer_path(config: RunConfig) -> tuple[str, str]:
     raise ConfigError("no tokenizer: set data.tokenizer (or model.path) to a directory with the tokenizer files")
 
 
-def load_tokenizer(path: str, key: str = "data.tokenizer"):
-    """`AutoTokenizer.from_pretrained(path)`, local files only, never remote code."""
-    if not os.path.isdir(path):
-        raise ConfigError(f"{key} = {path!r}: no such directory; point it at a tokenizer "
-                          "(a model directory or the output of rega_engine.tokenizer.train_tokenizer)")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    except Exception as e:  # transformers raises OSError, ValueError, KeyError... depending on what is missing
-        raise ConfigError(f"{key} = {path!r}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
-
-
-def _check(config: RunConfig) -> None:
-    data = config.data
-    if data.too_long not in TOO_LONG_POLICIES:
-        raise ConfigError(f"data.too_long = {data.too_long!r}; expected one of {', '.join(TOO_LONG_POLICIES)}")
-    if data.bad_rows not in BAD_ROW_POLICIES:
-        raise ConfigError(f"data.bad_rows = {data.bad_rows!r}; expected one of {', '.join(BAD_ROW_POLICIES)}")
-    if data.seq_len < 2:
-        raise ConfigError(f"data.seq_len = {data.seq_len}; expected at least 2 tokens")
-    if data.workers < 0:
-        raise ConfigError(f"data.workers = {data.workers}; expected 0 (one per CPU core) or more")
-    if not data.prepared:
-        raise ConfigError("data.prepared is empty; set the output directory of the prepared dataset")
-
-
 # -- tokenizing, in worker processes -------------------------------------------------------------
 _renderer: ChatRenderer | None = None
 
@@ -78,11 +49,13 @@ def _init_worker(path: str, template: str) -> None:
 
 
 def _render_chunk(chunk: list) -> list:
-    """[(messages, system)] -> [(ids int32, mask uint8) or RenderError]."""
+    """[(messages, system, text)] -> [(ids int32, mask uint8) or RenderError]; a sample with text
+    (a plain-text pretraining row) is that text alone."""
     out = []
-    for messages, system in chunk:
+    for messages, system, text in chunk:
         try:
-            out.append(_renderer.render_arrays(messages, system))
+            out.append(_renderer.render_arrays(messages, system) if text is None
+                       else _renderer.render_text_arrays(text))
         except RenderError as e:
             out.append(e)
     return out
@@ -90,7 +63,8 @@ def _render_chunk(chunk: list) -> list:
 
 def _rendered(samples: list, path: str, template: str, workers: int):
     """Yields each sample's rendering, in the order of `samples`."""
-    chunks = [[(s.messages, s.system) for s in samples[i:i + CHUNK]] for i in range(0, len(samples), CHUNK)]
+    chunks = [[(s.messages, s.system, s.text) for s in samples[i:i + CHUNK]]
+              for i in range(0, len(samples), CHUNK)]
     workers = min(workers, len(chunks))
     if workers <= 1:
         _init_worker(path, template)
@@ -113,7 +87,7 @@ def _where(origin: str) -> tuple[str, int]:
 def prepare(config: RunConfig) -> dict:
     """Tokenize the REGA mixture of `config` into `config.data.prepared`; prints and returns the report."""
     started = time.time()
-    _check(config)
+    validate_config(config)
     data = config.data
     path, key = tokenizer_path(config)
     tokenizer = load_tokenizer(path, key)
@@ -121,8 +95,9 @@ def prepare(config: RunConfig) -> dict:
     mixture = build_mixture(config)
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     workers = data.workers or os.cpu_count() or 1
-    print(f"prepare: {len(mixture.samples)} samples, {renderer_kind} chat template, tokenizer {path}, "
-          f"{min(workers, max(1, -(-len(mixture.samples) // CHUNK)))} process(es)", file=sys.stderr)
+    log.info("prepare: %d samples, %s chat template, tokenizer %s, %d process(es)",
+             len(mixture.samples), renderer_kind, path,
+             min(workers, max(1, -(-len(mixture.samples) // CHUNK))))
 
     counts = Counter()
     unrenderable = Counter()
@@ -161,11 +136,32 @@ def prepare(config: RunConfig) -> dict:
             counts["tokens"] += len(ids)
             counts["loss_tokens"] += loss_tokens
         report = _report(config, mixture, kept, counts, unrenderable, path, renderer_kind, started)
-        writer.close(report)
+        dataset = writer.close(report)
     print(format_report(report))
+    if kept:
+        report["one_pass"] = one_pass(config, dataset)
+        print(report["one_pass"]["text"])
     if not kept:
         log.warning("prepare: no sample was written to %s; see the counts above", data.prepared)
     return report
+
+
+def one_pass(config: RunConfig, dataset) -> dict:
+    """Micro-batches and optimizer steps in one pass over `dataset` for the run's train settings
+    and the number of processes torchrun would start (WORLD_SIZE; 1 without it), as train plans them."""
+    from ..train.schedule import one_pass_text
+    from .loader import PackedLoader
+
+    t = config.train
+    world_size = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    loader = PackedLoader(dataset, seq_len=config.data.seq_len, batch_size=t.micro_batch_size,
+                          world_size=world_size, seed=t.seed, prefetch=0)
+    micro_batches = len(loader)
+    text = one_pass_text(micro_batches, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                         world_size=world_size)
+    return {"micro_batches_per_rank": micro_batches, "world_size": world_size,
+            "optimizer_steps": -(-micro_batches // t.grad_accum),
+            "text": f"{text}; for N processes: WORLD_SIZE=N rega-engine prepare ..."}
 
 
 def _report(config, mixture: Mixture, kept, counts, unrenderable, path, renderer_kind, started) -> dict:

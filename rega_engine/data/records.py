@@ -8,25 +8,30 @@ user turn. `domain` is optional; where given it must be a domain of the role tab
 source the file is listed under. Distilled exemplars (`"distilled": true`) belong to the general
 domain only.
 
+Two more readers: `read_tagged_samples` for a file holding several domains (data.files,
+eval.files), where each row's own `domain` ("general" or a domain name) says where it belongs and
+a row without one is rejected; and `read_pretrain` for base-model training data (data.pretrain),
+where a row is a chat as above or `{"text": "..."}`, plain text trained on every token.
+
 Under `bad_rows = "skip"` a rejected row is logged (the first few per file, with file:line and the
 reason) and counted by reason in `RowStats`; under `"error"` it raises `DataError("path:line: reason")`.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Collection, Iterator
 
-from ..batch import GENERAL_DOMAIN
-from ..errors import DataError
+from ..config import BAD_ROW_POLICIES
+from ..errors import ConfigError, DataError
+from ..kinds import GENERAL_DOMAIN
+from ..log import get_logger
 
-log = logging.getLogger("rega_engine.data")
+log = get_logger(__name__)
 
 ROLES = ("system", "user", "assistant")
-BAD_ROW_POLICIES = ("skip", "error")
 WARN_FIRST = 5      # rejected rows logged per file under "skip"; the rest are only counted
 
 
@@ -38,6 +43,7 @@ class Record:
     distilled: bool
     path: str
     line: int
+    text: str | None = None     # a plain-text row of data.pretrain (then messages is empty)
 
     @property
     def origin(self) -> str:
@@ -98,27 +104,48 @@ def _check_messages(row: dict, *, instruction: bool) -> tuple:
     return tuple(turns)
 
 
-def _check_row(row, *, source: str, source_key: str, known_domains: Collection[str] | None,
-               instruction: bool) -> tuple:
+def _check_text(row: dict) -> str:
+    if "messages" in row:
+        raise _Reject("wrong type", "a row has either 'text' (plain text) or 'messages' (a chat), not both")
+    text = row["text"]
+    if not isinstance(text, str):
+        raise _Reject("wrong type", f"'text' must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise _Reject("empty text", "'text' is empty")
+    return text
+
+
+def _check_row(row, *, source: str | None, source_key: str, known_domains: Collection[str] | None,
+               instruction: bool, text_rows: bool = False) -> tuple:
+    """(messages, domain, distilled, text) of a valid row. `source` None: the row's own domain
+    decides (data.files); `text_rows`: {"text": ...} rows are accepted too (data.pretrain)."""
     if not isinstance(row, dict):
         raise _Reject("not an object", f"expected a JSON object, got {type(row).__name__}")
-    messages = _check_messages(row, instruction=instruction)
+    text = _check_text(row) if text_rows and "text" in row else None
+    messages = () if text is not None else _check_messages(row, instruction=instruction)
     distilled = row.get("distilled", False)
     if not isinstance(distilled, bool):
         raise _Reject("wrong type", f"'distilled' must be true or false, got {distilled!r}")
     domain = row.get("domain")
+    if domain is None and source is None:
+        raise _Reject("missing domain", f"no 'domain' field: each row of {source_key} names its domain, "
+                      f"e.g. \"domain\": \"{GENERAL_DOMAIN}\" or a domain of roles.prompts")
     if domain is not None:
         if not isinstance(domain, str):
             raise _Reject("wrong type", f"'domain' must be a string, got {type(domain).__name__}")
         if known_domains is not None and domain not in known_domains:
             raise _Reject("unknown domain", f"domain {domain!r} has no role prompt "
                           f"(known: {', '.join(known_domains)}); add roles.prompts.{domain} or fix the row")
-        if domain != source:
+        if source is not None and domain != source:
+            section = source_key.split(".")[0]
+            hint = (f"; a file holding several domains goes in {section}.files, where each row's "
+                    "domain decides" if section in ("data", "eval") and source_key != "data.pretrain" else "")
             raise _Reject("domain mismatch", f"domain {domain!r} disagrees with the source this file is listed "
-                          f"under ({source_key})")
-    if distilled and source != GENERAL_DOMAIN:
-        raise _Reject("domain mismatch", f"a distilled (general) exemplar listed under {source_key}")
-    return messages, domain, distilled
+                          f"under ({source_key}){hint}")
+    if distilled and (domain if source is None else source) != GENERAL_DOMAIN:
+        raise _Reject("domain mismatch", f"a distilled (general) exemplar listed under {source_key}"
+                      + (f" with domain {domain!r}" if source is None else ""))
+    return messages, domain, distilled, text
 
 
 def _parse(raw: bytes):
@@ -130,19 +157,22 @@ def _parse(raw: bytes):
         raise _Reject("bad JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
 
 
-def _read(path, *, source: str, source_key: str, known_domains, instruction: bool, bad_rows: str,
-          stats: RowStats | None) -> Iterator[Record]:
+def _read(path, *, source: str | None, source_key: str, known_domains, instruction: bool, bad_rows: str,
+          stats: RowStats | None, text_rows: bool = False) -> Iterator[Record]:
     if bad_rows not in BAD_ROW_POLICIES:
-        raise ValueError(f"data.bad_rows = {bad_rows!r}; expected one of {', '.join(BAD_ROW_POLICIES)}")
+        # An argument check for callers in code; a run's config is checked by validate_config.
+        raise ConfigError(f"data.bad_rows = {bad_rows!r}: expected one of "
+                          f"{', '.join(BAD_ROW_POLICIES)}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found (listed as {source_key})", "file not found", path)
     stats = stats if stats is not None else RowStats()
     # Checked here, before the first row is asked for: a missing file fails when it is listed.
-    return _rows(path, source, source_key, known_domains, instruction, bad_rows, stats)
+    return _rows(path, source, source_key, known_domains, instruction, bad_rows, stats, text_rows)
 
 
-def _rows(path, source, source_key, known_domains, instruction, bad_rows, stats) -> Iterator[Record]:
+def _rows(path, source, source_key, known_domains, instruction, bad_rows, stats,
+          text_rows) -> Iterator[Record]:
     counts = stats.file(path)
     warned = 0
     with open(path, "rb") as f:
@@ -152,9 +182,9 @@ def _rows(path, source, source_key, known_domains, instruction, bad_rows, stats)
                 continue
             counts["read"] += 1
             try:
-                messages, domain, distilled = _check_row(
+                messages, domain, distilled, text = _check_row(
                     _parse(raw), source=source, source_key=source_key, known_domains=known_domains,
-                    instruction=instruction)
+                    instruction=instruction, text_rows=text_rows)
             except _Reject as r:
                 if bad_rows == "error":
                     raise DataError(f"{path}:{line_no}: {r.detail}", r.reason, path, line_no) from None
@@ -166,7 +196,7 @@ def _rows(path, source, source_key, known_domains, instruction, bad_rows, stats)
                     log.warning("%s:%d: %s; row skipped%s", path, line_no, r.detail, more)
                 continue
             counts["kept"] += 1
-            yield Record(messages, domain, distilled, path, line_no)
+            yield Record(messages, domain, distilled, path, line_no, text)
 
 
 def read_samples(path, *, source: str, known_domains: Collection[str] | None = None,
@@ -180,6 +210,23 @@ def read_samples(path, *, source: str, known_domains: Collection[str] | None = N
     key = source_key or ("data.general" if source == GENERAL_DOMAIN else f"data.domains.{source}")
     return _read(path, source=source, source_key=key, known_domains=known_domains,
                  instruction=False, bad_rows=bad_rows, stats=stats)
+
+
+def read_tagged_samples(path, *, source_key: str, known_domains: Collection[str] | None = None,
+                        bad_rows: str = "skip", stats: RowStats | None = None) -> Iterator[Record]:
+    """Training samples of a file holding several domains (data.files, eval.files, named by
+    `source_key`): each row's `domain` ("general" or a domain of `known_domains`) is where it
+    belongs, in Record.domain; a row without one is rejected ("missing domain")."""
+    return _read(path, source=None, source_key=source_key, known_domains=known_domains,
+                 instruction=False, bad_rows=bad_rows, stats=stats)
+
+
+def read_pretrain(path, *, bad_rows: str = "skip", stats: RowStats | None = None,
+                  source_key: str = "data.pretrain") -> Iterator[Record]:
+    """Base-model training data: chats (as read_samples, general domain) or {"text": "..."} rows
+    (Record.text set, messages empty), trained on every token."""
+    return _read(path, source=GENERAL_DOMAIN, source_key=source_key, known_domains=None,
+                 instruction=False, bad_rows=bad_rows, stats=stats, text_rows=True)
 
 
 def read_instructions(path, *, bad_rows: str = "skip", stats: RowStats | None = None,

@@ -31,10 +31,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import ConfigError
-from ..errors import RenderError
+from ..config import CHAT_TEMPLATES as TEMPLATES
+from ..errors import ConfigError, RenderError
 
-TEMPLATES = ("auto", "plain")
 PLAIN_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
@@ -52,8 +51,9 @@ class ChatRenderer:
     """Renders conversations for one tokenizer; build once, use for many samples."""
 
     def __init__(self, tokenizer, template: str = "auto"):
-        if template not in TEMPLATES:
-            raise ConfigError(f"data.chat_template = {template!r}; expected one of {', '.join(TEMPLATES)}")
+        if template not in TEMPLATES:   # for callers in code; a run's config is checked before
+            raise ConfigError(f"data.chat_template = {template!r}: expected one of "
+                              f"{', '.join(TEMPLATES)}")
         self.tokenizer = tokenizer
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.kind = "tokenizer" if template == "auto" and has_template else "plain"
@@ -176,6 +176,22 @@ class ChatRenderer:
                     mask += [target] * len(piece_ids)
             cursor = e
         return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)
+
+    def render_text_arrays(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """A plain-text document (a {"text": ...} row of data.pretrain): BOS, the text, EOS (each
+        where the tokenizer has one), a loss on every token but the first, which nothing predicts."""
+        if self._specials is not None:
+            found = self._specials.search(text)
+            if found:
+                raise RenderError(f"the text contains the special token {found.group()!r} as text",
+                                  "special token in text")
+        ids = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+        ids += self._encode(text)
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        mask = np.ones(len(ids), dtype=np.uint8)
+        mask[:1] = 0
+        return np.asarray(ids, dtype=np.int32), mask
 
     def render(self, messages: Sequence[dict], system: str | None) -> tuple[list[int], list[int]]:
         """Token ids of the whole conversation and its loss mask (1 on assistant tokens)."""

@@ -83,6 +83,8 @@ def _toml_value(value) -> str:
         return json.dumps(value)      # a JSON string is a TOML basic string
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"no TOML form for {type(value).__name__}")
 
 
@@ -209,8 +211,9 @@ def pretrain_config(base: RunConfig, files: dict, sizes: Sizes, out: Path) -> Ru
     config = copy.deepcopy(base)
     config.model.init_config = str(out / "tiny_llama.json")
     # The base model learns the general skills from the world's own answers, under the central
-    # prompt (the pipeline files them as general exemplars).
-    config.data.general = files["general_train"]
+    # prompt: pretraining data, samples of kind `pretrain` (the same samples, in the same order,
+    # as when they posed as data.general, so the results do not change).
+    config.data.pretrain = [files["general_train"]]
     config.data.prepared = str(out / "base" / "prepared")
     config.train.out_dir = str(out / "base")
     config.train.steps = sizes.pretrain_steps
@@ -410,7 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     with stages.run("pretrain", f"pretraining a tiny Llama on the general skills ({sizes.pretrain_steps} steps)",
                     out / "base" / "log.txt"):
         prepare(config)
-        train(config)
+        code = train(config)
+    if code:   # a SIGTERM stopped training: there is no model to go on with
+        print(f"[pretrain] stopped by SIGTERM (log: {out / 'base' / 'log.txt'}); the demo ends "
+              "here", file=sys.stderr)
+        return code
     results = {}
     with stages.run("eval base", "evaluating the base model", out / "base" / "eval_log.txt"):
         results["base"] = evaluate_one(out / "base" / "hf", world, sizes, config, generation_device)
@@ -431,7 +438,11 @@ def main(argv: list[str] | None = None) -> int:
             prepare(config)
             set_epochs(config, sizes.finetune_epochs)
             stages.save_config(name, config, "prepare", "train", "eval")
-            train(config)
+            code = train(config)
+        if code:
+            print(f"[{name}] stopped by SIGTERM (log: {out / name / 'log.txt'}); the demo ends here",
+                  file=sys.stderr)
+            return code
         print(f"  {config.train.steps} steps ({sizes.finetune_epochs} passes over its mixture)")
         with stages.run(f"eval {name}", f"evaluating {label}", out / name / "eval_log.txt"):
             results[name] = evaluate_one(out / name / "hf", world, sizes, config, generation_device)

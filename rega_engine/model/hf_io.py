@@ -9,6 +9,9 @@ FSDP2, and fill each (DTensor) shard straight from the files:
     ... fully_shard(...) per block and at the root ...
     model.to_empty(device="cuda")
     load_state_dict_into(model, path)
+
+Writing: `save_pretrained(model, path)` for any model here; `export_pretrained` for the end of a
+training run (gathers FSDP2 shards onto rank 0 and copies the tokenizer files alongside).
 """
 from __future__ import annotations
 
@@ -16,15 +19,18 @@ import inspect
 import json
 import os
 import re
+import shutil
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from rega_engine.model.llama import CausalLM, ModelArgs
+from rega_engine import distributed
 from rega_engine.errors import CheckpointError
+from rega_engine.files import open_safetensors, read_json_object
+from rega_engine.model.args import ModelArgs
+from rega_engine.model.llama import CausalLM
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -37,8 +43,10 @@ _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped
 # Tensors some exported checkpoints carry that are not parameters (recomputed from the config).
 _NON_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
+# Files that make a tokenizer directory loadable by transformers' AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
 
 
 def canonical_name(name: str) -> str:
@@ -65,8 +73,7 @@ def weight_map(path: str | os.PathLike) -> dict[str, str]:
     index_file = os.path.join(path, INDEX_NAME)
     single_file = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(index_file):
-        with open(index_file, encoding="utf-8") as f:
-            index = json.load(f)
+        index = read_json_object(index_file, error=CheckpointError)
         if not isinstance(index.get("weight_map"), dict):
             raise CheckpointError(f"{index_file}: no 'weight_map' object")
         mapping = {name: os.path.join(path, file) for name, file in index["weight_map"].items()}
@@ -76,7 +83,7 @@ def weight_map(path: str | os.PathLike) -> dict[str, str]:
                                     f"{_list(absent)}")
         return mapping
     if os.path.isfile(single_file):
-        with safe_open(single_file, framework="pt") as f:
+        with open_safetensors(single_file) as f:
             return {name: single_file for name in f.keys()}
     pickles = [n for n in _PICKLE_NAMES if os.path.isfile(os.path.join(path, n))]
     pickles += sorted(n for n in os.listdir(path) if n.endswith(".bin") and n not in pickles)
@@ -157,7 +164,7 @@ def load_state_dict_into(model: nn.Module, path: str | os.PathLike, *,
     for name in sorted(names):
         by_file.setdefault(mapping[name], []).append(name)
     for file, file_names in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for name in file_names:
                 tensor = f.get_tensor(name)
                 target = targets[name]
@@ -201,8 +208,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     _check_names(_expected_tensors(model), mapping, args.tie_word_embeddings, path)
     generation_file = os.path.join(path, GENERATION_CONFIG_NAME)
     if os.path.isfile(generation_file):
-        with open(generation_file, encoding="utf-8") as f:
-            model.generation_config = json.load(f)
+        model.generation_config = read_json_object(generation_file, error=CheckpointError)
     device = torch.device("cpu" if device is None else device)
     if device.type == "meta":
         return model
@@ -339,3 +345,35 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, state_dict: dict |
         _atomic_write_json(dict(generation), os.path.join(path, GENERATION_CONFIG_NAME))
         written.append(GENERATION_CONFIG_NAME)
     return written
+
+
+# --------------------------------------------------------------------------------------------
+# Exporting a trained run
+
+
+def export_pretrained(model: nn.Module, hf_dir: str | os.PathLike, *, dtype: torch.dtype,
+                      sharded: bool, tokenizer_dir: str | os.PathLike | None = None) -> str:
+    """Writes a trained (possibly FSDP2-sharded) model as a directly loadable and servable
+    transformers checkpoint: safetensors in `dtype`, config.json, and the tokenizer files of
+    `tokenizer_dir` if it is a directory. A collective when `sharded`: every rank calls it, rank 0
+    writes. Returns hf_dir."""
+    hf_dir = os.fspath(hf_dir)
+    state_dict = None
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        # Gathered shard by shard onto rank 0's CPU; the other ranks get an empty dict.
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                          cpu_offload=True))
+    if distributed.rank() == 0:
+        save_pretrained(model, hf_dir, state_dict=state_dict, dtype=dtype)
+        if tokenizer_dir and os.path.isdir(tokenizer_dir):
+            copy_tokenizer_files(tokenizer_dir, hf_dir)
+    distributed.barrier()
+    return hf_dir
+
+
+def copy_tokenizer_files(tokenizer_dir: str | os.PathLike, hf_dir: str | os.PathLike) -> None:
+    for name in TOKENIZER_FILES:
+        source = os.path.join(tokenizer_dir, name)
+        if os.path.isfile(source):
+            shutil.copy2(source, os.path.join(hf_dir, name))

@@ -1,9 +1,10 @@
 """A single-device decoder for the Llama family (Llama 2/3, Qwen2/2.5, Mistral) on packed batches.
 
 Module and parameter names are exactly transformers' (`model.layers.3.self_attn.q_proj.weight`,
-...), so that loading and saving Hugging Face checkpoints is a plain name mapping (hf_io.py).
-Parallelism (FSDP2, activation checkpointing, torch.compile) is applied from outside, one
-`model.model.layers[i]` block at a time; nothing here knows about it.
+...), so that loading and saving Hugging Face checkpoints is a plain name mapping (hf_io.py, which
+imports this file; this file never imports it). The arguments and the parsing of a config.json
+live in args.py. Parallelism (FSDP2, activation checkpointing, torch.compile) is applied from
+outside, one `model.model.layers[i]` block at a time; nothing here knows about it.
 
 The forward takes a packed batch (rega_engine/batch.py): rows of tokens flattened to one stream,
 `cu_seqlens` marking the documents, `position_ids` restarting per document. Attention runs
@@ -13,244 +14,19 @@ logits are never materialised in training.
 """
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rega_engine.errors import ConfigError
 from rega_engine.batch import IGNORE_INDEX
 from rega_engine.kernels.attention import varlen_attention
 from rega_engine.kernels.cross_entropy import fused_linear_cross_entropy
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
-# Defaults transformers applies when config.json leaves a key out; they differ between families.
-_FAMILY_DEFAULTS = {
-    "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
-    "mistral": {"max_position_embeddings": 4096 * 32, "bos_token_id": 1, "eos_token_id": 2,
-                "num_key_value_heads": 8, "sliding_window": 4096},
-    "qwen2": {"max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None,
-              "num_key_value_heads": 32, "sliding_window": 4096, "max_window_layers": 28},
-}
-_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads")
-
-
-
-
-@dataclass(frozen=True)
-class RopeArgs:
-    theta: float = 10000.0
-    rope_type: str = "default"          # "default" or "llama3"
-    factor: float = 1.0                 # llama3 only
-    low_freq_factor: float = 1.0        # llama3 only
-    high_freq_factor: float = 4.0       # llama3 only
-    original_max_position_embeddings: int = 8192  # llama3 only
-
-
-@dataclass
-class ModelArgs:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope: RopeArgs = field(default_factory=RopeArgs)
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    initializer_range: float = 0.02
-    max_position_embeddings: int = 2048
-    # Longest document the attention may see: set for Mistral/Qwen2 sliding-window configs, whose
-    # window we do not implement; documents within it get exactly full causal attention.
-    sliding_window: int | None = None
-    bos_token_id: int | list[int] | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    # The config.json as read, written back (with our resolved values) on save.
-    hf_config: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_hf_config(cls, config: dict | str | os.PathLike) -> "ModelArgs":
-        """Reads a Hugging Face config: a dict, a config.json path or a checkpoint directory."""
-        source = "config dict"
-        if not isinstance(config, dict):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: no such config.json (expected a Hugging Face "
-                                        "checkpoint directory or its config.json)")
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-            source = path
-        return _parse_hf_config(copy.deepcopy(dict(config)), source)
-
-    @property
-    def family_architecture(self) -> str:
-        return HF_ARCHITECTURES[self.model_type]
-
-    def to_hf_config(self) -> dict:
-        """The config.json to write: the original dict, with every value transformers would
-        otherwise default differently filled in, so both sides build the same model."""
-        out = copy.deepcopy(self.hf_config)
-        out.update({
-            "model_type": self.model_type,
-            "architectures": [self.family_architecture],
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": "silu",
-        })
-        if self.model_type != "qwen2" or "head_dim" in out:
-            out["head_dim"] = self.head_dim
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if key in out or getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        if self.model_type == "mistral":
-            out["sliding_window"] = self.sliding_window
-        if "rope_parameters" not in out and "rope_theta" not in out:
-            out["rope_theta"] = self.rope.theta
-        return out
-
-
-def _parse_hf_config(cfg: dict, source: str) -> ModelArgs:
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"{source}: model_type {model_type!r} is not supported; supported "
-                          f"model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    missing = [k for k in _REQUIRED_KEYS if cfg.get(k) is None]
-    if missing:
-        raise ConfigError(f"{source}: missing required key(s) {missing}")
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"{source}: hidden_act {act!r} is not supported (only 'silu', SwiGLU)")
-    defaults = _FAMILY_DEFAULTS[model_type]
-
-    def get(key, default):
-        value = cfg.get(key, defaults.get(key, default))
-        return default if value is None and default is not None else value
-
-    n_heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    n_kv = int(get("num_key_value_heads", n_heads))
-    head_dim = cfg.get("head_dim")
-    if head_dim is None:
-        if hidden % n_heads:
-            raise ConfigError(f"{source}: hidden_size {hidden} is not a multiple of "
-                              f"num_attention_heads {n_heads}; set head_dim")
-        head_dim = hidden // n_heads
-    if n_heads % n_kv:
-        raise ConfigError(f"{source}: num_attention_heads {n_heads} is not a multiple of "
-                          f"num_key_value_heads {n_kv}")
-    if head_dim % 2:
-        raise ConfigError(f"{source}: head_dim {head_dim} must be even for rotary embeddings")
-
-    if model_type == "qwen2":
-        qkv_bias, o_bias, mlp_bias = True, False, False
-    elif model_type == "llama":
-        qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
-        mlp_bias = bool(cfg.get("mlp_bias", False))
-    else:
-        qkv_bias = o_bias = mlp_bias = False
-
-    max_pos = int(get("max_position_embeddings", 2048))
-    return ModelArgs(
-        model_type=model_type,
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_hidden_layers=int(cfg["num_hidden_layers"]),
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv,
-        head_dim=int(head_dim),
-        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-        rope=_parse_rope(cfg, source, max_pos),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=qkv_bias,
-        o_bias=o_bias,
-        mlp_bias=mlp_bias,
-        initializer_range=float(get("initializer_range", 0.02)),
-        max_position_embeddings=max_pos,
-        sliding_window=_parse_sliding_window(cfg, model_type, defaults, source),
-        bos_token_id=get("bos_token_id", None),
-        eos_token_id=get("eos_token_id", None),
-        pad_token_id=cfg.get("pad_token_id"),
-        hf_config=cfg,
-    )
-
-
-def _parse_rope(cfg: dict, source: str, max_pos: int) -> RopeArgs:
-    # transformers < 5 writes rope_theta + rope_scaling; transformers 5 folds both into
-    # rope_parameters (possibly nested by layer type, which no family here uses).
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
-    if not isinstance(params, dict):
-        raise ConfigError(f"{source}: {key} must be a JSON object, got {params!r}")
-    if "partial_rotary_factor" in params or "partial_rotary_factor" in cfg:
-        if float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))) != 1.0:
-            raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
-    theta = params.get("rope_theta", cfg.get("rope_theta"))
-    theta = 10000.0 if theta is None else float(theta)
-    rope_type = params.get("rope_type", params.get("type")) or "default"
-    if rope_type == "default":
-        return RopeArgs(theta=theta)
-    if rope_type != "llama3":
-        raise ConfigError(f"{source}: {key}.rope_type {rope_type!r} is not supported "
-                          "(supported: 'default', 'llama3')")
-    try:
-        factor = float(params["factor"])
-        low = float(params["low_freq_factor"])
-        high = float(params["high_freq_factor"])
-    except KeyError as e:
-        raise ConfigError(f"{source}: {key} of rope_type 'llama3' lacks {e.args[0]!r}") from None
-    if high <= low:
-        raise ConfigError(f"{source}: {key}.high_freq_factor ({high}) must exceed "
-                          f"low_freq_factor ({low})")
-    original = params.get("original_max_position_embeddings",
-                          cfg.get("original_max_position_embeddings", max_pos))
-    return RopeArgs(theta=theta, rope_type="llama3", factor=factor, low_freq_factor=low,
-                    high_freq_factor=high, original_max_position_embeddings=int(original))
-
-
-def _parse_sliding_window(cfg: dict, model_type: str, defaults: dict, source: str) -> int | None:
-    if model_type == "mistral":
-        window = cfg.get("sliding_window", defaults["sliding_window"])
-        return None if window is None else int(window)
-    if model_type == "qwen2":
-        if not cfg.get("use_sliding_window", False):
-            return None
-        window = cfg.get("sliding_window", defaults["sliding_window"])
-        layer_types = cfg.get("layer_types")
-        if layer_types is None:
-            first = int(cfg.get("max_window_layers", defaults["max_window_layers"]))
-            any_sliding = first < int(cfg["num_hidden_layers"])
-        else:
-            any_sliding = "sliding_attention" in layer_types
-        return int(window) if window is not None and any_sliding else None
-    return None
+from rega_engine.model.args import ModelArgs, RopeArgs
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,46 +243,41 @@ class CausalLM(nn.Module):
             raise ValueError(f"input_ids must be (batch, seq_len), got shape "
                              f"{tuple(input_ids.shape)}")
         b, l = input_ids.shape
-        device = input_ids.device
-        if cu_seqlens is None:
-            # One document per row; built on the device so no host sync happens.
-            cu_seqlens = torch.arange(0, b + 1, device=device, dtype=torch.int32) * l
-            max_seqlen = l
-            if position_ids is None:
-                position_ids = torch.arange(l, device=device).expand(b, l)
-        else:
-            if cu_seqlens.dtype != torch.int32:
-                cu_seqlens = cu_seqlens.to(torch.int32)
-            if max_seqlen is None:
-                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host sync
-            if position_ids is None:
-                position_ids = positions_from_cu_seqlens(cu_seqlens, b * l).view(b, l)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        cu_seqlens, max_seqlen, position_ids = packed_segments(input_ids, position_ids,
+                                                               cu_seqlens, max_seqlen)
+        self._check_sliding_window(cu_seqlens, max_seqlen, labels)
+        hidden = self.model(input_ids.reshape(-1), position_ids.reshape(-1), cu_seqlens,
+                            max_seqlen)
+        if labels is None:
+            return CausalLMOutput(logits=F.linear(hidden, self.lm_head_weight).view(b, l, -1))
+        return self._loss(hidden, labels, loss_weights, reduction, return_token_losses)
+
+    def _check_sliding_window(self, cu_seqlens: torch.Tensor, max_seqlen: int,
+                              labels: torch.Tensor | None) -> None:
         window = self.args.sliding_window
+        if window is None or max_seqlen <= window:
+            return
         longest = max_seqlen
-        if window is not None and max_seqlen > window and labels is not None:
+        if labels is not None:
             # max_seqlen counts the padding runs, which are segments too (batch.py), so an
             # all-padding row is a segment of seq_len. A segment without a trained label changes
             # neither the loss nor any other token, so only segments that train must fit.
             longest = _longest_trained_segment(cu_seqlens, labels)   # host sync, rare branch
-        if window is not None and longest > window:
+        if longest > window:
             raise ValueError(
                 f"a segment of {longest} tokens exceeds sliding_window={window} of this "
                 f"{self.args.model_type} config; the window is not implemented (documents "
                 f"within it get exact attention), so use seq_len <= {window} or pack shorter "
                 "documents")
-        if position_ids.shape != input_ids.shape:
-            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids "
-                             f"shape {tuple(input_ids.shape)}")
 
-        hidden = self.model(input_ids.reshape(-1), position_ids.reshape(-1), cu_seqlens,
-                            int(max_seqlen))
-        if labels is None:
-            logits = F.linear(hidden, self.lm_head_weight).view(b, l, -1)
-            return CausalLMOutput(logits=logits)
-
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+              loss_weights: torch.Tensor | None, reduction: str,
+              return_token_losses: bool) -> CausalLMOutput:
+        """The fused linear cross-entropy of the hidden states (B * L, hidden) against labels."""
+        b, l = labels.shape
         # Shift the (small) labels rather than the (large) hidden states: position t of a row
         # is scored against labels[t + 1]; each row's last position gets IGNORE_INDEX.
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
@@ -558,14 +329,31 @@ class CausalLM(nn.Module):
         a = self.args
         return 6 * a.num_hidden_layers * a.num_attention_heads * a.head_dim * sum_sq
 
-    # -- Hugging Face I/O ----------------------------------------------------------------------
-    def save_pretrained(self, path, state_dict: dict | None = None, *,
-                        dtype: torch.dtype | None = None,
-                        max_shard_size: int | str | None = None) -> list[str]:
-        """Writes a transformers-loadable checkpoint; see hf_io.save_pretrained."""
-        from rega_engine.model.hf_io import save_pretrained
-        return save_pretrained(self, path, state_dict=state_dict, dtype=dtype,
-                        max_shard_size=max_shard_size)
+
+def packed_segments(input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                    cu_seqlens: torch.Tensor | None,
+                    max_seqlen: int | None) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(cu_seqlens int32, max_seqlen, position_ids (B, L)) for a (B, L) batch, filling in what
+    the caller left out as CausalLM.forward documents it."""
+    b, l = input_ids.shape
+    device = input_ids.device
+    if cu_seqlens is None:
+        # One document per row; built on the device so no host sync happens.
+        cu_seqlens = torch.arange(0, b + 1, device=device, dtype=torch.int32) * l
+        max_seqlen = l
+        if position_ids is None:
+            position_ids = torch.arange(l, device=device).expand(b, l)
+    else:
+        if cu_seqlens.dtype != torch.int32:
+            cu_seqlens = cu_seqlens.to(torch.int32)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host sync
+        if position_ids is None:
+            position_ids = positions_from_cu_seqlens(cu_seqlens, b * l).view(b, l)
+    if position_ids.shape != input_ids.shape:
+        raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids "
+                         f"shape {tuple(input_ids.shape)}")
+    return cu_seqlens, int(max_seqlen), position_ids
 
 
 def _align_with_labels(per_position: torch.Tensor, b: int, l: int) -> torch.Tensor:

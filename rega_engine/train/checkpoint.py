@@ -10,6 +10,10 @@ A checkpoint is written under `step_<N>.tmp` and renamed by rank 0 after every r
 so a directory named `step_<N>` is complete by construction and a run killed mid-write leaves only
 a `.tmp` directory, which resuming ignores. Single-process runs without a process group use DCP's
 no_dist mode: the same files, the same code.
+
+`Checkpointer` is the training run's policy over these files: when to save and how many to keep,
+whether and from which checkpoint to resume (rank 0 decides, every rank follows), and refusing
+to start a fresh run over an earlier one's checkpoints.
 """
 from __future__ import annotations
 
@@ -20,13 +24,21 @@ import re
 import shutil
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from rega_engine import distributed
+from rega_engine.config import CheckpointConfig
+from rega_engine.errors import TrainingError
+from rega_engine.log import get_logger
+
+log = get_logger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 META_FILE = "meta.json"
@@ -52,23 +64,6 @@ def complete_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     found = complete_checkpoints(out_dir)
     return found[-1][1] if found else None
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if _distributed() else 1
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
 
 
 def rng_state(device: torch.device) -> dict:
@@ -107,22 +102,22 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     root = checkpoint_root(out_dir)
     final = root / f"step_{step}"
     tmp = root / f"step_{step}.tmp"
-    rank = _rank()
+    rank = distributed.rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():   # left by a run killed while writing this very step
             shutil.rmtree(tmp)
         tmp.mkdir()
-    _barrier()
+    distributed.barrier()
 
     model_state, optim_state = get_state_dict(model, optimizer)
     with _quiet_single_process():
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp),
-                 no_dist=not _distributed())
+                 no_dist=not distributed.is_distributed())
     _write_durably(tmp / f"rank_{rank}.pt", lambda f: torch.save(rank_state, f))
-    _barrier()
+    distributed.barrier()
     if rank == 0:
-        info = {"step": step, "world_size": _world_size(), **(meta or {})}
+        info = {"step": step, "world_size": distributed.world_size(), **(meta or {})}
         _write_durably(tmp / META_FILE, lambda f: f.write(json.dumps(info, indent=2).encode()))
         if final.exists():   # an older run's checkpoint of the same step: this one supersedes it
             shutil.rmtree(final)
@@ -131,7 +126,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         if keep > 0:
             for _, old in complete_checkpoints(out_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    distributed.barrier()
     return final
 
 
@@ -143,7 +138,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: {path} is not a complete checkpoint")
     meta = json.loads(meta_path.read_text())
-    world = _world_size()
+    world = distributed.world_size()
     if meta["world_size"] != world:
         raise ValueError(
             f"{path} was written by {meta['world_size']} process(es), this run has {world}: the data "
@@ -152,13 +147,101 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+        dcp.load(state, checkpoint_id=str(path), no_dist=not distributed.is_distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rank_file = path / f"rank_{_rank()}.pt"
+    rank_file = path / f"rank_{distributed.rank()}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(f"{rank_file} not found: the checkpoint {path} is incomplete")
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
     return meta, rank_state
+
+
+# --------------------------------------------------------------------------------------------
+# The run's policy
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run starts: step 0 of a fresh run, or the step of the checkpoint it resumed."""
+    step: int = 0
+    elapsed_s: float = 0.0       # the training time of the run up to that checkpoint
+    path: Path | None = None
+
+
+class Checkpointer:
+    """When one training run saves, how many checkpoints it keeps, and where it resumes from.
+
+    It holds what a checkpoint is made of: the model and optimizer (DCP, sharded) and, per rank,
+    the loaders' positions and the RNG states, so that a resumed run continues exactly where the
+    checkpoint was taken. Every method is a collective: every rank calls it.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, policy: CheckpointConfig, *, total_steps: int,
+                 model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 loaders: Sequence, device: torch.device):
+        self.out_dir = Path(out_dir)
+        self.policy = policy
+        self.total_steps = total_steps
+        self.model, self.optimizer, self.loaders = model, optimizer, list(loaders)
+        self.device = device
+
+    def resume(self) -> ResumePoint:
+        """Loads the newest complete checkpoint when checkpoint.resume is set (a fresh start if
+        there is none); refuses a fresh run where an earlier run left checkpoints."""
+        earlier = complete_checkpoints(self.out_dir)
+        if earlier and not self.policy.resume:
+            # A fresh run would interleave its checkpoints with the old ones and prune the wrong
+            # ones.
+            raise TrainingError(
+                f"train.out_dir = {self.out_dir} holds checkpoints of an earlier run (newest: "
+                f"{earlier[-1][1]}); pass --resume to continue it, or use another "
+                "train.out_dir (or remove its checkpoints/) to start afresh")
+        if not self.policy.resume:
+            return ResumePoint()
+        path = self._newest_agreed()
+        if path is None:
+            log.info(f"--resume: no complete checkpoint in {checkpoint_root(self.out_dir)}; "
+                     "starting from step 0")
+            return ResumePoint()
+        point = self._load(path)
+        if point.step >= self.total_steps:
+            raise TrainingError(f"{path} is at step {point.step}, train.steps = "
+                                f"{self.total_steps}: nothing to do; raise --train.steps to "
+                                "train further")
+        return point
+
+    def due(self, step: int) -> bool:
+        """Whether the policy saves after `step`: every checkpoint.every steps and at the last."""
+        every = self.policy.every
+        return bool(every) and (step % every == 0 or step == self.total_steps)
+
+    def save(self, step: int, *, elapsed_s: float) -> Path:
+        rank_state = {"step": step, "loaders": [loader.state_dict() for loader in self.loaders],
+                      "rng": rng_state(self.device)}
+        return save_checkpoint(self.out_dir, step, self.model, self.optimizer, rank_state,
+                               keep=self.policy.keep,
+                               meta={"elapsed_s": elapsed_s, "steps": self.total_steps})
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.out_dir)
+
+    def _newest_agreed(self) -> Path | None:
+        """Rank 0 chooses, everyone follows: ranks must never load different steps."""
+        path = latest_checkpoint(self.out_dir) if distributed.rank() == 0 else None
+        chosen = distributed.broadcast_from_rank0(None if path is None else str(path))
+        return None if chosen is None else Path(chosen)
+
+    def _load(self, path: Path) -> ResumePoint:
+        meta, rank_state = load_checkpoint(path, self.model, self.optimizer)
+        for loader, state in zip(self.loaders, rank_state["loaders"], strict=True):
+            loader.load_state_dict(state)
+        set_rng_state(rank_state["rng"], self.device)
+        return ResumePoint(step=int(meta["step"]), elapsed_s=float(meta.get("elapsed_s", 0.0)),
+                           path=path)
+
+
+# --------------------------------------------------------------------------------------------
+# File helpers
 
 
 @contextmanager

@@ -1,7 +1,20 @@
 """The training loop: `rega-engine train --config run.toml` (or torchrun ... for several processes).
 
-One optimizer step (the loop in `_train`, forward and backward in `train_step`):
-  1. fetch the step's grad_accum micro-batches (PackedBatch) from this rank's loader;
+A run, in the four steps `_train` reads as:
+  1. set up: the seeded RNGs, the prepared dataset and this rank's loaders, the model (built and
+     parallelised by train/parallel.py) and AdamW, held together by one `Run`;
+  2. resume: the run's `Checkpointer` (train/checkpoint.py) refuses to start afresh over an earlier
+     run's checkpoints, and with checkpoint.resume restores the newest one rank 0 finds (model,
+     optimizer, loader positions, RNG states); the metrics log then opens at that step;
+  3. train: `optimizer_step` after `optimizer_step` up to train.steps, with a log record every
+     train.log_every steps and a checkpoint when the Checkpointer says one is due or a SIGTERM asks
+     the run to stop (then it stops after that step);
+  4. export: <out_dir>/hf in the compute dtype with the tokenizer files (model/hf_io.py), loadable
+     by transformers, when the run finished.
+
+One optimizer step (`optimizer_step`, forward and backward in `forward_backward`; the training
+benchmark, benchmarks/bench_train.py, calls the very same function):
+  1. the step's grad_accum micro-batches (PackedBatch) from this rank's loaders;
   2. sum their loss weights and all-reduce that one scalar: W, the weight of every label token the
      step trains on, over all micro-batches and all ranks (one collective per step);
   3. per micro-batch: loss = sum(w * token_loss) / W ("sum" reduction with weights w / W), then
@@ -14,36 +27,47 @@ alone a checkpoint) and to learn whether a SIGTERM asks it to stop.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
-import shutil
 import signal
-import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from rega_engine.batch import PackedBatch
-from rega_engine.config import ConfigError, RunConfig, validate_config
-from rega_engine.train import checkpoint as ckpt
+from rega_engine.config import ConfigError, RunConfig, TrainConfig, validate_config
+from rega_engine.errors import TrainingError
+from rega_engine.kinds import check_kind_weights
+from rega_engine.log import get_logger
+from rega_engine.model import hf_io
+from rega_engine.train.checkpoint import Checkpointer
 from rega_engine.train.metrics import (DeviceSums, MetricsLogger, device_peak_flops,
                                        document_lengths, peak_memory_bytes)
 from rega_engine.train.parallel import Runtime, build_model, setup_runtime, teardown_runtime
-from rega_engine.errors import TrainingError
-from rega_engine.train.schedule import lr_at
+from rega_engine.train.schedule import lr_at, one_pass_text, steps_for_epochs
 
-# Files that make a tokenizer directory loadable by transformers' AutoTokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json")
+if TYPE_CHECKING:   # imported when the run starts, so that importing the loop stays light
+    from rega_engine.data.dataset import TokenDataset
+    from rega_engine.data.loader import PackedLoader
+
+log = get_logger(__name__)
+
+# The exit status of a run that a SIGTERM stopped after saving a checkpoint: 128 + SIGTERM (15),
+# what a shell reports for a process the signal killed, so `train && eval` does not go on to
+# evaluate a model that does not exist yet, and what schedulers that requeue pre-empted jobs
+# look for (Slurm's --requeue, a Kubernetes Job's podFailurePolicy on exit code 143).
+PREEMPTED_EXIT_CODE = 143
 
 
 def train(config: RunConfig, *, loader_deals: Sequence[tuple[int, int]] | None = None) -> int:
-    """Runs a training job; returns 0 (also after a SIGTERM-triggered checkpoint).
+    """Runs a training job; returns 0 when it reached train.steps, PREEMPTED_EXIT_CODE (143)
+    when a SIGTERM stopped it after saving a checkpoint (resume with --resume).
 
     loader_deals: which (rank, world_size) deals of the dataset this process reads, round-robin
     over its micro-batches; default: its own rank's. One process given [(0, 2), (1, 2)] with
@@ -57,9 +81,11 @@ def train(config: RunConfig, *, loader_deals: Sequence[tuple[int, int]] | None =
             f"data.prepared = {prepared}: no prepared dataset there ({prepared / 'meta.json'} not "
             "found); run `rega-engine prepare --config <the same run.toml>` first, or point "
             "--data.prepared=... at its output")
+    if config.train.threads:   # before anything runs: a shared machine's cores (train.threads)
+        torch.set_num_threads(config.train.threads)
     runtime = setup_runtime(config.train.device, config.model.dtype)
     try:
-        return _train(config, runtime, prepared, loader_deals)
+        return _train(config, runtime, loader_deals)
     finally:
         teardown_runtime(runtime)
 
@@ -82,9 +108,9 @@ def _make_loaders(config: RunConfig, dataset, runtime: Runtime,
                               f"the {len(deals)} loader deals, so that each is read equally")
     # data.kind_weights of the training config win over those prepare stored, so a weight can be
     # retuned without re-tokenizing; say so when they differ, since the run's TOML may not show it.
-    if dict(dataset.kind_weights) != dict(config.data.kind_weights) and runtime.rank == 0:
-        print(f"note: data.kind_weights = {dict(config.data.kind_weights)} replace the weights "
-              f"{dict(dataset.kind_weights)} stored in {dataset.path}/meta.json", flush=True)
+    if dict(dataset.kind_weights) != check_kind_weights(config.data.kind_weights):
+        log.info(f"note: data.kind_weights = {dict(config.data.kind_weights)} replace the weights "
+                 f"{dict(dataset.kind_weights)} stored in {dataset.path}/meta.json")
     loaders = [PackedLoader(dataset, seq_len=config.data.seq_len,
                             batch_size=config.train.micro_batch_size, rank=r, world_size=w,
                             seed=config.train.seed, kind_weights=config.data.kind_weights)
@@ -109,8 +135,7 @@ def _micro_batches(loaders: list) -> Iterator[PackedBatch]:
                 yield next(iterators[i])
 
 
-def _make_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.device):
-    t = config.train
+def _make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device):
     # No weight decay on gains and biases (1-D): decaying a norm's gain towards 0 is not
     # regularisation, it changes the function.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -150,9 +175,52 @@ def _in_main_thread() -> bool:
 # One step
 
 
-def train_step(model: torch.nn.Module, batches: list[PackedBatch], *, world_size: int,
-               distributed: bool, sums: DeviceSums | None = None,
-               stop_flag: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+class NonFiniteStep(TrainingError):
+    """The step's loss or gradient norm is not finite; raised before the update is applied."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        super().__init__(f"step {step}: non-finite {what} (loss {loss}, grad norm {grad_norm}); "
+                         "the update was not applied")
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor      # this rank's share of the step's loss, on the device
+    loss_value: float       # the same, on the host
+    grad_norm: float        # before clipping, over every rank's gradients
+    lr: float
+    stop_votes: float       # ranks that asked to stop (SIGTERM), summed over ranks
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   micro_batches: list[PackedBatch], *, lr: float, grad_clip: float, step: int,
+                   world_size: int = 1, distributed: bool = False,
+                   sums: DeviceSums | None = None, stop_requested: bool = False) -> StepResult:
+    """One optimizer step over micro-batches already on the device: forward and backward, the
+    global gradient norm and clipping (grad_clip 0: none), then AdamW at `lr` and zeroed
+    gradients. Its one host synchronisation checks loss and norm first: a non-finite step raises
+    NonFiniteStep naming `step`, and the update never reaches the weights."""
+    step_loss, stop_votes = forward_backward(model, micro_batches, world_size=world_size,
+                                             distributed=distributed, sums=sums,
+                                             stop_flag=float(stop_requested))
+    norm = grad_norm_and_clip(model, grad_clip)
+    loss_value, norm_value, votes = torch.stack(
+        [step_loss.double(), norm.double(), stop_votes]).tolist()   # the step's one sync
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        raise NonFiniteStep(step, loss_value, norm_value)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=step_loss, loss_value=loss_value, grad_norm=norm_value, lr=lr,
+                      stop_votes=votes)
+
+
+def forward_backward(model: torch.nn.Module, batches: list[PackedBatch], *, world_size: int,
+                     distributed: bool, sums: DeviceSums | None = None,
+                     stop_flag: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over one optimizer step's micro-batches (already on the device).
 
     Leaves in .grad the gradient of  sum(w * token_loss) / W  over every micro-batch of every rank,
@@ -203,171 +271,166 @@ def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 # The run
 
 
-def _train(config: RunConfig, runtime: Runtime, prepared: Path,
+@dataclass
+class Run:
+    """Everything one training run holds, built once by `_set_up`."""
+    config: RunConfig
+    runtime: Runtime
+    dataset: TokenDataset
+    model: torch.nn.Module
+    compute_dtype: torch.dtype
+    optimizer: torch.optim.Optimizer
+    loaders: list[PackedLoader]     # one per loader deal, read in turn
+    checkpointer: Checkpointer
+    logger: MetricsLogger
+    sums: DeviceSums
+    out_dir: Path
+    step: int                       # the last step whose update has been applied
+    flops_per_token: int
+    peak_flops: float | None
+
+
+def _train(config: RunConfig, runtime: Runtime,
            loader_deals: Sequence[tuple[int, int]] | None) -> int:
+    run = _set_up(config, runtime, loader_deals)                      # 1. set up, 2. resume
+    stop = _StopRequest()
+    stop.install()
+    finished = False
+    try:
+        finished = _train_steps(run, stop)                            # 3. train
+    finally:
+        stop.restore()
+        run.logger.close(plot=finished and config.train.plot)
+    if finished and config.checkpoint.export:                         # 4. export
+        hf_dir = hf_io.export_pretrained(
+            run.model, run.out_dir / "hf", dtype=run.compute_dtype, sharded=runtime.use_fsdp,
+            tokenizer_dir=config.data.tokenizer or config.model.path)
+        log.info(f"exported the trained model to {hf_dir}")
+    return 0 if finished else PREEMPTED_EXIT_CODE
+
+
+def _set_up(config: RunConfig, runtime: Runtime,
+            loader_deals: Sequence[tuple[int, int]] | None) -> Run:
+    """Steps 1 and 2: the run's parts, resumed from a checkpoint when asked to."""
     from rega_engine.data.dataset import TokenDataset
 
     t = config.train
-    out_dir = Path(t.out_dir)
-    device = runtime.device
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-
-    dataset = TokenDataset(prepared)
+    _seed_everything(t.seed)
+    dataset = TokenDataset(Path(config.data.prepared))
     loaders = _make_loaders(config, dataset, runtime, loader_deals)
+    # One pass: this process's micro-batches of the first epoch (the loaders are fresh here).
+    per_pass = sum(len(loader) for loader in loaders)
+    pass_line = one_pass_text(per_pass, micro_batch_size=t.micro_batch_size,
+                              grad_accum=t.grad_accum, world_size=runtime.world_size)
+    if t.epochs > 0:
+        steps = steps_for_epochs(t.epochs, per_pass, t.grad_accum)
+        pass_line += f"; train.epochs = {t.epochs:g}: {steps} steps"
+        config = dataclasses.replace(config, train=dataclasses.replace(t, steps=steps))
+        t = config.train
     model, compute_dtype = build_model(config.model, runtime, seed=t.seed)
+    _check_vocab(config, dataset, model)
+    optimizer = _make_optimizer(model, t, runtime.device)
+    checkpointer = Checkpointer(t.out_dir, config.checkpoint, total_steps=t.steps, model=model,
+                                optimizer=optimizer, loaders=loaders, device=runtime.device)
+    start = checkpointer.resume()
+    logger = MetricsLogger(t.out_dir, domain_names=dataset.domain_names, total_steps=t.steps,
+                           start_step=start.step, enabled=runtime.is_main, progress=t.progress,
+                           tensorboard=t.tensorboard, elapsed_offset=start.elapsed_s)
+    run = Run(config=config, runtime=runtime, dataset=dataset, model=model,
+              compute_dtype=compute_dtype, optimizer=optimizer, loaders=loaders,
+              checkpointer=checkpointer, logger=logger,
+              sums=DeviceSums(len(dataset.domain_names), runtime.device), out_dir=Path(t.out_dir),
+              step=start.step, flops_per_token=model.flops_per_token(),
+              peak_flops=device_peak_flops(runtime.device))
+    _print_header(run, start.path, pass_line)
+    return run
+
+
+def _train_steps(run: Run, stop: _StopRequest) -> bool:
+    """Step 3: optimizer steps up to train.steps; False when a SIGTERM stopped the run first."""
+    t = run.config.train
+    runtime = run.runtime
+    batches = _micro_batches(run.loaders)
+    run.logger.reset_clock()
+    while run.step < t.steps:
+        step = run.step + 1
+        host = [next(batches) for _ in range(t.grad_accum)]
+        lr = lr_at(step, lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps,
+                   min_lr_ratio=t.min_lr_ratio)
+        try:
+            result = optimizer_step(run.model, run.optimizer, [b.to(runtime.device) for b in host],
+                                    lr=lr, grad_clip=t.grad_clip, step=step,
+                                    world_size=runtime.world_size,
+                                    distributed=runtime.distributed, sums=run.sums,
+                                    stop_requested=stop.requested)
+        except NonFiniteStep as error:
+            raise TrainingError(
+                f"{error} and no checkpoint was written. Last complete checkpoint: "
+                f"{run.checkpointer.latest() or 'none'}. Lower train.lr, raise "
+                "train.warmup_steps or check the data, then resume.") from None
+        run.step = step
+        _record(run, host, result)
+        # Under several processes the vote travels with the next step's all-reduce, so every
+        # rank stops after the same step; a single process acts on its own flag at once.
+        stopping = result.stop_votes > 0 or (runtime.world_size == 1 and stop.requested)
+        if stopping or run.checkpointer.due(step):
+            saved_at = run.checkpointer.save(step, elapsed_s=run.logger.elapsed())
+        if stopping:
+            run.logger.message(f"SIGTERM: stopped after step {step} of {t.steps}; checkpoint "
+                               f"saved to {saved_at}. Not finished: exiting with status "
+                               f"{PREEMPTED_EXIT_CODE}; run the same command again with --resume "
+                               "(checkpoint.resume = true) to continue.")
+            return False
+    return True
+
+
+def _record(run: Run, host: list[PackedBatch], result: StepResult) -> None:
+    """Adds the step to the device sums; every train.log_every steps (and at the last), reads
+    them back and writes the log record."""
+    tokens = sum(b.num_real_tokens for b in host)
+    flops = sum(run.flops_per_token * b.num_real_tokens
+                + run.model.attention_flops(document_lengths(b)) for b in host)
+    run.sums.add_step(result.loss, tokens, flops)
+    run.logger.step_done()
+    t = run.config.train
+    if run.step % t.log_every == 0 or run.step == t.steps:
+        run.logger.log(run.step, run.sums.collect(run.runtime.distributed),
+                       grad_norm=result.grad_norm, lr=result.lr, peak_flops=run.peak_flops,
+                       world_size=run.runtime.world_size,
+                       peak_memory=peak_memory_bytes(run.runtime.device))
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _check_vocab(config: RunConfig, dataset, model) -> None:
     vocab = model.args.vocab_size
-    if dataset.vocab_size > vocab:
-        raise TrainingError(f"data.prepared = {prepared}: token ids go up to {dataset.vocab_size - 1} "
-                            f"but the model's vocab_size is {vocab}; use the model's tokenizer in "
-                            "data.tokenizer and prepare again")
-    optimizer = _make_optimizer(model, config, device)
-
-    start_step, elapsed_offset = 0, 0.0
-    resumed_from = None
-    earlier = ckpt.complete_checkpoints(out_dir)
-    if earlier and not config.checkpoint.resume:
-        # A fresh run would interleave its checkpoints with the old ones and prune the wrong ones.
-        raise TrainingError(f"train.out_dir = {out_dir} holds checkpoints of an earlier run (newest: "
-                            f"{earlier[-1][1]}); pass --resume to continue it, or use another "
-                            "train.out_dir (or remove its checkpoints/) to start afresh")
-    if config.checkpoint.resume:
-        resumed_from = _newest_checkpoint(out_dir, runtime)
-        if resumed_from is not None:
-            meta, rank_state = ckpt.load_checkpoint(resumed_from, model, optimizer)
-            start_step = int(meta["step"])
-            elapsed_offset = float(meta.get("elapsed_s", 0.0))
-            for loader, state in zip(loaders, rank_state["loaders"], strict=True):
-                loader.load_state_dict(state)
-            ckpt.set_rng_state(rank_state["rng"], device)
-    if start_step >= t.steps:
-        raise TrainingError(f"{resumed_from} is at step {start_step}, train.steps = {t.steps}: "
-                            "nothing to do; raise --train.steps to train further")
-
-    flops_per_token = model.flops_per_token()
-    peak_flops = device_peak_flops(device)
-    logger = MetricsLogger(out_dir, domain_names=dataset.domain_names, total_steps=t.steps,
-                           start_step=start_step, enabled=runtime.is_main, progress=t.progress,
-                           tensorboard=t.tensorboard, elapsed_offset=elapsed_offset)
-    sums = DeviceSums(len(dataset.domain_names), device)
-    _print_header(logger, config, model, dataset, runtime, compute_dtype, start_step, resumed_from)
-
-    stop = _StopRequest()
-    stop.install()
-    batches = _micro_batches(loaders)
-    grad_accum = t.grad_accum
-    saved_at = None
-    finished = False
-    try:
-        logger.reset_clock()
-        for step in range(start_step + 1, t.steps + 1):
-            host = [next(batches) for _ in range(grad_accum)]
-            tokens = sum(b.num_real_tokens for b in host)
-            flops = sum(flops_per_token * b.num_real_tokens + model.attention_flops(document_lengths(b))
-                        for b in host)
-            micro = [b.to(device) for b in host]
-            step_loss, stop_votes = train_step(model, micro, world_size=runtime.world_size,
-                                               distributed=runtime.distributed, sums=sums,
-                                               stop_flag=float(stop.requested))
-            norm = grad_norm_and_clip(model, t.grad_clip)
-            loss_value, norm_value, votes = torch.stack(
-                [step_loss.double(), norm.double(), stop_votes]).tolist()   # the step's one sync
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                last = ckpt.latest_checkpoint(out_dir)
-                raise TrainingError(
-                    f"step {step}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} "
-                    f"(loss {loss_value}, grad norm {norm_value}); the update was not applied and "
-                    f"no checkpoint was written. Last complete checkpoint: {last or 'none'}. "
-                    "Lower train.lr, raise train.warmup_steps or check the data, then resume.")
-            lr = lr_at(step, lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps,
-                       min_lr_ratio=t.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            sums.add_step(step_loss, tokens, flops)
-            logger.step_done()
-            if step % t.log_every == 0 or step == t.steps:
-                logger.log(step, sums.collect(runtime.distributed), grad_norm=norm_value, lr=lr,
-                           peak_flops=peak_flops, world_size=runtime.world_size,
-                           peak_memory=peak_memory_bytes(device))
-            # Under several processes the vote travels with the next step's all-reduce, so every
-            # rank stops after the same step; a single process acts on its own flag at once.
-            stopping = votes > 0 or (runtime.world_size == 1 and stop.requested)
-            every = config.checkpoint.every
-            if stopping or (every and (step % every == 0 or step == t.steps)):
-                saved_at = _save(out_dir, step, model, optimizer, loaders, runtime, config, logger)
-            if stopping:
-                logger.message(f"SIGTERM: stopped after step {step}; checkpoint saved to {saved_at}. "
-                               "Run again with --resume to continue.")
-                return 0
-        finished = True
-    finally:
-        stop.restore()
-        logger.close(plot=finished and t.plot)
-
-    if config.checkpoint.export:
-        hf_dir = _export(model, config, runtime, compute_dtype, out_dir)
-        if runtime.is_main:
-            print(f"exported the trained model to {hf_dir}", file=sys.stderr)
-    return 0
+    if dataset.vocab_size <= vocab:
+        return
+    problem = (f"data.prepared = {config.data.prepared}: token ids go up to "
+               f"{dataset.vocab_size - 1} but the model's vocab_size is {vocab}")
+    if config.model.path:
+        # A pretrained model's embedding rows belong to its own tokenizer: the data must change.
+        raise TrainingError(f"{problem}; use the model's tokenizer in data.tokenizer and prepare "
+                            "again")
+    # A random init can have any vocabulary: the config is what is too small.
+    raise TrainingError(f"{problem}; raise \"vocab_size\" in model.init_config = "
+                        f"{config.model.init_config} to at least {dataset.vocab_size} (the "
+                        "tokenizer's vocabulary), or prepare with a tokenizer of at most "
+                        f"{vocab} ids")
 
 
-def _newest_checkpoint(out_dir: Path, runtime: Runtime) -> Path | None:
-    """Rank 0 chooses, everyone follows: ranks must never load different steps."""
-    path = ckpt.latest_checkpoint(out_dir) if runtime.is_main else None
-    if runtime.distributed:
-        holder = [str(path) if path is not None else None]
-        dist.broadcast_object_list(holder, src=0)
-        path = Path(holder[0]) if holder[0] is not None else None
-    if path is None and runtime.is_main:
-        print(f"--resume: no complete checkpoint in {ckpt.checkpoint_root(out_dir)}; starting "
-              "from step 0", file=sys.stderr)
-    return path
-
-
-def _save(out_dir: Path, step: int, model, optimizer, loaders, runtime: Runtime, config: RunConfig,
-          logger: MetricsLogger) -> Path:
-    rank_state = {"step": step, "loaders": [loader.state_dict() for loader in loaders],
-                  "rng": ckpt.rng_state(runtime.device)}
-    return ckpt.save_checkpoint(out_dir, step, model, optimizer, rank_state,
-                                keep=config.checkpoint.keep,
-                                meta={"elapsed_s": logger.elapsed(), "steps": config.train.steps})
-
-
-def _export(model, config: RunConfig, runtime: Runtime, compute_dtype: torch.dtype,
-            out_dir: Path) -> Path:
-    """<out_dir>/hf: safetensors in the compute dtype, config.json, and the tokenizer files, so
-    that the directory is directly loadable and servable by transformers."""
-    hf_dir = out_dir / "hf"
-    state_dict = None
-    if runtime.use_fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        # Gathered shard by shard onto rank 0's CPU; the other ranks get an empty dict.
-        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                          cpu_offload=True))
-    if runtime.is_main:
-        model.save_pretrained(hf_dir, state_dict=state_dict, dtype=compute_dtype)
-        tokenizer_dir = config.data.tokenizer or config.model.path
-        if tokenizer_dir and Path(tokenizer_dir).is_dir():
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, hf_dir / name)
-    if runtime.distributed:
-        dist.barrier()
-    return hf_dir
-
-
-def _print_header(logger: MetricsLogger, config: RunConfig, model, dataset, runtime: Runtime,
-                  compute_dtype: torch.dtype, start_step: int, resumed_from) -> None:
+def _print_header(run: Run, resumed_from: Path | None, pass_line: str = "") -> None:
+    config, runtime, model, dataset = run.config, run.runtime, run.model, run.dataset
     t = config.train
     rows = t.micro_batch_size * t.grad_accum * runtime.world_size
     source = config.model.path or f"random init from {config.model.init_config}"
     lines = [
         f"model: {source} ({model.num_parameters(exclude_embeddings=True) / 1e6:.1f}M non-embedding "
-        f"parameters), {str(compute_dtype).replace('torch.', '')} on {runtime.device.type}, "
+        f"parameters), {str(run.compute_dtype).replace('torch.', '')} on {runtime.device.type}, "
         f"{runtime.world_size} process(es){', FSDP2' if runtime.use_fsdp else ''}"
         f"{', activation checkpointing' if config.model.activation_checkpointing == 'block' else ''}"
         f"{', torch.compile' if config.model.compile else ''}",
@@ -376,8 +439,9 @@ def _print_header(logger: MetricsLogger, config: RunConfig, model, dataset, runt
         f"steps: {t.steps} of {rows} rows x {config.data.seq_len} tokens (micro-batch "
         f"{t.micro_batch_size} x grad_accum {t.grad_accum} x {runtime.world_size} ranks); "
         f"log: {Path(t.out_dir) / 'log.jsonl'}",
+        *([pass_line] if pass_line else []),
     ]
     if resumed_from is not None:
-        lines.append(f"resumed from {resumed_from} at step {start_step}")
+        lines.append(f"resumed from {resumed_from} at step {run.step}")
     for line in lines:
-        logger.message(line)
+        run.logger.message(line)

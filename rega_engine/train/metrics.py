@@ -32,6 +32,9 @@ import torch
 import torch.distributed as dist
 
 from rega_engine.batch import IGNORE_INDEX, KINDS
+from rega_engine.log import get_logger
+
+log = get_logger(__name__)
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks from NVIDIA's data sheets, FLOP/s per device.
 # Matched in order against torch.cuda.get_device_name(): the specific names come first.
@@ -156,7 +159,7 @@ class MetricsLogger:
 
     One JSON object per logged step in <out_dir>/log.jsonl:
       step, loss (the optimised objective, mean over the steps since the last record),
-      loss_by_kind {distilled, role, integration}, loss_by_domain {name: ...} (mean token
+      loss_by_kind {distilled, role, integration, pretrain}, loss_by_domain {name: ...} (mean token
       cross-entropy; null when the interval had no such token), tokens (real tokens, all ranks),
       tokens_per_s, mfu (null when the device peak is unknown), grad_norm (before clipping, of the
       step logged), lr, peak_memory_gib (rank 0), elapsed_s (since the start of this process, plus
@@ -245,10 +248,10 @@ class MetricsLogger:
     def message(self, text: str) -> None:
         if not self.enabled:
             return
-        if self._bar is not None:
+        if self._bar is not None:   # printed above the bar, which stays whole
             self._bar.write(text, file=sys.stderr)
         else:
-            print(text, file=sys.stderr, flush=True)
+            log.info(text)
 
     def close(self, plot: bool = False) -> None:
         if not self.enabled:

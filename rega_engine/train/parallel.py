@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rega_engine.config import ConfigError, ModelConfig
+from rega_engine.distributed import launched_by_torchrun
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,10 +52,6 @@ class Runtime:
         return self.rank == 0
 
 
-def _launched_by_torchrun() -> bool:
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
 def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     """Picks the device and compute dtype, and initialises the process group when launched by
     torchrun (NCCL on GPUs, gloo on CPU) or for mixed precision (a group of one, for FSDP2)."""
@@ -64,7 +61,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         raise RuntimeError("train.device = 'cuda' but torch sees no CUDA device "
                            f"(torch {torch.__version__}); use --train.device=cpu")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    torchrun = _launched_by_torchrun()
+    torchrun = launched_by_torchrun()
     rank = int(os.environ.get("RANK", 0)) if torchrun else 0
     world = int(os.environ.get("WORLD_SIZE", 1)) if torchrun else 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if torchrun else 0

@@ -20,3 +20,19 @@ def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int, min_lr_r
         return lr
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def steps_for_epochs(epochs: float, micro_batches_per_epoch: int, grad_accum: int) -> int:
+    """Optimizer steps for `epochs` passes over the data (train.epochs), at least 1: a pass is
+    `micro_batches_per_epoch` micro-batches per rank (PackedLoader's len), grad_accum per step."""
+    # The small allowance keeps 0.1 x 30 (3.0000000000000004 in floats) at 3 steps, not 4.
+    return max(1, math.ceil(epochs * micro_batches_per_epoch / grad_accum - 1e-9))
+
+
+def one_pass_text(micro_batches_per_epoch: int, *, micro_batch_size: int, grad_accum: int,
+                  world_size: int) -> str:
+    """What one pass over the data holds, as train and prepare print it."""
+    steps = math.ceil(micro_batches_per_epoch / grad_accum)
+    return (f"one pass over the data = {micro_batches_per_epoch} micro-batches per rank = {steps} "
+            f"optimizer steps (micro_batch_size {micro_batch_size} x grad_accum {grad_accum} x "
+            f"{world_size} rank{'s' if world_size != 1 else ''})")
