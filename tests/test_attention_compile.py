@@ -58,8 +58,12 @@ def _result(kernel="_attn_fwd_kernel", arch=80, spill=0, num_warps=8, num_stages
             "registers": 255, "spill_stores": spill, "spill_loads": spill, "shared": 0}
 
 
-def test_spill_check_names_an_unexplained_spill_and_a_stale_explanation():
+def test_spill_check_names_an_unexplained_spill_and_a_stale_explanation(monkeypatch):
     from rega_engine.kernels import attention as attn
+    from rega_engine.kernels import compile_check
+
+    # the mechanism itself, whichever Triton release runs the suite
+    monkeypatch.setattr(compile_check, "spill_policy_applies", lambda: True)
 
     listed = _result(spill=80)
     assert spill_key(listed) in attn.KNOWN_SPILLS  # the sm_80 forward entry
