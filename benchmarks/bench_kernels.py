@@ -13,12 +13,22 @@ Times: CUDA events, median of `reps` runs after warm-up (the first call autotune
 against the other implementations in the same run; absolute numbers only mean something on the
 device printed with them.
 
+RMSNorm with the residual add, RoPE and SwiGLU (`bench_small_ops`): bf16 at Llama-3 8B widths
+(hidden 4096, intermediate 14336, 32/8 heads of 128), 8k and 32k tokens, forward and
+forward+backward. Implementations: rega (Triton), eager PyTorch (the model's plain path),
+torch.compile of the same function, Liger where installed. Each row has GB/s over the bytes a
+fused kernel must move (one read of every input, one write of every output; the same count
+for every implementation) and, on a GPU, that as a percentage of the device's DRAM bandwidth
+(DEVICE_BANDWIDTH; these kernels aim at >= 85%). Without CUDA, `--ops rms_norm,rope,swiglu`
+compares the PyTorch backend with eager and compiled PyTorch on the CPU (fp32, smaller).
+
 Output: one JSON object on stdout (device, versions, shapes, rows) and a markdown table in
 benchmarks/results/kernels_<device>.md (plus the JSON next to it).
 
     python benchmarks/bench_kernels.py                 # everything, on a CUDA machine
     python benchmarks/bench_kernels.py --quick         # 8k and 16k tokens, head dim 128
     python benchmarks/bench_kernels.py --ops attention --tokens 65536 --head-dims 128
+    python benchmarks/bench_kernels.py --ops rms_norm,rope,swiglu --small-tokens 16384
 """
 from __future__ import annotations
 
@@ -171,13 +181,201 @@ def _bench_attention_row(impls, lens, head_dim, num_heads, num_kv_heads, dtype, 
 
 
 # ----------------------------------------------------------------------------------------------
+# RMSNorm (+ residual), RoPE, SwiGLU: memory-bound kernels, timed against eager and compiled
+# PyTorch (and Liger where installed), with the achieved bandwidth on a GPU
+# ----------------------------------------------------------------------------------------------
+
+# Peak DRAM bandwidth (bytes/s) by device-name fragment, most specific first: the figure the
+# bandwidth percentage divides by (vendor datasheets; SXM parts unless the name says PCIe).
+DEVICE_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
+                    ("A100-PCIE-40GB", 1.555e12), ("A100-SXM4-40GB", 1.555e12),
+                    ("A100", 2.039e12), ("L40S", 0.864e12), ("A10G", 0.6e12),
+                    ("RTX 4090", 1.008e12))
+SMALL_OPS = ("rms_norm", "rope", "swiglu")
+
+
+def device_bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in DEVICE_BANDWIDTH if key in name), None)
+
+
+def _rms_norm_case(tokens, hidden, dtype, device, gen):
+    from rega_engine.kernels import rms_norm
+    x, res = (torch.randn(tokens, hidden, device=device, dtype=dtype, generator=gen)
+              .requires_grad_() for _ in range(2))
+    w = (1 + 0.1 * torch.randn(hidden, device=device, dtype=dtype, generator=gen)).requires_grad_()
+    grads = tuple(torch.randn(tokens, hidden, device=device, dtype=dtype, generator=gen)
+                  for _ in range(2))
+    backend = "triton" if device.type == "cuda" else "torch"
+
+    def eager(x, res, w):   # the model's plain path: the add, then RMSNorm in fp32
+        r = x + res
+        rf = r.float()
+        return w * (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(r.dtype), r
+
+    impls = {"rega": lambda x, res, w: rms_norm(x, w, 1e-6, residual=res, backend=backend),
+             "eager": eager}
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    except ImportError:
+        pass
+    else:
+        if device.type == "cuda":
+            def liger(x, res, w):   # Liger's norm has no residual input: the add runs apart
+                r = x + res
+                return LigerRMSNormFunction.apply(r, w, 1e-6), r
+            impls["liger"] = liger
+    e = torch.empty((), dtype=dtype).element_size()
+    # forward: read x, residual, write y, new residual; backward: read dy, d new residual, the
+    # saved sum, write dx (= d residual); the gain and the fp32 row statistics are negligible
+    return dict(inputs=(x, res, w), grads=grads, impls=impls, eager=eager,
+                bytes={"fwd": 4 * tokens * hidden * e, "fwd+bwd": 8 * tokens * hidden * e},
+                shape={"tokens": tokens, "hidden": hidden})
+
+
+def _rope_case(tokens, num_heads, num_kv_heads, head_dim, dtype, device, gen):
+    from rega_engine.kernels import rotary_embedding
+    from rega_engine.model.llama import apply_rope
+    q = torch.randn(tokens, num_heads, head_dim, device=device, dtype=dtype,
+                    generator=gen).requires_grad_()
+    k = torch.randn(tokens, num_kv_heads, head_dim, device=device, dtype=dtype,
+                    generator=gen).requires_grad_()
+    # positions restarting per 512-token document, plain rope at theta 500000
+    pos = (torch.arange(tokens, device=device) % 512)
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    grads = (torch.randn_like(q), torch.randn_like(k))
+    backend = "triton" if device.type == "cuda" else "torch"
+
+    def eager(q, k, pos, inv_freq):   # the model's plain path: cos/sin from the positions
+        angles = pos.float()[:, None] * inv_freq[None, :]
+        cos, sin = angles.cos(), angles.sin()
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    impls = {"rega": lambda q, k, pos, inv_freq: rotary_embedding(q, k, pos, inv_freq,
+                                                                  backend=backend),
+             "eager": eager}
+    try:
+        from liger_kernel.ops.rope import LigerRopeFunction
+    except ImportError:
+        pass
+    else:
+        if device.type == "cuda":
+            def liger(q, k, pos, inv_freq):   # (1, heads, T, D) and full-width cos/sin tables
+                angles = pos.float()[:, None] * inv_freq[None, :]
+                cos = torch.cat([angles.cos()] * 2, -1)[None].to(q.dtype)
+                sin = torch.cat([angles.sin()] * 2, -1)[None].to(q.dtype)
+                qo, ko = LigerRopeFunction.apply(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                 cos, sin)
+                return qo[0].transpose(0, 1), ko[0].transpose(0, 1)
+            impls["liger"] = liger
+    e = torch.empty((), dtype=dtype).element_size()
+    moved = 2 * tokens * (num_heads + num_kv_heads) * head_dim * e   # read q, k; write q, k
+    return dict(inputs=(q, k, pos, inv_freq), grads=grads, impls=impls, eager=eager,
+                bytes={"fwd": moved, "fwd+bwd": 2 * moved},
+                shape={"tokens": tokens, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
+                       "head_dim": head_dim})
+
+
+def _swiglu_case(tokens, intermediate, dtype, device, gen):
+    from rega_engine.kernels import swiglu
+    gate, up = (torch.randn(tokens, intermediate, device=device, dtype=dtype, generator=gen)
+                .requires_grad_() for _ in range(2))
+    grads = (torch.randn(tokens, intermediate, device=device, dtype=dtype, generator=gen),)
+    backend = "triton" if device.type == "cuda" else "torch"
+
+    def eager(gate, up):
+        return (F.silu(gate) * up,)
+
+    impls = {"rega": lambda gate, up: (swiglu(gate, up, backend=backend),), "eager": eager}
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except ImportError:
+        pass
+    else:
+        if device.type == "cuda":
+            impls["liger"] = lambda gate, up: (LigerSiLUMulFunction.apply(gate, up),)
+    e = torch.empty((), dtype=dtype).element_size()
+    # forward: read gate, up, write y; backward: read dy, gate, up, write d gate, d up
+    return dict(inputs=(gate, up), grads=grads, impls=impls, eager=eager,
+                bytes={"fwd": 3 * tokens * intermediate * e, "fwd+bwd": 8 * tokens * intermediate * e},
+                shape={"tokens": tokens, "intermediate": intermediate})
+
+
+def bench_small_ops(tokens=(8192, 32768), hidden_size=4096, intermediate_size=14336, num_heads=32,
+                    num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, warmup=3, reps=10,
+                    ops=SMALL_OPS, include_compile=True, device=None) -> list[dict]:
+    """One dict per (op, implementation, tokens, mode): ms, GB/s moved (the bytes a fused kernel
+    must move at least, the same figure for every implementation), % of the device's DRAM
+    bandwidth on a GPU, and rega's speed-up over each other implementation (>1: faster).
+    Implementations: rega (the Triton kernel on CUDA; its PyTorch backend on CPU), eager
+    PyTorch (the model's plain path), torch.compile of that, Liger where installed (CUDA)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    peak = device_bandwidth(device)
+    rows = []
+    for op in ops:
+        for n in tokens:
+            gen = torch.Generator(device=device).manual_seed(0)
+            if op == "rms_norm":
+                case = _rms_norm_case(n, hidden_size, dtype, device, gen)
+            elif op == "rope":
+                case = _rope_case(n, num_heads, num_kv_heads, head_dim, dtype, device, gen)
+            elif op == "swiglu":
+                case = _swiglu_case(n, intermediate_size, dtype, device, gen)
+            else:
+                raise ValueError(f"bench_small_ops: unknown op {op!r}; choose from {SMALL_OPS}")
+            impls = dict(case["impls"])
+            if include_compile:
+                torch._dynamo.reset()
+                impls["torch-compile"] = torch.compile(case["eager"])
+            rows += _bench_small_row(op, case, impls, dtype, warmup, reps, device, peak)
+    return rows
+
+
+def _bench_small_row(op, case, impls, dtype, warmup, reps, device, peak) -> list[dict]:
+    inputs, grads = case["inputs"], case["grads"]
+    wrt = tuple(t for t in inputs if t.requires_grad)
+    rows, per_mode = [], {}
+    for name, fn in impls.items():
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn(*inputs)
+
+        def fwd_bwd(fn=fn):
+            torch.autograd.grad(fn(*inputs), wrt, grads)
+
+        for mode, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            row = {"op": op, **case["shape"], "dtype": str(dtype).split(".")[-1], "impl": name,
+                   "mode": mode}
+            try:
+                ms = time_ms(step, device, warmup, reps)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                row["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+                rows.append(row)
+                continue
+            gbps = case["bytes"][mode] / ms / 1e6
+            row.update(status="ok", ms=round(ms, 4), gb_per_s=round(gbps, 1))
+            if peak:
+                row["bandwidth_pct"] = round(100 * gbps * 1e9 / peak, 1)
+            per_mode.setdefault(mode, {})[name] = row
+            rows.append(row)
+    for by_impl in per_mode.values():
+        ours = by_impl.get("rega")
+        for name, row in by_impl.items():
+            if ours is not None and name != "rega":
+                ours[f"speedup_vs_{name}"] = round(row["ms"] / ours["ms"], 3)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
 
 def _benches() -> dict:
     """Every op benchmark available: those defined here, and the cross-entropy one from its own
     module beside this file if it is there."""
-    benches = {"attention": bench_attention}
+    benches = {"attention": bench_attention, **{op: _small_op_bench(op) for op in SMALL_OPS}}
     cross_entropy = globals().get("bench_cross_entropy")
     if cross_entropy is None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -190,9 +388,15 @@ def _benches() -> dict:
     return benches
 
 
+def _small_op_bench(op: str):
+    def bench(**kwargs):
+        return bench_small_ops(ops=(op,), **kwargs)
+    return bench
+
+
 def _versions() -> dict:
     versions = {"torch": torch.__version__}
-    for package in ("triton", "flash_attn"):
+    for package in ("triton", "flash_attn", "liger_kernel"):
         try:
             versions[package] = __import__(package).__version__
         except ImportError:
@@ -214,7 +418,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", default="all", help="comma-separated: attention,cross_entropy")
+    parser.add_argument("--ops", default="all",
+                        help="comma-separated: attention,cross_entropy,rms_norm,rope,swiglu")
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384, 32768, 65536],
                         help="attention: tokens per packed row")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
@@ -222,7 +427,18 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="attention at 8k/16k tokens, d=128")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--small-tokens", type=int, nargs="+", default=[8192, 32768],
+                        help="rms_norm, rope, swiglu: tokens (Llama-3 8B widths)")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and args.ops != "all" and set(args.ops.split(",")) <= set(
+            SMALL_OPS):
+        # the small ops' PyTorch backend against eager and compiled PyTorch, on this CPU: fp32,
+        # Llama-3 1B widths (2048 / 8192), 2048 tokens
+        rows = bench_small_ops(tokens=(2048,), hidden_size=2048, intermediate_size=8192,
+                               head_dim=64, dtype=torch.float32, warmup=args.warmup,
+                               reps=args.reps, ops=tuple(args.ops.split(",")), device="cpu")
+        print(json.dumps({"device": "cpu", "versions": _versions(), "ops": {"small": rows}}))
+        return 0
     if not torch.cuda.is_available():
         message = ("bench_kernels: no CUDA device here; these benchmarks time GPU kernels, "
                    "nothing to do.")
@@ -244,6 +460,9 @@ def main(argv=None) -> int:
                                    reps=args.reps)
             report["flop_convention"] = ("causal: 4 * sum(len^2) / 2 * Hq * D forward; "
                                          f"fwd+bwd = {FWD_BWD_FLOP_FACTOR} x forward")
+        elif op in SMALL_OPS:
+            rows = benches[op](tokens=tuple(args.small_tokens), warmup=args.warmup,
+                               reps=args.reps)
         else:
             rows = benches[op](warmup=args.warmup, reps=args.reps)
         report["ops"][op] = rows

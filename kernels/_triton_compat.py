@@ -45,4 +45,34 @@ def resolve_backend(backend: str, x, who: str, interpreted: bool) -> str:
     return backend
 
 
-__all__ = ["BACKENDS", "HAS_TRITON", "resolve_backend", "triton", "tl"]
+def is_interpreted(kernel) -> bool:
+    """Whether a @triton.jit kernel was built for the interpreter (TRITON_INTERPRET=1 at import
+    time): such kernels run interpreted whatever the environment says later."""
+    return HAS_TRITON and not isinstance(kernel, triton.runtime.jit.JITFunction)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def unit_stride(t):
+    """t itself when its last dimension is contiguous (what the kernels index), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def device_guard(t):
+    """Triton launches on the current CUDA device: make it the tensor's one (nothing on CPU)."""
+    import torch
+    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
+
+
+__all__ = ["BACKENDS", "HAS_TRITON", "device_guard", "is_interpreted", "next_power_of_2",
+           "resolve_backend", "triton", "tl", "unit_stride"]

@@ -24,7 +24,14 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._triton_compat import HAS_TRITON, tl, triton
+from ._triton_compat import (
+    HAS_TRITON,
+    device_guard,
+    resolve_backend,
+    tl,
+    triton,
+    unit_stride,
+)
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 BACKENDS = ("auto", "triton", "torch")
@@ -560,7 +567,9 @@ def _attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale):
                                 "q", causal)
     num_docs = cu_seqlens.numel() - 1
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((num_heads, total), dtype=torch.float32, device=q.device)
+    # zeros, not empty: the tail tokens after the last document get a defined value (opcheck
+    # and the compiled graph compare it), for a memset of heads x tokens x 4 bytes
+    lse = torch.zeros((num_heads, total), dtype=torch.float32, device=q.device)
     args = (q, k, v, o, lse, cu_ext, table,
             sm_scale * _LOG2E, num_docs, total, table.stride(0), group, _seq_bucket(max_seqlen),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -612,36 +621,217 @@ def _attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, sm_
     return dq, dk, dv
 
 
-def _unit_stride_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+# ----------------------------------------------------------------------------------------------
+# The PyTorch path (the "torch" backend): short documents grouped under a block-diagonal mask
+# ----------------------------------------------------------------------------------------------
+
+# Documents shorter than this are attended in groups (one attention call per group, a
+# block-diagonal mask): on a CPU, a call per 20-token document costs far more in overhead than
+# the few extra masked scores, and short SFT samples are the common case.
+GROUP_TOKENS = 128
 
 
-class _VarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, sm_scale):
-        q, k, v = (_unit_stride_last(t) for t in (q, k, v))
-        o, lse = _attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.max_seqlen, ctx.causal, ctx.sm_scale = max_seqlen, causal, sm_scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        need_dq = ctx.needs_input_grad[0]
-        need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dq, dk, dv = _attention_backward(_unit_stride_last(do), q, k, v, o, lse, cu_seqlens,
-                                         ctx.max_seqlen, ctx.causal, ctx.sm_scale,
-                                         need_dq, need_dkdv)
-        return dq, dk, dv, None, None, None, None
+def _document_groups(offsets: list[int], group_tokens: int) -> list[tuple[int, int]]:
+    """Runs [i, j) of consecutive documents spanning at most group_tokens tokens each (a longer
+    document is a run of its own); empty documents are skipped."""
+    runs, i, n = [], 0, len(offsets) - 1
+    while i < n:
+        if offsets[i + 1] == offsets[i]:
+            i += 1
+            continue
+        j = i + 1
+        while j < n and offsets[j + 1] - offsets[i] <= group_tokens:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
 
 
-# torch.compile (model.compile: one graph per decoder block) must not trace into the launches:
-# Dynamo would re-trace the work-table cache and the autotuned kernels frame by frame (and under
-# TRITON_INTERPRET=1 fails inside the interpreter). The block compiles around this opaque call.
-@torch.compiler.disable
-def _varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale):
-    return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale)
+def _group_spans(cu_seqlens: torch.Tensor, group_tokens: int):
+    """(start, end, additive mask or None) per document group; the mask (a float tensor, -inf
+    across documents, causality left to the kernel) only for groups of several documents."""
+    offsets = cu_seqlens.tolist()
+    for i, j in _document_groups(offsets, group_tokens):
+        start, end = offsets[i], offsets[j]
+        bounds = None
+        if j - i > 1:
+            bounds = torch.tensor(offsets[i + 1:j]) - start
+        yield start, end, bounds
+
+
+def _block_diagonal_mask(bounds, length, causal, dtype, device):
+    position = torch.arange(length, device=device)
+    document = torch.bucketize(position, bounds.to(device), right=True)
+    allowed = document[:, None] == document[None, :]
+    if causal:
+        allowed &= position[:, None] >= position[None, :]
+    return torch.zeros((length, length), dtype=dtype, device=device).masked_fill_(~allowed,
+                                                                                float("-inf"))
+
+
+def _heads_first(t, start, end, repeat):
+    # (len, heads, D) slice -> (1, heads * repeat, len, D), the layout of the aten kernels, as
+    # a dense copy: the CPU flash kernels get the plain layout SDPA gives them most often
+    t = t[start:end].transpose(0, 1)
+    if repeat > 1:
+        t = t.repeat_interleave(repeat, 0)
+    return t.contiguous()[None]
+
+
+def _math_attention(q, k, v, mask, causal, scale):
+    """(out, natural-log lse) of (1, H, n, D) inputs, fp32 softmax; for devices without the CPU
+    flash kernel (backend="torch" on a GPU is a reference, not a fast path)."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask.float()
+    elif causal:
+        n = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device)
+                                    .triu_(1), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - lse[..., None])
+    return (probs @ v.float()).to(q.dtype), lse, probs
+
+
+def _attend(q, k, v, mask, causal, scale):
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal and mask is None, attn_mask=mask, scale=scale)
+    out, lse, _ = _math_attention(q, k, v, mask, causal and mask is None, scale)
+    return out, lse
+
+
+def _attend_backward(do, q, k, v, out, lse, mask, causal, scale):
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, out, lse, 0.0, causal and mask is None, attn_mask=mask, scale=scale)
+    _, _, probs = _math_attention(q, k, v, mask, causal and mask is None, scale)
+    dof = do.float()
+    dv = probs.transpose(-1, -2) @ dof
+    dp = dof @ v.float().transpose(-1, -2)
+    ds = probs * (dp - (dof * out.float()).sum(-1, keepdim=True)) * scale
+    return (ds @ k.float()).to(q.dtype), (ds.transpose(-1, -2) @ q.float()).to(k.dtype), \
+        dv.to(v.dtype)
+
+
+def _torch_forward(q, k, v, cu_seqlens, causal, scale, group_tokens=GROUP_TOKENS):
+    """(out (T, Hq, D), lse (Hq, T) fp32, natural log): one aten flash-attention call per
+    document group, on the CPU the same kernel F.scaled_dot_product_attention picks there."""
+    repeat = q.shape[1] // k.shape[1]
+    out = q.new_zeros(q.shape)
+    lse = torch.zeros((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    for start, end, bounds in _group_spans(cu_seqlens, group_tokens):
+        mask = None if bounds is None else _block_diagonal_mask(bounds, end - start, causal,
+                                                                q.dtype, q.device)
+        o, l = _attend(_heads_first(q, start, end, 1), _heads_first(k, start, end, repeat),
+                       _heads_first(v, start, end, repeat), mask, causal, scale)
+        out[start:end] = o[0].transpose(0, 1)
+        lse[:, start:end] = l[0]
+    return out, lse
+
+
+def _torch_backward(do, q, k, v, out, lse, cu_seqlens, causal, scale,
+                    group_tokens=GROUP_TOKENS):
+    repeat = q.shape[1] // k.shape[1]
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    for start, end, bounds in _group_spans(cu_seqlens, group_tokens):
+        mask = None if bounds is None else _block_diagonal_mask(bounds, end - start, causal,
+                                                                q.dtype, q.device)
+        gq, gk, gv = _attend_backward(
+            _heads_first(do, start, end, 1), _heads_first(q, start, end, 1),
+            _heads_first(k, start, end, repeat), _heads_first(v, start, end, repeat),
+            _heads_first(out, start, end, 1), lse[None, :, start:end].contiguous(), mask, causal,
+            scale)
+        dq[start:end] = gq[0].transpose(0, 1)
+        n, kv_heads = end - start, k.shape[1]
+        # the query heads of a GQA group share their K/V head: their gradients add up
+        dk[start:end] = gk[0].view(kv_heads, repeat, n, -1).sum(1).transpose(0, 1)
+        dv[start:end] = gv[0].view(kv_heads, repeat, n, -1).sum(1).transpose(0, 1)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: fake implementations and autograd
+# ----------------------------------------------------------------------------------------------
+# One opaque node for torch.compile: Dynamo never traces the work-table cache, the autotuned
+# launches or the host-side grouping, so a compiled block or model is one graph, and neither the
+# number of documents (cu_seqlens' length) nor their lengths recompile it. max_seqlen is a
+# SymInt: a dynamic value is accepted without a recompile.
+
+@torch.library.custom_op("rega::varlen_attention", mutates_args=())
+def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool,
+                         softmax_scale: float, backend: str,
+                         group_tokens: int = GROUP_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (T, Hq, D), lse (Hq, T) fp32); lse is the backend's own (base 2 for Triton, natural
+    for torch) and only meant for the backward op. group_tokens: the torch path's grouping."""
+    if backend == "triton":
+        if q.shape[0] == 0:
+            return q.new_empty(q.shape), q.new_empty((q.shape[1], 0), dtype=torch.float32)
+        q, k, v = (unit_stride(t) for t in (q, k, v))
+        with device_guard(q):
+            return _attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    return _torch_forward(q, k, v, cu_seqlens, causal, softmax_scale, group_tokens)
+
+
+@torch.library.custom_op("rega::varlen_attention_backward", mutates_args=())
+def _varlen_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                  cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool,
+                                  softmax_scale: float, need_dq: bool, need_dkdv: bool,
+                                  backend: str, group_tokens: int = GROUP_TOKENS
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the forward's out and lse; a gradient not asked for (need_dq,
+    need_dkdv) comes back as an empty (0,) tensor and, on the Triton path, costs nothing."""
+    if backend == "triton" and q.shape[0] > 0:
+        q, k, v, out, do = (unit_stride(t) for t in (q, k, v, out, do))
+        with device_guard(q):
+            dq, dk, dv = _attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen,
+                                             causal, softmax_scale, need_dq, need_dkdv)
+    elif backend == "triton":
+        dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    else:
+        dq, dk, dv = _torch_backward(do, q, k, v, out, lse, cu_seqlens, causal, softmax_scale,
+                                     group_tokens)
+    return (dq if need_dq else q.new_empty(0), dk if need_dkdv else k.new_empty(0),
+            dv if need_dkdv else v.new_empty(0))
+
+
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, backend, group_tokens=GROUP_TOKENS):
+    return (q.new_empty(q.shape),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+
+@_varlen_attention_backward_op.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, need_dq, need_dkdv,
+      backend, group_tokens=GROUP_TOKENS):
+    return (q.new_empty(q.shape if need_dq else (0,)),
+            k.new_empty(k.shape if need_dkdv else (0,)),
+            v.new_empty(v.shape if need_dkdv else (0,)))
+
+
+def _setup_varlen_attention(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, backend, group_tokens = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.args = (max_seqlen, causal, softmax_scale)
+    ctx.backend, ctx.group_tokens = backend, group_tokens
+
+
+def _backward_varlen_attention(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    need_dq = ctx.needs_input_grad[0]
+    need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    dq, dk, dv = _varlen_attention_backward_op(dout, q, k, v, out, lse, cu_seqlens, *ctx.args,
+                                               need_dq, need_dkdv, ctx.backend, ctx.group_tokens)
+    return (dq if need_dq else None, dk if need_dkdv else None, dv if need_dkdv else None,
+            None, None, None, None, None, None)
+
+
+_varlen_attention_op.register_autograd(_backward_varlen_attention,
+                                       setup_context=_setup_varlen_attention)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -680,13 +870,14 @@ def _check_arguments(q, k, v, cu_seqlens, max_seqlen, softmax_scale, who: str) -
         raise ValueError(f"{who}: cu_seqlens must be a 1-D int32 tensor of documents + 1 offsets, "
                          f"got dtype {cu_seqlens.dtype} and shape {tuple(cu_seqlens.shape)}; "
                          "use .to(torch.int32)")
-    if (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral)
-            or max_seqlen < 0):
+    if (isinstance(max_seqlen, bool)
+            or not isinstance(max_seqlen, (numbers.Integral, torch.SymInt)) or max_seqlen < 0):
         raise ValueError(f"{who}: max_seqlen must be a non-negative int (the longest document), "
                          f"got {max_seqlen!r}; a tensor would need .item(), which synchronises "
                          "on the GPU, so compute it on the host")
-    if cu_seqlens.device.type == "cpu":
-        # Free to check here; on the GPU it would cost a synchronisation per call.
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Free to check here; on the GPU it would cost a synchronisation per call, and under
+        # torch.compile reading values would break the graph.
         offsets = cu_seqlens.tolist()
         if offsets[0] != 0 or offsets[-1] > q.shape[0] or any(
                 b < a for a, b in zip(offsets, offsets[1:])):
@@ -712,33 +903,23 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     max_seqlen: the longest document (an autotuning hint; it never limits what is computed).
     Returns (total_tokens, Hq, D) in q's dtype; tokens after cu_seqlens[-1] get zeros.
 
-    backend: "auto" runs Triton on CUDA tensors and the PyTorch reference elsewhere; "triton"
-    forces the kernel (CPU tensors need TRITON_INTERPRET=1); "torch" forces the reference.
+    backend: "auto" runs Triton on CUDA tensors and the PyTorch path elsewhere; "triton" forces
+    the kernel (CPU tensors need TRITON_INTERPRET=1); "torch" forces the PyTorch path (short
+    documents grouped, one aten attention call per group: the reference's result, fast on a
+    CPU). Either way it is the custom op `rega::varlen_attention` with its fake and autograd:
+    torch.compile keeps it as one node (fullgraph), and neither the number of documents nor
+    their lengths recompile a graph around it (max_seqlen may be a SymInt).
     cu_seqlens values are checked on CPU only: on the GPU a check would synchronise, so there bad
     offsets are clamped into range instead (no out-of-bounds access, but meaningless output).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"varlen_attention: unknown backend {backend!r}; choose one of {BACKENDS}")
-    scale = _check_arguments(q, k, v, cu_seqlens, max_seqlen, softmax_scale, "varlen_attention")
-    max_seqlen, causal = int(max_seqlen), bool(causal)
-    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
-    if not use_triton:
-        return _varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, causal=causal,
-                                       softmax_scale=scale)
-    if not HAS_TRITON:
-        raise ValueError("varlen_attention: backend='triton' needs the triton package, which is "
-                         "not installed; use backend='torch'")
-    if not q.is_cuda and not INTERPRETED:
-        raise ValueError("varlen_attention: backend='triton' needs CUDA tensors, or "
-                         "TRITON_INTERPRET=1 set before triton is imported to run on CPU; got "
-                         f"tensors on {q.device}")
-    if q.shape[2] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"varlen_attention: head_dim {q.shape[2]} is not supported by the Triton "
+    who = "varlen_attention"
+    scale = _check_arguments(q, k, v, cu_seqlens, max_seqlen, softmax_scale, who)
+    backend = resolve_backend(backend, q, who, INTERPRETED)
+    if backend == "triton" and q.shape[2] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{who}: head_dim {q.shape[2]} is not supported by the Triton "
                          f"kernel (supported: {SUPPORTED_HEAD_DIMS}); use backend='torch'")
-    if q.shape[0] == 0:  # nothing to launch; the reference returns the empty result
-        return varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=causal,
-                                          softmax_scale=scale)
-    return _varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    out, _ = _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, bool(causal), scale, backend)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -788,59 +969,20 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return _join_with_tail(pieces, q, offsets[-1] if offsets else 0)
 
 
-# Documents shorter than this are attended in groups (one SDPA call per group, a block-diagonal
-# mask): on a CPU, a call per 20-token document costs far more in overhead than the few extra
-# masked scores, and short SFT samples are the common case.
-GROUP_TOKENS = 128
-
-
-def _document_groups(offsets: list[int], group_tokens: int) -> list[tuple[int, int]]:
-    """Runs [i, j) of consecutive documents spanning at most group_tokens tokens each (a longer
-    document is a run of its own); empty documents are skipped."""
-    runs, i, n = [], 0, len(offsets) - 1
-    while i < n:
-        if offsets[i + 1] == offsets[i]:
-            i += 1
-            continue
-        j = i + 1
-        while j < n and offsets[j + 1] - offsets[i] <= group_tokens:
-            j += 1
-        runs.append((i, j))
-        i = j
-    return runs
-
-
 def varlen_attention_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              cu_seqlens: torch.Tensor, max_seqlen: int | None = None, *,
                              causal: bool = True, softmax_scale: float | None = None,
                              group_tokens: int = GROUP_TOKENS) -> torch.Tensor:
-    """The PyTorch path of `varlen_attention` (the "torch" backend): the reference's result,
-    with short neighbouring documents attended together under a block-diagonal (causal) mask.
-    Long documents take the reference's unmasked path. Same contract as the reference."""
+    """The "torch" backend of `varlen_attention` with its grouping as a parameter: short
+    neighbouring documents are attended together under a block-diagonal (causal) mask, one aten
+    flash-attention call per group (the kernel F.scaled_dot_product_attention runs on a CPU);
+    the reference's result. Same contract as the reference."""
     if max_seqlen is None:
         max_seqlen = 0
     scale = _check_arguments(q, k, v, cu_seqlens, max_seqlen, softmax_scale,
                              "varlen_attention_grouped")
-    group = q.shape[1] // k.shape[1]
-    offsets = cu_seqlens.tolist()
-    pieces = []
-    for i, j in _document_groups(offsets, group_tokens):
-        start, end = offsets[i], offsets[j]
-        if j - i == 1:
-            mask = {"is_causal": causal}
-        else:
-            bounds = torch.tensor(offsets[i + 1:j], device=q.device) - start
-            position = torch.arange(end - start, device=q.device)
-            document = torch.bucketize(position, bounds, right=True)
-            allowed = document[:, None] == document[None, :]
-            if causal:
-                allowed &= position[:, None] >= position[None, :]
-            mask = {"attn_mask": allowed}
-        pieces.append(_sdpa_span(q, k, v, start, end, group, scale, **mask))
-    return _join_with_tail(pieces, q, offsets[-1] if offsets else 0)
-
-
-# The PyTorch path splits the batch per document group, a shape that changes every micro-batch:
-# traced inside a torch.compile'd block it would recompile for each new document count, so
-# compiled blocks call it as one opaque op, like the Triton path.
-_varlen_attention_torch = torch.compiler.disable(varlen_attention_grouped)
+    if not (isinstance(group_tokens, int) and group_tokens >= 1):
+        raise ValueError(f"varlen_attention_grouped: group_tokens must be an int >= 1, got "
+                         f"{group_tokens!r}")
+    return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, bool(causal), scale, "torch",
+                                group_tokens)[0]

@@ -384,18 +384,21 @@ def cross_entropy_signature(logits_dtype: str) -> dict:
     return {
         "logits_ptr": "*" + logits_dtype, "stride_row": "i32", "labels_ptr": "*i64",
         "grad_scale_ptr": "*fp32", "lse_ptr": "*fp32", "ce_ptr": "*fp32", "n_cols": "i32",
-        "ignore_index": "i32", "softcap": "fp32", "z_loss": "fp32", "BLOCK_V": "constexpr",
-        "HAS_SOFTCAP": "constexpr", "COMPUTE_GRAD": "constexpr", "LSE_GIVEN": "constexpr",
+        "ignore_index": "i32", "softcap": "fp32", "z_loss": "fp32", "label_smoothing": "fp32",
+        "BLOCK_V": "constexpr", "HAS_SOFTCAP": "constexpr", "COMPUTE_GRAD": "constexpr",
+        "LSE_GIVEN": "constexpr", "HAS_SMOOTHING": "constexpr",
     }
 
 
 def cross_entropy_job(block_v: int, num_warps: int, arch: int, logits_dtype: str, *,
-                      compute_grad: bool, lse_given: bool, softcap: bool) -> dict:
+                      compute_grad: bool, lse_given: bool, softcap: bool,
+                      smoothing: bool = False) -> dict:
     """The job compiling the cross-entropy row kernel in one (BLOCK_V, num_warps) config."""
     return {"module": CROSS_ENTROPY_MODULE, "kernel": "_ce_rows_kernel", "dtype": logits_dtype,
             "signature": cross_entropy_signature(logits_dtype), "arch": arch,
             "constexprs": {"BLOCK_V": block_v, "HAS_SOFTCAP": softcap,
-                           "COMPUTE_GRAD": compute_grad, "LSE_GIVEN": lse_given},
+                           "COMPUTE_GRAD": compute_grad, "LSE_GIVEN": lse_given,
+                           "HAS_SMOOTHING": smoothing},
             "num_warps": num_warps, "num_stages": 3}
 
 

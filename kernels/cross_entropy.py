@@ -34,15 +34,14 @@ loss rather than silently.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import warnings
+from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ._triton_compat import HAS_TRITON, tl, triton
+from ._triton_compat import device_guard, is_interpreted, resolve_backend, tl, triton
 
 # Memory allowed for one chunk's logits. At V=128256 in bf16 this is 2048 tokens per chunk, whose
 # matmuls are large enough to run cuBLAS near peak, while the whole op's peak stays a small
@@ -80,9 +79,10 @@ def _softcap_tanh(x, softcap):
 
 
 @triton.jit
-def _lse_step(row_ptr, offs, n_cols, m, s, softcap, HAS_SOFTCAP: tl.constexpr,
-              MASKED: tl.constexpr):
-    """Fold one block of the row into the running (max, sum of exp) pair."""
+def _lse_step(row_ptr, offs, n_cols, m, s, sx, softcap, HAS_SOFTCAP: tl.constexpr,
+              HAS_SMOOTHING: tl.constexpr, MASKED: tl.constexpr):
+    """Fold one block of the row into the running (max, sum of exp) pair, and with label
+    smoothing into the running sum of the (capped) logits."""
     mask = offs < n_cols
     if MASKED:
         x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
@@ -94,12 +94,18 @@ def _lse_step(row_ptr, offs, n_cols, m, s, softcap, HAS_SOFTCAP: tl.constexpr,
             x = tl.where(mask, x, float("-inf"))  # softcap would turn the -inf padding finite
     m_new = tl.maximum(m, tl.max(x, axis=0))
     s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-    return m_new, s
+    if HAS_SMOOTHING:
+        if MASKED:
+            sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        else:
+            sx += tl.sum(x, axis=0)
+    return m_new, s, sx
 
 
 @triton.jit
-def _grad_step(row_ptr, offs, n_cols, label, lse, softmax_coef, scale, softcap,
-               HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+def _grad_step(row_ptr, offs, n_cols, label, lse, softmax_coef, on_target, uniform, scale,
+               softcap, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+               MASKED: tl.constexpr):
     """Overwrite one block of logits with scale * dloss/dlogits."""
     mask = offs < n_cols
     if MASKED:
@@ -109,8 +115,12 @@ def _grad_step(row_ptr, offs, n_cols, label, lse, softmax_coef, scale, softcap,
     if HAS_SOFTCAP:
         t = _softcap_tanh(x, softcap)
         x = softcap * t
-    # d(ce + z * lse^2)/dlogit_j = softmax_j * (1 + 2 z lse) - [j == label]
-    grad = tl.exp(x - lse) * softmax_coef - tl.where(offs == label, 1.0, 0.0)
+    # d(ce + z * lse^2)/dlogit_j = softmax_j * (1 + 2 z lse) - (1 - eps) [j == label] - eps / V
+    # (label smoothing eps: on_target = 1 - eps, uniform = eps / V)
+    if HAS_SMOOTHING:
+        grad = tl.exp(x - lse) * softmax_coef - tl.where(offs == label, on_target, 0.0) - uniform
+    else:   # two live values fewer: without them the heaviest mode stays clear of spills
+        grad = tl.exp(x - lse) * softmax_coef - tl.where(offs == label, 1.0, 0.0)
     if HAS_SOFTCAP:
         grad = grad * (1.0 - t * t)
     grad = (grad * scale).to(row_ptr.dtype.element_ty)
@@ -123,14 +133,14 @@ def _grad_step(row_ptr, offs, n_cols, label, lse, softmax_coef, scale, softcap,
 @triton.jit
 def _ce_rows_kernel(
     logits_ptr, stride_row, labels_ptr, grad_scale_ptr, lse_ptr, ce_ptr,
-    n_cols, ignore_index, softcap, z_loss,
+    n_cols, ignore_index, softcap, z_loss, label_smoothing,
     BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    LSE_GIVEN: tl.constexpr,
+    LSE_GIVEN: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
 ):
     """One program per token row of a chunk's logits.
 
-    Writes the row's log-sum-exp and unweighted cross-entropy (0 on ignored rows) unless
-    LSE_GIVEN (backward recompute: the forward's log-sum-exp is read instead). With COMPUTE_GRAD
+    Writes the row's log-sum-exp and unweighted cross-entropy (0 on ignored rows; with label
+    smoothing eps, (1 - eps) * (lse - x_label) + eps * (lse - mean_j x_j)) unless LSE_GIVEN (backward recompute: the forward's log-sum-exp is read instead). With COMPUTE_GRAD
     it overwrites the row in place with grad_scale[row] * dloss/dlogits, where the loss is
     ce + z_loss * lse**2 (ignored rows become exact zeros, so the chunk matmuls that follow need
     no masking). Full blocks run unmasked so their loads and stores vectorise; only the tail
@@ -158,26 +168,37 @@ def _ce_rows_kernel(
         else:
             m = tl.full([], float("-inf"), tl.float32)
             s = tl.zeros([], dtype=tl.float32)
+            sx = tl.zeros([], dtype=tl.float32)
             for start in range(0, n_full, BLOCK_V):
-                m, s = _lse_step(row_ptr, start + cols, n_cols, m, s, softcap, HAS_SOFTCAP, False)
+                m, s, sx = _lse_step(row_ptr, start + cols, n_cols, m, s, sx, softcap,
+                                     HAS_SOFTCAP, HAS_SMOOTHING, False)
             if n_full < n_cols:
-                m, s = _lse_step(row_ptr, n_full + cols, n_cols, m, s, softcap, HAS_SOFTCAP, True)
+                m, s, sx = _lse_step(row_ptr, n_full + cols, n_cols, m, s, sx, softcap,
+                                     HAS_SOFTCAP, HAS_SMOOTHING, True)
             lse = m + tl.log(s)
             # an out-of-range label must not be read: load column 0 and report NaN instead
             target = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
             if HAS_SOFTCAP:
                 target = softcap * _softcap_tanh(target, softcap)
             tl.store(lse_ptr + row, lse)
-            tl.store(ce_ptr + row, tl.where(in_range, lse - target, float("nan")))
+            loss = lse - target
+            if HAS_SMOOTHING:
+                loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sx / n_cols)
+            tl.store(ce_ptr + row, tl.where(in_range, loss, float("nan")))
         if COMPUTE_GRAD:
             scale = tl.where(in_range, tl.load(grad_scale_ptr + row), float("nan"))
             softmax_coef = 1.0 + 2.0 * z_loss * lse
+            on_target = 1.0 - label_smoothing
+            uniform = label_smoothing / n_cols
             for start in range(0, n_full, BLOCK_V):
-                _grad_step(row_ptr, start + cols, n_cols, label, lse, softmax_coef, scale,
-                           softcap, HAS_SOFTCAP, False)
+                _grad_step(row_ptr, start + cols, n_cols, label, lse, softmax_coef, on_target,
+                           uniform, scale, softcap, HAS_SOFTCAP, HAS_SMOOTHING, False)
             if n_full < n_cols:
-                _grad_step(row_ptr, n_full + cols, n_cols, label, lse, softmax_coef, scale,
-                           softcap, HAS_SOFTCAP, True)
+                _grad_step(row_ptr, n_full + cols, n_cols, label, lse, softmax_coef, on_target,
+                           uniform, scale, softcap, HAS_SOFTCAP, HAS_SMOOTHING, True)
+
+
+INTERPRETED = is_interpreted(_ce_rows_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +212,7 @@ def _row_kernel_config(n_cols: int) -> tuple[int, int]:
 
 
 def _launch_rows(logits, labels, grad_scale, lse, ce, *, ignore_index, softcap, z_loss,
-                 compute_grad, lse_given, block_v=None):
+                 compute_grad, lse_given, block_v=None, label_smoothing=0.0):
     rows, n_cols = logits.shape
     if rows == 0:
         return
@@ -200,9 +221,9 @@ def _launch_rows(logits, labels, grad_scale, lse, ce, *, ignore_index, softcap, 
         block = block_v
     _ce_rows_kernel[(rows,)](
         logits, logits.stride(0), labels, grad_scale if grad_scale is not None else lse, lse, ce,
-        n_cols, ignore_index, float(softcap or 0.0), float(z_loss),
+        n_cols, ignore_index, float(softcap or 0.0), float(z_loss), float(label_smoothing),
         BLOCK_V=block, HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad,
-        LSE_GIVEN=lse_given, num_warps=num_warps,
+        LSE_GIVEN=lse_given, HAS_SMOOTHING=label_smoothing > 0, num_warps=num_warps,
     )
 
 
@@ -292,16 +313,65 @@ def _finish_weight_grad(acc: torch.Tensor, scale: torch.Tensor | None,
     return out
 
 
+def _rows_torch(logits, labels, grad_scale, lse, ce, *, ignore_index, softcap, z_loss,
+                compute_grad, lse_given, block_v=None, label_smoothing=0.0):
+    """The row kernel's work in PyTorch (the "torch" backend), fp32 whatever the logits' dtype:
+    fills lse/ce (unless lse_given) and with compute_grad overwrites the logits with
+    grad_scale[row] * dloss/dlogits."""
+    n_cols = logits.shape[1]
+    x = logits.float()
+    if softcap is not None:
+        t = torch.tanh(x / softcap)
+        x = softcap * t
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < n_cols)
+    safe_labels = torch.where(in_range, labels, 0)
+    if lse_given:
+        row_lse = lse
+    else:
+        row_lse = torch.logsumexp(x, -1)
+        loss = row_lse - x.gather(1, safe_labels[:, None])[:, 0]
+        if label_smoothing:
+            loss = (1 - label_smoothing) * loss + label_smoothing * (row_lse - x.mean(-1))
+        loss = torch.where(in_range, loss, float("nan"))
+        lse.copy_(torch.where(valid, row_lse, 0.0))
+        ce.copy_(torch.where(valid, loss, 0.0))
+    if not compute_grad:
+        return
+    row_lse = torch.where(valid, row_lse, 0.0)
+    grad = torch.exp(x - row_lse[:, None]) * (1 + 2 * z_loss * row_lse)[:, None]
+    grad.scatter_add_(1, safe_labels[:, None],
+                      torch.full_like(row_lse, -(1 - label_smoothing))[:, None])
+    if label_smoothing:
+        grad -= label_smoothing / n_cols
+    if softcap is not None:
+        grad *= 1 - t * t
+    scale = torch.where(in_range, grad_scale, float("nan"))
+    logits.copy_(torch.where(valid[:, None], grad * scale[:, None], 0.0))
+
+
+# Logits one chunk of the torch backend may hold: it keeps a few fp32 temporaries of the chunk,
+# and CPU matmuls reach their speed at a few hundred rows.
+TORCH_CHUNK_BYTES = 64 * 1024 * 1024
+
+
 def _chunked_pass(hidden, weight, labels, grad_scale, lse, ce, *, ignore_index, softcap, z_loss,
-                  lse_given, need_grad_hidden, need_grad_weight, chunk_size=None, block_v=None):
-    """The chunk loop shared by forward and backward-recompute.
+                  lse_given, need_grad_hidden, need_grad_weight, chunk_size=None, block_v=None,
+                  label_smoothing=0.0, backend="triton"):
+    """The chunk loop shared by forward and backward-recompute, for both backends.
 
     Fills lse/ce (unless lse_given) and returns (grad_hidden or None, fp32 grad_weight or None),
     both already scaled by grad_scale (per token)."""
     n_tokens, _ = hidden.shape
     n_cols = weight.shape[0]
     compute_grad = need_grad_hidden or need_grad_weight
-    rows = _chunk_rows(n_tokens, n_cols, hidden.element_size(), chunk_size)
+    if backend == "triton":
+        rows = _chunk_rows(n_tokens, n_cols, hidden.element_size(), chunk_size)
+        launch = _launch_rows
+    else:
+        rows = chunk_size or max(1, min(n_tokens, TORCH_CHUNK_BYTES // (4 * n_cols)))
+        rows = max(1, min(rows, n_tokens))
+        launch = _rows_torch
     # rows start on 16-element boundaries so the row kernel's loads and stores vectorise (Triton
     # specialises strides divisible by 16); vocabularies like 50257 get a few padding columns
     row_stride = -(-n_cols // 16) * 16
@@ -318,11 +388,11 @@ def _chunked_pass(hidden, weight, labels, grad_scale, lse, ce, *, ignore_index, 
         hidden_chunk = hidden[start:stop]
         logits = scratch[:stop - start, :n_cols]
         torch.mm(hidden_chunk, weight.t(), out=logits)
-        _launch_rows(logits, labels[start:stop],
-                     grad_scale[start:stop] if grad_scale is not None else None,
-                     lse[start:stop], ce[start:stop], ignore_index=ignore_index, softcap=softcap,
-                     z_loss=z_loss, compute_grad=compute_grad, lse_given=lse_given,
-                     block_v=block_v)
+        launch(logits, labels[start:stop],
+               grad_scale[start:stop] if grad_scale is not None else None,
+               lse[start:stop], ce[start:stop], ignore_index=ignore_index, softcap=softcap,
+               z_loss=z_loss, compute_grad=compute_grad, lse_given=lse_given,
+               block_v=block_v, label_smoothing=label_smoothing)
         if need_grad_hidden:
             torch.mm(logits, weight, out=grad_hidden[start:stop])
         if need_grad_weight:
@@ -347,97 +417,168 @@ def _token_weights_and_scale(labels, token_weights, ignore_index, reduction):
     return weights, scale
 
 
-def _reduce(ce, lse, weights, scale, z_loss, reduction):
-    per_token = ce + z_loss * lse * lse if z_loss else ce
+def _reduce(per_token, weights, scale, reduction):
     per_token = weights * per_token
     if reduction == "none":
         return per_token
     return per_token.sum() * scale
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weights, ignore_index, reduction, z_loss,
-                softcap, need_grad_hidden, need_grad_weight, chunk_size, block_v):
-        weights, scale = _token_weights_and_scale(labels, token_weights, ignore_index, reduction)
-        n_tokens = hidden.shape[0]
-        lse = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-        ce = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-        opts = dict(ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
-                    chunk_size=chunk_size, block_v=block_v)
-        ctx.reduction = reduction
-        ctx.weight_dtype = weight.dtype
-        if reduction == "none":
-            _chunked_pass(hidden, weight, labels, None, lse, ce, lse_given=False,
-                          need_grad_hidden=False, need_grad_weight=False, **opts)
-            ctx.save_for_backward(hidden, weight, labels, weights, lse)
-            ctx.opts = opts
-            ctx.needs = (need_grad_hidden, need_grad_weight)
-        else:
-            grad_scale = weights * scale
-            grad_hidden, grad_weight = _chunked_pass(
-                hidden, weight, labels, grad_scale, lse, ce, lse_given=False,
-                need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight, **opts)
-            ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight
-            ctx.consumed = False
-        loss = _reduce(ce, lse, weights, scale, z_loss, reduction)
-        ctx.mark_non_differentiable(ce)
-        return loss, ce
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_token_losses):
-        if ctx.reduction == "none":
-            hidden, weight, labels, weights, lse = ctx.saved_tensors
-            need_grad_hidden, need_grad_weight = ctx.needs
-            grad_scale = grad_loss.to(torch.float32) * weights
-            grad_hidden, grad_weight = _chunked_pass(
-                hidden, weight, labels, grad_scale.contiguous(), lse, lse, lse_given=True,
-                need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight, **ctx.opts)
-            if grad_weight is not None:
-                grad_weight = _finish_weight_grad(grad_weight, None, ctx.weight_dtype)
-        else:
-            if ctx.consumed:
-                raise RuntimeError(
-                    "fused_linear_cross_entropy (reduction='mean'/'sum') computes its gradients in "
-                    "the forward pass and hands them out once; a second backward through the same "
-                    "loss (retain_graph=True) is not supported. Recompute the loss, or use "
-                    "reduction='none' and reduce it yourself.")
-            ctx.consumed = True
-            grad_loss = grad_loss.to(torch.float32)
-            grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
-            ctx.grad_hidden = ctx.grad_weight = None
-            if grad_hidden is not None:
-                grad_hidden = grad_hidden.mul_(grad_loss)
-            if grad_weight is not None:
-                grad_weight = _finish_weight_grad(grad_weight, grad_loss, ctx.weight_dtype)
-        return (grad_hidden, grad_weight) + (None,) * 10
+def _z_terms(lse, z_loss):
+    # lse is 0 on ignored tokens, so is the z term
+    return z_loss * lse * lse
 
 
-@torch.compiler.disable
-def _fused_triton(hidden, weight, labels, token_weights, *, ignore_index, reduction, z_loss,
-                  softcap, chunk_size=None, block_v=None):
-    """(loss, token_losses) through the Triton path; autograd only when a gradient is wanted."""
+# --------------------------------------------------------------------------------------------
+# Custom ops: fake implementations and autograd
+# --------------------------------------------------------------------------------------------
+# For reduction "mean"/"sum" the forward op computes the gradients too and returns them as
+# (non-differentiable) outputs that autograd saves; the backward scales them by the upstream
+# scalar. For "none" the forward returns the log-sum-exp and the backward op recomputes the
+# logits chunk by chunk. A gradient not asked for is an empty (0,) tensor.
+
+@torch.library.custom_op("rega::fused_linear_cross_entropy", mutates_args=())
+def _fused_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+              weights: torch.Tensor, scale: torch.Tensor, ignore_index: int, reduction: str,
+              label_smoothing: float, z_loss: float, softcap: Optional[float],
+              need_grad_hidden: bool, need_grad_weight: bool, chunk_size: Optional[int],
+              block_v: Optional[int], backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, lse, grad_hidden, fp32 grad_weight): loss as `reduction` makes it of
+    weights * (ce + z_loss * lse**2), ce and lse (N,) fp32 per token (0 on ignored tokens)."""
+    n_tokens = hidden.shape[0]
+    lse = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    ce = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    in_forward = reduction != "none"
+    with device_guard(hidden):
+        grad_hidden, grad_weight = _chunked_pass(
+            hidden, weight, labels, weights * scale if in_forward else None, lse, ce,
+            ignore_index=ignore_index, softcap=softcap, z_loss=z_loss, lse_given=False,
+            need_grad_hidden=need_grad_hidden and in_forward,
+            need_grad_weight=need_grad_weight and in_forward, chunk_size=chunk_size,
+            block_v=block_v, label_smoothing=label_smoothing, backend=backend)
+    per_token = ce + _z_terms(lse, z_loss) if z_loss else ce
+    loss = _reduce(per_token, weights, scale, reduction)
+    return (loss, ce, lse,
+            grad_hidden if grad_hidden is not None else hidden.new_empty(0),
+            grad_weight if grad_weight is not None else hidden.new_empty(0, dtype=torch.float32))
+
+
+@torch.library.custom_op("rega::fused_linear_cross_entropy_backward", mutates_args=())
+def _fused_backward_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                       grad_scale: torch.Tensor, lse: torch.Tensor, ignore_index: int,
+                       label_smoothing: float, z_loss: float, softcap: Optional[float],
+                       need_grad_hidden: bool, need_grad_weight: bool,
+                       chunk_size: Optional[int], block_v: Optional[int], backend: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_hidden, fp32 grad_weight) of reduction "none", the logits recomputed chunk by
+    chunk, each token's gradient scaled by grad_scale."""
+    with device_guard(hidden):
+        grad_hidden, grad_weight = _chunked_pass(
+            hidden, weight, labels, grad_scale.contiguous(), lse, lse, ignore_index=ignore_index,
+            softcap=softcap, z_loss=z_loss, lse_given=True, need_grad_hidden=need_grad_hidden,
+            need_grad_weight=need_grad_weight, chunk_size=chunk_size, block_v=block_v,
+            label_smoothing=label_smoothing, backend=backend)
+    return (grad_hidden if grad_hidden is not None else hidden.new_empty(0),
+            grad_weight if grad_weight is not None else hidden.new_empty(0, dtype=torch.float32))
+
+
+@_fused_op.register_fake
+def _(hidden, weight, labels, weights, scale, ignore_index, reduction, label_smoothing, z_loss,
+      softcap, need_grad_hidden, need_grad_weight, chunk_size, block_v, backend):
+    n_tokens = hidden.shape[0]
+    in_forward = reduction != "none"
+    loss = hidden.new_empty((n_tokens,) if reduction == "none" else (), dtype=torch.float32)
+    return (loss, hidden.new_empty(n_tokens, dtype=torch.float32),
+            hidden.new_empty(n_tokens, dtype=torch.float32),
+            hidden.new_empty(hidden.shape if need_grad_hidden and in_forward else (0,)),
+            weight.new_empty(weight.shape if need_grad_weight and in_forward else (0,),
+                             dtype=torch.float32))
+
+
+@_fused_backward_op.register_fake
+def _(hidden, weight, labels, grad_scale, lse, ignore_index, label_smoothing, z_loss, softcap,
+      need_grad_hidden, need_grad_weight, chunk_size, block_v, backend):
+    return (hidden.new_empty(hidden.shape if need_grad_hidden else (0,)),
+            weight.new_empty(weight.shape if need_grad_weight else (0,), dtype=torch.float32))
+
+
+def _setup_fused(ctx, inputs, output):
+    (hidden, weight, labels, weights, _scale, ignore_index, reduction, label_smoothing, z_loss,
+     softcap, need_grad_hidden, need_grad_weight, chunk_size, block_v, backend) = inputs
+    _loss, ce, lse, grad_hidden, grad_weight = output
+    ctx.mark_non_differentiable(ce, lse, grad_hidden, grad_weight)
+    ctx.reduction, ctx.weight_dtype = reduction, weight.dtype
+    ctx.needs = (need_grad_hidden, need_grad_weight)
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, labels, weights, lse)
+        ctx.opts = (ignore_index, label_smoothing, z_loss, softcap)
+        ctx.launch = (chunk_size, block_v, backend)
+    else:
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.consumed = False
+
+
+def _backward_fused(ctx, grad_loss, _dce, _dlse, _dgrad_hidden, _dgrad_weight):
+    need_grad_hidden, need_grad_weight = ctx.needs
+    if ctx.reduction != "none" and ctx.consumed:
+        raise RuntimeError(
+            "fused_linear_cross_entropy (reduction='mean'/'sum') computes its gradients in "
+            "the forward pass and hands them out once; a second backward through the same "
+            "loss (retain_graph=True) is not supported. Recompute the loss, or use "
+            "reduction='none' and reduce it yourself.")
+    saved = ctx.saved_tensors
+    # Traced (torch.compile, AOTAutograd: fake or functional tensors) the graph must stay
+    # functional; eagerly the gradients are finished in place in the buffers the forward filled
+    # (no second (V, H) allocation at the peak).
+    functional = torch.compiler.is_compiling() or any(
+        type(t) is not torch.Tensor for t in (grad_loss, *saved))
+    if ctx.reduction == "none":
+        hidden, weight, labels, weights, lse = saved
+        grad_hidden, grad_weight = _fused_backward_op(
+            hidden, weight, labels, grad_loss.to(torch.float32) * weights, lse, *ctx.opts,
+            need_grad_hidden, need_grad_weight, *ctx.launch)
+        if need_grad_weight:
+            grad_weight = (grad_weight.to(ctx.weight_dtype) if functional
+                           else _finish_weight_grad(grad_weight, None, ctx.weight_dtype))
+    else:
+        ctx.consumed = not functional   # the in-place finish below spends the buffers
+        grad_hidden, grad_weight = saved
+        grad_loss = grad_loss.to(torch.float32)
+        if need_grad_hidden:
+            grad_hidden = (grad_hidden * grad_loss).to(grad_hidden.dtype) if functional \
+                else grad_hidden.mul_(grad_loss)
+        if need_grad_weight:
+            grad_weight = ((grad_weight * grad_loss).to(ctx.weight_dtype) if functional
+                           else _finish_weight_grad(grad_weight, grad_loss, ctx.weight_dtype))
+    return (grad_hidden if need_grad_hidden else None,
+            grad_weight if need_grad_weight else None) + (None,) * 13
+
+
+_fused_op.register_autograd(_backward_fused, setup_context=_setup_fused)
+
+
+def _fused(hidden, weight, labels, token_weights, *, ignore_index, reduction, z_loss, softcap,
+           label_smoothing=0.0, chunk_size=None, block_v=None, backend="triton"):
+    """(loss, ce, lse) through the custom op; gradients only where autograd wants them."""
     need_grad_hidden = torch.is_grad_enabled() and hidden.requires_grad
     need_grad_weight = torch.is_grad_enabled() and weight.requires_grad
-    with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
-        if not (need_grad_hidden or need_grad_weight):
-            with torch.no_grad():
-                return _FusedLinearCrossEntropy.forward(
-                    _NoGradContext(), hidden, weight, labels, token_weights, ignore_index,
-                    reduction, z_loss, softcap, False, False, chunk_size, block_v)
-        return _FusedLinearCrossEntropy.apply(
-            hidden, weight, labels, token_weights, ignore_index, reduction, z_loss, softcap,
-            need_grad_hidden, need_grad_weight, chunk_size, block_v)
+    weights, scale = _token_weights_and_scale(labels, token_weights, ignore_index, reduction)
+    loss, ce, lse, _, _ = _fused_op(hidden, weight, labels, weights, scale, ignore_index,
+                                    reduction, float(label_smoothing), float(z_loss), softcap,
+                                    need_grad_hidden, need_grad_weight, chunk_size, block_v,
+                                    backend)
+    return loss, ce, lse
 
 
-class _NoGradContext:
-    """Stands in for autograd's ctx when the forward runs without autograd: state is dropped."""
-
-    def save_for_backward(self, *tensors):
-        pass
-
-    def mark_non_differentiable(self, *tensors):
-        pass
+def _fused_triton(hidden, weight, labels, token_weights, *, ignore_index, reduction, z_loss,
+                  softcap, chunk_size=None, block_v=None, label_smoothing=0.0):
+    """(loss, token_losses) through the Triton path."""
+    loss, ce, _ = _fused(hidden, weight, labels, token_weights, ignore_index=ignore_index,
+                         reduction=reduction, z_loss=z_loss, softcap=softcap,
+                         label_smoothing=label_smoothing, chunk_size=chunk_size,
+                         block_v=block_v, backend="triton")
+    return loss, ce
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,7 +586,7 @@ class _NoGradContext:
 # --------------------------------------------------------------------------------------------
 
 def _check_arguments(hidden, weight, labels, token_weights, ignore_index, reduction, z_loss,
-                     softcap, backend, chunk_size):
+                     softcap, backend, chunk_size, label_smoothing=0.0):
     name = "fused_linear_cross_entropy"
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name}: reduction={reduction!r} is not one of {REDUCTIONS}")
@@ -490,8 +631,13 @@ def _check_arguments(hidden, weight, labels, token_weights, ignore_index, reduct
         raise ValueError(f"{name}: softcap must be None or a finite number > 0, got {softcap!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{name}: chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    if labels.device.type == "cpu":
-        # free on the CPU; on a GPU this would be a device sync per step (see the module docstring)
+    if not (isinstance(label_smoothing, (int, float)) and not isinstance(label_smoothing, bool)
+            and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"{name}: label_smoothing must be a number in [0, 1] (as in "
+                         f"torch.nn.functional.cross_entropy), got {label_smoothing!r}")
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        # free on the CPU; on a GPU this would be a device sync per step (see the module
+        # docstring), and under torch.compile reading values would break the graph
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
         if bool(bad.any()):
             index = int(bad.nonzero()[0, 0])
@@ -504,53 +650,64 @@ def _check_arguments(hidden, weight, labels, token_weights, ignore_index, reduct
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, token_weights=None,
                                reduction="mean", z_loss=0.0, softcap=None, backend="auto",
-                               return_token_losses=False, chunk_size=None):
+                               return_token_losses=False, chunk_size=None, label_smoothing=0.0,
+                               return_z_loss=False):
     """Cross-entropy of `hidden @ weight.T` against `labels`, without materialising the logits.
 
     hidden (N, H) and weight (V, H) share a dtype (bf16/fp16 on GPU, fp32 anywhere); labels (N,)
     int64 with `ignore_index` marking tokens without a loss. Per non-ignored token the loss is
     `token_weight * (ce + z_loss * lse**2)`, with `ce` and `lse` computed on
-    `softcap * tanh(logits / softcap)` when `softcap` is set. `reduction`: "sum" adds them,
-    "mean" divides the sum by the sum of the non-ignored tokens' weights (their count without
-    `token_weights`; 0 when every token is ignored), "none" returns them (N,) with 0 on ignored
-    tokens. The loss is fp32.
+    `softcap * tanh(logits / softcap)` when `softcap` is set. `label_smoothing` eps mixes the
+    target with the uniform distribution as torch.nn.functional.cross_entropy does:
+    ce = (1 - eps) * (lse - logit[label]) + eps * (lse - mean(logits)). `reduction`: "sum" adds
+    the token losses, "mean" divides the sum by the sum of the non-ignored tokens' weights
+    (their count without `token_weights`; 0 when every token is ignored), "none" returns them
+    (N,) with 0 on ignored tokens. The loss is fp32.
 
-    `return_token_losses=True` also returns the detached, unweighted per-token cross-entropy (N,)
-    fp32, 0 on ignored tokens: `(loss, token_losses)`.
+    Extra, detached results for logging, appended in this order to make a tuple:
+    `return_token_losses=True`: the unweighted per-token ce (N,) fp32 (label smoothing
+    included, z-loss not), 0 on ignored tokens; `return_z_loss=True`: the z-loss part of `loss`,
+    reduced like it (a scalar for "mean"/"sum", (N,) for "none"), so that `loss - z_loss` is the
+    cross-entropy part. `loss, token_losses, z = f(..., return_token_losses=True,
+    return_z_loss=True)`.
 
-    backend: "auto" runs the Triton path on CUDA tensors and the PyTorch reference elsewhere;
-    "triton" forces the Triton path (on CPU tensors only under TRITON_INTERPRET=1); "torch" forces
-    the reference. `chunk_size` overrides the tokens per chunk (default: as many as fit
-    `LOGITS_CHUNK_BYTES` of logits).
+    backend: "auto" runs the Triton path on CUDA tensors and the PyTorch path elsewhere;
+    "triton" forces the Triton path (on CPU tensors only under TRITON_INTERPRET=1); "torch"
+    forces the PyTorch path (the same chunked algorithm in PyTorch ops). Both are the custom op
+    `rega::fused_linear_cross_entropy` (fake and autograd registered): torch.compile keeps it as
+    one node with no graph break. `chunk_size` overrides the tokens per chunk (default: as many
+    as fit `LOGITS_CHUNK_BYTES` of logits on Triton, `TORCH_CHUNK_BYTES` of fp32 on PyTorch).
 
     With reduction "mean"/"sum" the gradients are computed during the forward pass, so the loss
     can be backpropagated once (no retain_graph double backward). `token_weights` are treated as
     constants (no gradient).
     """
     _check_arguments(hidden, weight, labels, token_weights, ignore_index, reduction, z_loss,
-                     softcap, backend, chunk_size)
+                     softcap, backend, chunk_size, label_smoothing)
+    backend = resolve_backend(backend, hidden, "fused_linear_cross_entropy", INTERPRETED)
     labels = labels.long().contiguous()
     if token_weights is not None:
         token_weights = token_weights.detach().contiguous()
-    use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda and HAS_TRITON)
-    if use_triton:
-        if not HAS_TRITON:
-            raise ValueError("fused_linear_cross_entropy: backend='triton' needs the triton "
-                             "package, which is not installed; use backend='auto' or 'torch'")
-        if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "fused_linear_cross_entropy: backend='triton' needs CUDA tensors (or "
-                "TRITON_INTERPRET=1 to run the kernels on the CPU); got tensors on "
-                f"{hidden.device}. Use backend='auto' or 'torch' on this device.")
-        loss, token_losses = _fused_triton(
-            hidden, weight, labels, token_weights, ignore_index=ignore_index,
-            reduction=reduction, z_loss=float(z_loss),
-            softcap=None if softcap is None else float(softcap), chunk_size=chunk_size)
-        return (loss, token_losses) if return_token_losses else loss
-    return linear_cross_entropy_reference(
-        hidden, weight, labels, ignore_index=ignore_index, token_weights=token_weights,
-        reduction=reduction, z_loss=z_loss, softcap=softcap,
-        return_token_losses=return_token_losses, chunk_size=chunk_size)
+    loss, ce, lse = _fused(hidden, weight, labels, token_weights, ignore_index=ignore_index,
+                           reduction=reduction, z_loss=float(z_loss),
+                           softcap=None if softcap is None else float(softcap),
+                           label_smoothing=float(label_smoothing), chunk_size=chunk_size,
+                           backend=backend)
+    return _with_extras(loss, ce, lse, labels, token_weights, ignore_index, reduction,
+                        float(z_loss), return_token_losses, return_z_loss)
+
+
+def _with_extras(loss, ce, lse, labels, token_weights, ignore_index, reduction, z_loss,
+                 return_token_losses, return_z_loss):
+    if not (return_token_losses or return_z_loss):
+        return loss
+    result = (loss,)
+    if return_token_losses:
+        result += (ce.detach(),)
+    if return_z_loss:
+        weights, scale = _token_weights_and_scale(labels, token_weights, ignore_index, reduction)
+        result += (_reduce(_z_terms(lse.detach(), z_loss), weights, scale, reduction),)
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,7 +719,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, tok
 REFERENCE_CHUNK_BYTES = 256 * 1024 * 1024
 
 
-def _reference_chunk(hidden, weight, labels, ignore_index, softcap):
+def _reference_chunk(hidden, weight, labels, ignore_index, softcap, label_smoothing=0.0):
     """Per-token (ce, lse) in fp32, 0 on ignored tokens and NaN ce on out-of-range labels."""
     logits = hidden.float() @ weight.float().t()
     if softcap is not None:
@@ -571,19 +728,23 @@ def _reference_chunk(hidden, weight, labels, ignore_index, softcap):
     valid = labels != ignore_index
     in_range = (labels >= 0) & (labels < weight.shape[0])
     target = logits.gather(1, torch.where(in_range, labels, 0)[:, None])[:, 0]
-    ce = torch.where(in_range, lse - target, torch.full_like(lse, float("nan")))
+    ce = lse - target
+    if label_smoothing:
+        ce = (1 - label_smoothing) * ce + label_smoothing * (lse - logits.mean(-1))
+    ce = torch.where(in_range, ce, torch.full_like(lse, float("nan")))
     zero = torch.zeros_like(lse)
     return torch.where(valid, ce, zero), torch.where(valid, lse, zero)
 
 
 def linear_cross_entropy_reference(hidden, weight, labels, *, ignore_index=-100,
                                    token_weights=None, reduction="mean", z_loss=0.0, softcap=None,
-                                   return_token_losses=False, chunk_size=None):
+                                   return_token_losses=False, chunk_size=None,
+                                   label_smoothing=0.0, return_z_loss=False):
     """Plain PyTorch with the semantics of `fused_linear_cross_entropy` (same arguments, no
     backend), differentiable, computed in fp32; chunked over tokens, with each chunk recomputed in
     backward when there are several, so that memory stays bounded."""
     _check_arguments(hidden, weight, labels, token_weights, ignore_index, reduction, z_loss,
-                     softcap, "torch", chunk_size)
+                     softcap, "torch", chunk_size, label_smoothing)
     labels = labels.long()
     n_tokens, n_cols = hidden.shape[0], weight.shape[0]
     rows = chunk_size or max(1, REFERENCE_CHUNK_BYTES // (4 * n_cols))
@@ -592,7 +753,7 @@ def linear_cross_entropy_reference(hidden, weight, labels, *, ignore_index=-100,
     ces, lses = [], []
     for start in range(0, n_tokens, rows):
         args = (hidden[start:start + rows], weight, labels[start:start + rows], ignore_index,
-                softcap)
+                softcap, float(label_smoothing))
         if recompute:
             ce, lse = _checkpoint(_reference_chunk, *args, use_reentrant=False)
         else:
@@ -604,7 +765,7 @@ def linear_cross_entropy_reference(hidden, weight, labels, *, ignore_index=-100,
     else:
         ce = lse = hidden.new_zeros(0, dtype=torch.float32) + 0.0 * weight.float().sum()
     weights, scale = _token_weights_and_scale(labels, token_weights, ignore_index, reduction)
-    loss = _reduce(ce, lse, weights, scale, float(z_loss), reduction)
-    if return_token_losses:
-        return loss, ce.detach()
-    return loss
+    z_loss = float(z_loss)
+    loss = _reduce(ce + _z_terms(lse, z_loss) if z_loss else ce, weights, scale, reduction)
+    return _with_extras(loss, ce, lse, labels, token_weights, ignore_index, reduction, z_loss,
+                        return_token_losses, return_z_loss)

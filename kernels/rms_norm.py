@@ -35,7 +35,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._triton_compat import BACKENDS, HAS_TRITON, resolve_backend, tl, triton
+from ._triton_compat import (
+    device_guard,
+    is_interpreted,
+    next_power_of_2,
+    resolve_backend,
+    tl,
+    triton,
+    unit_stride,
+)
 
 # Widest row the kernels hold in registers (Llama 3 405B has H = 16384).
 MAX_TRITON_COLS = 16384
@@ -111,12 +119,7 @@ def _rms_norm_bwd_kernel(DY, R, W, RSTD, DRES, DX, DW_PARTIAL,
     tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
 
 
-if HAS_TRITON:
-    # Kernels built while TRITON_INTERPRET=1 was set run in the interpreter, whatever the
-    # environment says later.
-    INTERPRETED = not isinstance(_rms_norm_fwd_kernel, triton.runtime.jit.JITFunction)
-else:
-    INTERPRETED = False
+INTERPRETED = is_interpreted(_rms_norm_fwd_kernel)
 
 # Backward programs per SM on a GPU, and programs in the interpreter (a small odd count, so that
 # tests meet blocks of several rows and a short last block).
@@ -128,15 +131,11 @@ INTERPRETER_BWD_PROGRAMS = 3
 # Host side of the Triton path
 # --------------------------------------------------------------------------------------------
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def row_kernel_config(n_cols: int) -> tuple[int, int]:
     """(BLOCK, num_warps) of the forward for rows of n_cols: the whole row in one block, 8 to 16
     elements a thread (16- or 32-byte loads in bf16) once the row is wide enough to feed 8 or 16
     warps; it holds one row (x, then the gain) at a time, 24 to 82 registers."""
-    block = _next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     if block <= 1024:
         return block, 4
     if block <= 4096:
@@ -149,7 +148,7 @@ def bwd_kernel_config(n_cols: int) -> tuple[int, int]:
     r, the gain, the dweight accumulator), so 8 elements a thread (BLOCK / 256 warps, up to 32):
     16 a thread took 128 to 186 registers at H = 4096 and 8192. At BLOCK = 16384 even 32 warps
     (the most a block has) leave 16 a thread against a 64-register cap: see KNOWN_SPILLS."""
-    block = _next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     return block, min(32, max(4, block // 256))
 
 
@@ -167,39 +166,22 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, programs))
 
 
-def _device_guard(t: Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' one.
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _unit_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _forward_triton(x, residual, weight, eps):
     n_rows, n_cols = x.shape
-    x = _unit_stride(x)
+    x = unit_stride(x)
     weight = weight.contiguous()
     y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype),
                     device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     res_out = None
     if residual is not None:
-        residual = _unit_stride(residual)
+        residual = unit_stride(residual)
         res_out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows:
         block, num_warps = row_kernel_config(n_cols)
         res_in = residual if residual is not None else x
         res_dst = res_out if res_out is not None else x  # never written without HAS_RESIDUAL
-        with _device_guard(x):
+        with device_guard(x):
             _rms_norm_fwd_kernel[(n_rows,)](
                 x, res_in, weight, y, res_dst, rstd,
                 x.stride(0), res_in.stride(0), y.stride(0), res_dst.stride(0), n_cols, float(eps),
@@ -209,19 +191,19 @@ def _forward_triton(x, residual, weight, eps):
 
 def _backward_triton(dy, dres, r, weight, rstd):
     n_rows, n_cols = r.shape
-    dy, r, weight = _unit_stride(dy), _unit_stride(r), weight.contiguous()
+    dy, r, weight = unit_stride(dy), unit_stride(r), weight.contiguous()
     dx = torch.empty((n_rows, n_cols), dtype=r.dtype, device=r.device)
     if not n_rows:
         return dx, torch.zeros_like(weight)
     if dres is not None:
-        dres = _unit_stride(dres)
+        dres = unit_stride(dres)
     programs = _backward_programs(n_rows, r.device)
     rows_per_program = -(-n_rows // programs)
     programs = -(-n_rows // rows_per_program)  # no program without rows
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=r.device)
     block, num_warps = bwd_kernel_config(n_cols)
     dres_in = dres if dres is not None else dy
-    with _device_guard(r):
+    with device_guard(r):
         _rms_norm_bwd_kernel[(programs,)](
             dy, r, weight, rstd, dres_in, dx, partial,
             dy.stride(0), r.stride(0), dres_in.stride(0), dx.stride(0),
@@ -376,10 +358,6 @@ def _check_arguments(x, weight, eps, residual, who):
         raise ValueError(f"{who}: eps must be a finite number >= 0, got {eps!r}")
 
 
-def _resolve_backend(backend, x, who):
-    return resolve_backend(backend, x, who, INTERPRETED)
-
-
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] = None, *,
              backend: str = "auto"):
     """RMSNorm of x (..., H) with gain weight (H,), as the model's RMSNorm computes it.
@@ -396,7 +374,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] =
     """
     who = "rms_norm"
     _check_arguments(x, weight, eps, residual, who)
-    backend = _resolve_backend(backend, x, who)
+    backend = resolve_backend(backend, x, who, INTERPRETED)
     n_cols = x.shape[-1]
     if backend == "triton" and n_cols > MAX_TRITON_COLS:
         raise ValueError(f"{who}: H = {n_cols} is wider than the Triton kernel holds "

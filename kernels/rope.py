@@ -36,7 +36,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._triton_compat import BACKENDS, HAS_TRITON, resolve_backend, tl, triton
+from ._triton_compat import (
+    device_guard,
+    is_interpreted,
+    next_power_of_2,
+    resolve_backend,
+    tl,
+    triton,
+    unit_stride,
+)
 
 # Elements of one half-head tile per loop step (BLOCK_H heads x BLOCK_HALF dims): 8 per thread
 # at 4 warps, so each thread moves 16 bytes per half in bf16.
@@ -94,60 +102,34 @@ def _rope_kernel(Q, K, Q_OUT, K_OUT, POS, INV_FREQ, n_q_heads, n_k_heads,
                   cos, sin, offs_d, d_mask, HALF, BLOCK_H)
 
 
-if HAS_TRITON:
-    # Kernels built while TRITON_INTERPRET=1 was set run in the interpreter, whatever the
-    # environment says later.
-    INTERPRETED = not isinstance(_rope_kernel, triton.runtime.jit.JITFunction)
-else:
-    INTERPRETED = False
+INTERPRETED = is_interpreted(_rope_kernel)
 
 
 # --------------------------------------------------------------------------------------------
 # Host side of the Triton path
 # --------------------------------------------------------------------------------------------
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def kernel_config(head_dim: int, n_q_heads: int, n_k_heads: int) -> dict:
     """The constexprs a launch uses: the half head dim padded to a power of two, and as many
     heads per loop step as fit TILE_ELEMENTS (fewer when the model has fewer heads; k's last
     tile may run partly masked)."""
-    block_half = _next_power_of_2(head_dim // 2)
+    block_half = next_power_of_2(head_dim // 2)
     heads = max(1, TILE_ELEMENTS // block_half)
     return dict(HALF=head_dim // 2, BLOCK_HALF=block_half,
-                BLOCK_H=min(heads, _next_power_of_2(max(n_q_heads, n_k_heads))))
-
-
-def _device_guard(t: Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' one.
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+                BLOCK_H=min(heads, next_power_of_2(max(n_q_heads, n_k_heads))))
 
 
 def _launch(q, k, q_out, k_out, position_ids, inv_freq, inverse):
     tokens, n_q_heads, head_dim = q.shape
     if tokens == 0:
         return
-    with _device_guard(q):
+    with device_guard(q):
         _rope_kernel[(tokens,)](
             q, k, q_out, k_out, position_ids, inv_freq, n_q_heads, k.shape[1],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
             INVERSE=inverse, **kernel_config(head_dim, n_q_heads, k.shape[1]),
             num_warps=NUM_WARPS)
-
-
-def _unit_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +159,7 @@ def _rotary_embedding_op(q: Tensor, k: Tensor, position_ids: Tensor, inv_freq: T
                          inverse: bool, backend: str) -> tuple[Tensor, Tensor]:
     """(rotated q, rotated k); `inverse` rotates by -angle (the backward)."""
     if backend == "triton":
-        q, k = _unit_stride(q), _unit_stride(k)
+        q, k = unit_stride(q), unit_stride(k)
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         _launch(q, k, q_out, k_out, position_ids, inv_freq, inverse)
@@ -261,10 +243,6 @@ def _check_arguments(q, k, position_ids, inv_freq, who):
                          f"{sorted(str(d) for d in devices)}")
 
 
-def _resolve_backend(backend, x, who):
-    return resolve_backend(backend, x, who, INTERPRETED)
-
-
 def rotary_embedding(q: Tensor, k: Tensor, position_ids: Tensor, inv_freq: Tensor, *,
                      inplace: bool = False, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Rotary embedding of q (T, Hq, D) and k (T, Hk, D) at `position_ids` (T,) (any shape with T
@@ -280,7 +258,7 @@ def rotary_embedding(q: Tensor, k: Tensor, position_ids: Tensor, inv_freq: Tenso
     """
     who = "rotary_embedding"
     _check_arguments(q, k, position_ids, inv_freq, who)
-    backend = _resolve_backend(backend, q, who)
+    backend = resolve_backend(backend, q, who, INTERPRETED)
     position_ids = position_ids.reshape(-1).contiguous()
     inv_freq = inv_freq.to(torch.float32).contiguous()
     if inplace:

@@ -20,7 +20,13 @@ The gradients go to new tensors, not over the saved gate and up: those may be us
 import torch
 from torch import Tensor
 
-from ._triton_compat import BACKENDS, HAS_TRITON, resolve_backend, tl, triton
+from ._triton_compat import (
+    device_guard,
+    is_interpreted,
+    resolve_backend,
+    tl,
+    triton,
+)
 
 # Elements per program: 8 per thread at 4 warps, one 16-byte load per tensor in bf16.
 BLOCK = 1024
@@ -60,30 +66,12 @@ def _swiglu_bwd_kernel(DY, GATE, UP, DGATE, DUP, n_elements, BLOCK: tl.constexpr
              mask=mask)
 
 
-if HAS_TRITON:
-    # Kernels built while TRITON_INTERPRET=1 was set run in the interpreter, whatever the
-    # environment says later.
-    INTERPRETED = not isinstance(_swiglu_fwd_kernel, triton.runtime.jit.JITFunction)
-else:
-    INTERPRETED = False
+INTERPRETED = is_interpreted(_swiglu_fwd_kernel)
 
 
 # --------------------------------------------------------------------------------------------
 # Host side of the Triton path
 # --------------------------------------------------------------------------------------------
-
-def _device_guard(t: Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' one.
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
 
 def _grid(n: int) -> tuple[int]:
     return (-(-n // BLOCK),)
@@ -94,7 +82,7 @@ def _forward_triton(gate, up):
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     n = gate.numel()
     if n:
-        with _device_guard(gate):
+        with device_guard(gate):
             _swiglu_fwd_kernel[_grid(n)](gate, up, y, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return y
 
@@ -105,7 +93,7 @@ def _backward_triton(dy, gate, up):
     dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     n = gate.numel()
     if n:
-        with _device_guard(gate):
+        with device_guard(gate):
             _swiglu_bwd_kernel[_grid(n)](dy, gate, up, dgate, dup, n, BLOCK=BLOCK,
                                          num_warps=NUM_WARPS)
     return dgate, dup
@@ -188,10 +176,6 @@ def _check_arguments(gate, up, who):
                          "float32")
 
 
-def _resolve_backend(backend, x, who):
-    return resolve_backend(backend, x, who, INTERPRETED)
-
-
 def swiglu(gate: Tensor, up: Tensor, *, backend: str = "auto") -> Tensor:
     """silu(gate) * up for gate, up of one shape and dtype (the Llama MLP's activation), rounded
     as eager PyTorch rounds `F.silu(gate) * up`. The backward recomputes the activation from
@@ -204,7 +188,7 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str = "auto") -> Tensor:
     """
     who = "swiglu"
     _check_arguments(gate, up, who)
-    return _swiglu_op(gate, up, _resolve_backend(backend, gate, who))
+    return _swiglu_op(gate, up, resolve_backend(backend, gate, who, INTERPRETED))
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,22 +11,42 @@ The forward takes a packed batch (rega_engine/batch.py): rows of tokens flattene
 through `rega_engine.kernels.varlen_attention`, the loss through
 `rega_engine.kernels.fused_linear_cross_entropy` on the hidden states, so the (tokens x vocab)
 logits are never materialised in training.
+
+Kernel backends. Every module that has a fused kernel carries a `backend` ("auto", "triton",
+"torch"; CausalLM.attention_backend sets the decoder's, CausalLM.cross_entropy_backend the
+loss's). "triton" (what "auto" picks on CUDA) runs the fused kernels: RMSNorm with the
+attention output's residual add folded in, RoPE computed from the restarting position ids,
+SwiGLU with its activation recomputed in backward. "torch" runs the plain PyTorch below, the
+formulas those kernels are tested against. Attention and the loss are custom ops on either
+backend. Every kernel is a torch.library custom op with a fake implementation, so
+torch.compile traces a block, or the whole model with fullgraph=True, as one graph; nothing in
+the forward reads a tensor's value on the host, and no Python int that changes from batch to
+batch reaches the graph (the attention's length hint is the row length, a static shape).
 """
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rega_engine.batch import IGNORE_INDEX
-from rega_engine.kernels.attention import varlen_attention
+from rega_engine.kernels._triton_compat import resolve_backend
+from rega_engine.kernels.attention import INTERPRETED, varlen_attention
 from rega_engine.kernels.cross_entropy import fused_linear_cross_entropy
+from rega_engine.kernels.rms_norm import rms_norm
+from rega_engine.kernels.rope import rotary_embedding
+from rega_engine.kernels.swiglu import swiglu
 from rega_engine.model.args import ModelArgs, RopeArgs
+
+
+def uses_kernels(backend: str, x: torch.Tensor, who: str) -> bool:
+    """Whether `backend` means the fused Triton kernels for tensors like x ("auto": on CUDA)."""
+    return resolve_backend(backend, x, who, INTERPRETED) == "triton"
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,13 +58,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.backend = "auto"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, (norm(x + residual), x + residual) in one pass."""
+        if uses_kernels(self.backend, x, "RMSNorm"):
+            return rms_norm(x, self.weight, self.eps, residual=residual, backend="triton")
+        if residual is not None:
+            x = x + residual
         # Normalise in fp32, cast back before the gain: the order transformers uses, so that
         # bf16 runs round the same way as the reference implementation.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        y = self.weight * xf.to(x.dtype)
+        return y if residual is None else (y, x)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -80,6 +107,15 @@ def rope_cos_sin(position_ids: torch.Tensor, rope: RopeArgs, head_dim: int):
     return angles.cos(), angles.sin()
 
 
+class Rope(NamedTuple):
+    """What attention needs to rotate q and k: flat position ids (T,) and inverse frequencies
+    for the kernel, and on the PyTorch path their cos, sin (T, head_dim / 2), once per forward."""
+    position_ids: torch.Tensor
+    inv_freq: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates (T, H, D) by the half-split convention of Hugging Face Llama checkpoints
     (dimension i pairs with i + D/2), in fp32, cast back to x's dtype."""
@@ -105,12 +141,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.qkv_bias, **kw)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=args.o_bias, **kw)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+    def forward(self, x, rope: Rope, cu_seqlens, max_seqlen):
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if uses_kernels(self.backend, x, "Attention"):
+            q, k = rotary_embedding(q, k, rope.position_ids, rope.inv_freq, backend="triton")
+        else:
+            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
         out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True,
                                softmax_scale=self.softmax_scale, backend=self.backend)
         return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
@@ -123,9 +162,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, **kw)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, **kw)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, **kw)
+        self.backend = "auto"
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if uses_kernels(self.backend, x, "MLP"):
+            return self.down_proj(swiglu(gate, up, backend="triton"))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -138,9 +181,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope: Rope, cu_seqlens, max_seqlen: int):
+        attended = self.self_attn(self.input_layernorm(x), rope, cu_seqlens, max_seqlen)
+        # x + attended and its norm in one pass (one kernel on the fused path)
+        normed, x = self.post_attention_layernorm(attended, residual=x)
+        return x + self.mlp(normed)
 
 
 class DecoderModel(nn.Module):
@@ -157,10 +202,14 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int) -> torch.Tensor:
         """Flat (T,) ids and positions -> final normalised hidden states (T, hidden)."""
-        cos, sin = rope_cos_sin(position_ids, self.args.rope, self.args.head_dim)
         x = self.embed_tokens(input_ids)
+        rope = Rope(position_ids, rope_inv_freq(self.args.rope, self.args.head_dim,
+                                                position_ids.device))
+        if not all(uses_kernels(layer.self_attn.backend, x, "Attention") for layer in self.layers):
+            angles = position_ids.float()[:, None] * rope.inv_freq[None, :]
+            rope = rope._replace(cos=angles.cos(), sin=angles.sin())
         for layer in self.layers:
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+            x = layer(x, rope, cu_seqlens, max_seqlen)
         return self.norm(x)
 
 
@@ -189,12 +238,24 @@ class CausalLM(nn.Module):
     # -- backends, settable by the training loop from its config --------------------------------
     @property
     def attention_backend(self) -> str:
+        """The backend of the decoder's kernels: varlen attention, RoPE, RMSNorm (with the
+        residual add), SwiGLU."""
         return self.model.layers[0].self_attn.backend if len(self.model.layers) else "auto"
 
     @attention_backend.setter
     def attention_backend(self, value: str) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.backend = value
+        for module in self.model.modules():
+            if isinstance(module, (Attention, MLP, RMSNorm)):
+                module.backend = value
+
+    @property
+    def kernel_backend(self) -> str:
+        """All five kernels at once (attention_backend and cross_entropy_backend)."""
+        return self.attention_backend
+
+    @kernel_backend.setter
+    def kernel_backend(self, value: str) -> None:
+        self.attention_backend = self.cross_entropy_backend = value
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -229,9 +290,13 @@ class CausalLM(nn.Module):
 
         Without `cu_seqlens` every row is one causal document (position_ids alone never split
         documents: pass cu_seqlens for packed rows). With it, `cu_seqlens` (int32) marks the
-        segments of the flattened B * L tokens and `max_seqlen` is the longest (computed with a
-        host sync if not given); `position_ids` restart per segment and are derived from
-        `cu_seqlens` on the device if not given.
+        segments of the flattened B * L tokens; `position_ids` restart per segment and are
+        derived from `cu_seqlens` on the device if not given. `max_seqlen`, the longest
+        segment, is optional: only a sliding-window config reads it (the attention kernels get
+        the row length L as their length hint, so that no changing int reaches a compiled
+        graph). Under torch.compile of the whole model mark `cu_seqlens` dynamic
+        (`torch._dynamo.mark_dynamic(cu_seqlens, 0)`) so that another document count does
+        not recompile; eagerly this forward marks it for compiled blocks itself.
 
         `labels` are unshifted (batch.py): position t predicts labels[t + 1] of its own row.
         `loss_weights` (B, L) is the weight of each label token. The loss is the fused linear
@@ -248,20 +313,24 @@ class CausalLM(nn.Module):
                              f"{tuple(input_ids.shape)}")
         cu_seqlens, max_seqlen, position_ids = packed_segments(input_ids, position_ids,
                                                                cu_seqlens, max_seqlen)
-        self._check_sliding_window(cu_seqlens, max_seqlen, labels)
-        hidden = self.model(input_ids.reshape(-1), position_ids.reshape(-1), cu_seqlens,
-                            max_seqlen)
+        if not torch.compiler.is_compiling():
+            # blocks compiled on their own then take any document count without recompiling
+            torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+        self._check_sliding_window(cu_seqlens, max_seqlen, l, labels)
+        hidden = self.model(input_ids.reshape(-1), position_ids.reshape(-1), cu_seqlens, l)
         if labels is None:
             return CausalLMOutput(logits=F.linear(hidden, self.lm_head_weight).view(b, l, -1))
         return self._loss(hidden, labels, loss_weights, reduction, return_token_losses)
 
-    def _check_sliding_window(self, cu_seqlens: torch.Tensor, max_seqlen: int,
-                              labels: torch.Tensor | None) -> None:
+    def _check_sliding_window(self, cu_seqlens: torch.Tensor, max_seqlen: int | None,
+                              row_length: int, labels: torch.Tensor | None) -> None:
         window = self.args.sliding_window
-        if window is None or max_seqlen <= window:
+        # segments lie within rows, so the row length bounds them when max_seqlen is not given
+        if window is None or (max_seqlen if max_seqlen is not None else row_length) <= window:
             return
-        longest = max_seqlen
-        if labels is not None:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        longest = int(lengths.max()) if lengths.numel() else 0   # host sync, rare branch
+        if labels is not None and longest > window:
             # max_seqlen counts the padding runs, which are segments too (batch.py), so an
             # all-padding row is a segment of seq_len. A segment without a trained label changes
             # neither the loss nor any other token, so only segments that train must fit.
@@ -332,9 +401,10 @@ class CausalLM(nn.Module):
 
 def packed_segments(input_ids: torch.Tensor, position_ids: torch.Tensor | None,
                     cu_seqlens: torch.Tensor | None,
-                    max_seqlen: int | None) -> tuple[torch.Tensor, int, torch.Tensor]:
+                    max_seqlen: int | None) -> tuple[torch.Tensor, int | None, torch.Tensor]:
     """(cu_seqlens int32, max_seqlen, position_ids (B, L)) for a (B, L) batch, filling in what
-    the caller left out as CausalLM.forward documents it."""
+    the caller left out as CausalLM.forward documents it, without a host sync (max_seqlen stays
+    None when packed rows come without it)."""
     b, l = input_ids.shape
     device = input_ids.device
     if cu_seqlens is None:
@@ -346,14 +416,14 @@ def packed_segments(input_ids: torch.Tensor, position_ids: torch.Tensor | None,
     else:
         if cu_seqlens.dtype != torch.int32:
             cu_seqlens = cu_seqlens.to(torch.int32)
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host sync
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens, b * l).view(b, l)
     if position_ids.shape != input_ids.shape:
         raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids "
                          f"shape {tuple(input_ids.shape)}")
-    return cu_seqlens, int(max_seqlen), position_ids
+    # max_seqlen passes through untouched: int() on it would make torch.compile guard on its
+    # value, and recompile when the next batch's longest document differs
+    return cu_seqlens, max_seqlen, position_ids
 
 
 def _align_with_labels(per_position: torch.Tensor, b: int, l: int) -> torch.Tensor:
