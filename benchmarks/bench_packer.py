@@ -213,6 +213,69 @@ def bench_materialise(lengths: np.ndarray, batch_size: int, subset: int, repeats
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_sparse_dataset(path: Path, lengths: np.ndarray) -> None:
+    """A format-1 dataset of `lengths` whose token and mask files are sparse (all zeros, no disk):
+    the loader's planning and memory at a scale whose tokens would not fit this disk."""
+    path.mkdir(parents=True)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    np.save(path / "offsets.npy", offsets)
+    np.save(path / "kinds.npy", (np.arange(len(lengths)) % 3).astype(np.uint8))
+    np.save(path / "domains.npy", np.zeros(len(lengths), np.int16))
+    tokens = int(offsets[-1])
+    for name, size in (("tokens.bin", 4 * tokens), ("loss_mask.bin", tokens)):
+        with open(path / name, "wb") as f:
+            f.truncate(size)
+    (path / "meta.json").write_text(json.dumps({
+        "format": 1, "num_samples": len(lengths), "num_tokens": tokens, "domains": ["general"],
+        "kinds": ["distilled", "role", "integration", "pretrain"],
+        "kind_weights": {"distilled": 1.0, "role": 1.0, "integration": 1.0, "pretrain": 1.0},
+        "pad_id": 0, "vocab_size": 32000, "seq_len": SEQ_LEN, "report": {}}))
+
+
+def _scale_child(path: str, world_size: int, batch_size: int) -> None:
+    import resource
+    start = time.perf_counter()
+    loader = PackedLoader(path, batch_size=batch_size, world_size=world_size, rank=0, prefetch=0, pin_memory=False)
+    opened = time.perf_counter() - start
+    start = time.perf_counter()
+    batches = len(loader)   # plans the epoch
+    planned = time.perf_counter() - start
+    start = time.perf_counter()
+    taken = 0
+    for _ in loader:
+        taken += 1
+        if taken == 50:
+            break
+    fill = (time.perf_counter() - start) / taken
+    print(json.dumps({"world_size": world_size, "open_seconds": opened, "plan_seconds": planned,
+                      "samples": len(loader.dataset), "micro_batches_per_rank": batches,
+                      "seconds_per_micro_batch": fill,
+                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def bench_scale(samples: int, batch_size: int, worlds=(1, 8, 64)) -> dict:
+    """Planning an epoch of `samples` and this rank's memory, for several world sizes (rank 0)."""
+    import subprocess
+    tmp = Path(tempfile.mkdtemp(prefix="bench_packer_scale_"))
+    try:
+        write_sparse_dataset(tmp / "ds", sft_lengths(samples))
+        runs = []
+        for world in worlds:
+            out = subprocess.run([sys.executable, __file__, "--scale-child", str(tmp / "ds"), str(world),
+                                  str(batch_size)], capture_output=True, text=True, check=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"scale {samples}: world {world}: {runs[-1]}", file=sys.stderr)
+        return {"samples": samples, "batch_size": batch_size, "seq_len": SEQ_LEN, "window": WINDOW,
+                "runs": runs, "plan_samples_per_s": samples / runs[0]["plan_seconds"],
+                "note": ("rank 0 of each world size, its own process; tokens are a sparse file (zeros), so the "
+                         "figures are the loader's planning and per-sample arrays, not page cache; "
+                         "seconds_per_micro_batch is the first 50 batches' first touches of a sparse file "
+                         "(page faults), not the fill rate: that is the materialise figure of the main run")}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=1_000_000)
@@ -223,7 +286,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/...)")
+    parser.add_argument("--scale", type=int, default=0,
+                        help="only plan an epoch of this many samples for 1, 8 and 64 ranks: time and memory per rank")
+    parser.add_argument("--scale-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.scale_child:
+        return _scale_child(args.scale_child[0], int(args.scale_child[1]), int(args.scale_child[2]))
+    if args.scale:
+        report = {"benchmark": "packer-scale", "machine": machine(), "scale": bench_scale(args.scale, args.batch_size)}
+        text = json.dumps(report, indent=2)
+        print(text)
+        out = args.out or Path(__file__).resolve().parent / "results" / f"packer_scale_{args.scale}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        return report
 
     lengths = sft_lengths(args.samples)
     report = {"benchmark": "packer", "machine": machine(), "seq_len": SEQ_LEN, "window": WINDOW,

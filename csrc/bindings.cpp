@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "packer.h"
 
@@ -55,49 +56,97 @@ py::array_t<int64_t> deal_rows_py(const CArray<int64_t>& row_tokens, int64_t wor
 }
 
 // Holds references to the dataset's arrays (memory maps included) for as long as batches are made
-// from them, and checks once that they describe a consistent dataset.
+// from them, and checks once that they describe a consistent dataset. A dataset is one or more
+// shards; sample ids run over them in order.
 class PyTokenStore {
 public:
+    struct ShardArrays {
+        CArray<int32_t> tokens;
+        CArray<uint8_t> loss_mask;
+        CArray<int64_t> offsets;
+        CArray<uint8_t> kinds;
+        CArray<int16_t> domains;
+    };
+
     PyTokenStore(CArray<int32_t> tokens, CArray<uint8_t> loss_mask, CArray<int64_t> offsets, CArray<uint8_t> kinds,
                  CArray<int16_t> domains, CArray<float> kind_weights)
-        : tokens_(std::move(tokens)),
-          loss_mask_(std::move(loss_mask)),
-          offsets_(std::move(offsets)),
-          kinds_(std::move(kinds)),
-          domains_(std::move(domains)),
-          kind_weights_(std::move(kind_weights)) {
-        require_1d(tokens_, "tokens");
-        require_1d(loss_mask_, "loss_mask");
-        require_1d(offsets_, "offsets");
-        require_1d(kinds_, "kinds");
-        require_1d(domains_, "domains");
+        : PyTokenStore(std::vector<ShardArrays>{{std::move(tokens), std::move(loss_mask), std::move(offsets),
+                                                 std::move(kinds), std::move(domains)}},
+                       std::move(kind_weights)) {}
+
+    PyTokenStore(std::vector<ShardArrays> shards, CArray<float> kind_weights)
+        : arrays_(std::move(shards)), kind_weights_(std::move(kind_weights)) {
         require_1d(kind_weights_, "kind_weights");
-        require(loss_mask_.shape(0) == tokens_.shape(0), "loss_mask has " + std::to_string(loss_mask_.shape(0)) +
-                                                             " entries but tokens has " + std::to_string(tokens_.shape(0)));
-        require(offsets_.shape(0) >= 1, "offsets must hold num_samples + 1 entries");
-        const int64_t num_samples = offsets_.shape(0) - 1;
-        require(kinds_.shape(0) == num_samples && domains_.shape(0) == num_samples,
-                "kinds and domains must hold one entry per sample (" + std::to_string(num_samples) + ")");
-        view_ = rega::TokenStore{tokens_.data(), loss_mask_.data(),   tokens_.shape(0),
-                                 offsets_.data(), kinds_.data(),      domains_.data(),
-                                 num_samples,     kind_weights_.data(), kind_weights_.shape(0)};
+        view_.kind_weights = kind_weights_.data();
+        view_.num_kinds = kind_weights_.shape(0);
+        view_.sample_base.push_back(0);
+        for (size_t k = 0; k < arrays_.size(); ++k) {
+            ShardArrays& a = arrays_[k];
+            const std::string where = arrays_.size() == 1 ? "" : "shard " + std::to_string(k) + ": ";
+            require_1d(a.tokens, "tokens");
+            require_1d(a.loss_mask, "loss_mask");
+            require_1d(a.offsets, "offsets");
+            require_1d(a.kinds, "kinds");
+            require_1d(a.domains, "domains");
+            require(a.loss_mask.shape(0) == a.tokens.shape(0),
+                    where + "loss_mask has " + std::to_string(a.loss_mask.shape(0)) + " entries but tokens has " +
+                        std::to_string(a.tokens.shape(0)));
+            require(a.offsets.shape(0) >= 1, where + "offsets must hold num_samples + 1 entries");
+            const int64_t num_samples = a.offsets.shape(0) - 1;
+            require(a.kinds.shape(0) == num_samples && a.domains.shape(0) == num_samples,
+                    where + "kinds and domains must hold one entry per sample (" + std::to_string(num_samples) + ")");
+            view_.shards.push_back(rega::TokenShard{a.tokens.data(), a.loss_mask.data(), a.tokens.shape(0),
+                                                    a.offsets.data(), a.kinds.data(), a.domains.data(),
+                                                    num_samples});
+            view_.sample_base.push_back(view_.sample_base.back() + num_samples);
+        }
+        view_.num_samples = view_.sample_base.back();
         py::gil_scoped_release release;
-        const int64_t* off = view_.offsets;
-        if (off[0] < 0) throw std::invalid_argument("offsets[0] is negative");
-        for (int64_t i = 0; i < num_samples; ++i) {
-            if (off[i + 1] < off[i]) {
-                throw std::invalid_argument("offsets decrease at sample " + std::to_string(i));
+        for (size_t k = 0; k < view_.shards.size(); ++k) {
+            const rega::TokenShard& shard = view_.shards[k];
+            const std::string where = view_.shards.size() == 1 ? "" : "shard " + std::to_string(k) + ": ";
+            const int64_t* off = shard.offsets;
+            if (off[0] < 0) throw std::invalid_argument(where + "offsets[0] is negative");
+            for (int64_t i = 0; i < shard.num_samples; ++i) {
+                if (off[i + 1] < off[i]) {
+                    throw std::invalid_argument(where + "offsets decrease at sample " + std::to_string(i));
+                }
+                if (shard.kinds[i] >= view_.num_kinds) {
+                    throw std::invalid_argument(where + "sample " + std::to_string(i) + " has kind id " +
+                                                std::to_string(shard.kinds[i]) + " but only " +
+                                                std::to_string(view_.num_kinds) + " kind weights were given");
+                }
             }
-            if (view_.kinds[i] >= view_.num_kinds) {
-                throw std::invalid_argument("sample " + std::to_string(i) + " has kind id " +
-                                            std::to_string(view_.kinds[i]) + " but only " +
-                                            std::to_string(view_.num_kinds) + " kind weights were given");
+            if (off[shard.num_samples] > shard.num_tokens) {
+                throw std::invalid_argument(where + "offsets end at " + std::to_string(off[shard.num_samples]) +
+                                            " but tokens has only " + std::to_string(shard.num_tokens) + " entries");
             }
         }
-        if (off[num_samples] > view_.num_tokens) {
-            throw std::invalid_argument("offsets end at " + std::to_string(off[num_samples]) + " but tokens has only " +
-                                        std::to_string(view_.num_tokens) + " entries");
+    }
+
+    static PyTokenStore from_shards(const py::list& shards, CArray<float> kind_weights) {
+        std::vector<ShardArrays> arrays;
+        for (const py::handle item : shards) {
+            const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
+            require(t.size() == 5, "each shard is (tokens, loss_mask, offsets, kinds, domains)");
+            // cast<> of array_t converts; insist on the exact dtypes as noconvert does.
+            auto exact = [&](size_t i, const py::dtype& dtype, const char* name) {
+                const py::array a = py::reinterpret_borrow<py::array>(t[i]);
+                if (!py::isinstance<py::array>(t[i]) || !a.dtype().is(dtype) ||
+                    !(a.flags() & py::array::c_style)) {
+                    throw py::type_error(std::string("from_shards: ") + name + " must be a C-contiguous " +
+                                         std::string(py::str(dtype)) + " array");
+                }
+            };
+            exact(0, py::dtype::of<int32_t>(), "tokens");
+            exact(1, py::dtype::of<uint8_t>(), "loss_mask");
+            exact(2, py::dtype::of<int64_t>(), "offsets");
+            exact(3, py::dtype::of<uint8_t>(), "kinds");
+            exact(4, py::dtype::of<int16_t>(), "domains");
+            arrays.push_back({t[0].cast<CArray<int32_t>>(), t[1].cast<CArray<uint8_t>>(), t[2].cast<CArray<int64_t>>(),
+                              t[3].cast<CArray<uint8_t>>(), t[4].cast<CArray<int16_t>>()});
         }
+        return PyTokenStore(std::move(arrays), std::move(kind_weights));
     }
 
     int64_t num_samples() const { return view_.num_samples; }
@@ -144,11 +193,7 @@ private:
                                bin_samples.shape(0), rows.data(),        rows.shape(0)};
     }
 
-    CArray<int32_t> tokens_;
-    CArray<uint8_t> loss_mask_;
-    CArray<int64_t> offsets_;
-    CArray<uint8_t> kinds_;
-    CArray<int16_t> domains_;
+    std::vector<ShardArrays> arrays_;
     CArray<float> kind_weights_;
     rega::TokenStore view_{};
 };
@@ -170,6 +215,9 @@ PYBIND11_MODULE(_C, m) {
                       CArray<float>>(),
              py::arg("tokens").noconvert(), py::arg("loss_mask").noconvert(), py::arg("offsets").noconvert(),
              py::arg("kinds").noconvert(), py::arg("domains").noconvert(), py::arg("kind_weights").noconvert())
+        .def_static("from_shards", &PyTokenStore::from_shards, py::arg("shards"), py::arg("kind_weights").noconvert(),
+                    "A store over several shards, [(tokens, loss_mask, offsets, kinds, domains), ...]; sample ids "
+                    "run over the shards in order.")
         .def_property_readonly("num_samples", &PyTokenStore::num_samples)
         .def("fill_batch", &PyTokenStore::fill_batch, py::arg("bin_splits").noconvert(),
              py::arg("bin_samples").noconvert(), py::arg("rows").noconvert(), py::arg("pad_id"),

@@ -261,13 +261,17 @@ std::pair<int64_t, int64_t> row_range(const BatchPlan& plan, int64_t r) {
     return {first, last};
 }
 
-int64_t sample_checked(const TokenStore& store, const BatchPlan& plan, int64_t k) {
+// (shard, local sample id) of global sample bin_samples[k], checked against the store.
+std::pair<const TokenShard*, int64_t> sample_checked(const TokenStore& store, const BatchPlan& plan, int64_t k) {
     const int64_t s = plan.bin_samples[k];
     if (s < 0 || s >= store.num_samples) {
         fail("fill_batch: sample id " + std::to_string(s) + " out of range for a dataset of " +
              std::to_string(store.num_samples) + " samples");
     }
-    return s;
+    // The first shard whose end lies beyond s; with one shard this is one comparison.
+    const auto it = std::upper_bound(store.sample_base.begin() + 1, store.sample_base.end(), s);
+    const size_t shard = static_cast<size_t>(it - (store.sample_base.begin() + 1));
+    return {&store.shards[shard], s - store.sample_base[shard]};
 }
 
 }  // namespace
@@ -296,23 +300,24 @@ BatchStats fill_batch(const TokenStore& store, const BatchPlan& plan, int32_t pa
         int64_t pos = 0;
         const auto range = row_range(plan, r);
         for (int64_t k = range.first; k < range.second; ++k) {
-            const int64_t s = sample_checked(store, plan, k);
-            const int64_t begin = store.offsets[s];
-            const int64_t n = store.offsets[s + 1] - begin;
+            const auto [shard, s] = sample_checked(store, plan, k);
+            const int64_t begin = shard->offsets[s];
+            const int64_t n = shard->offsets[s + 1] - begin;
             if (n == 0) continue;  // no tokens, no segment
             if (pos + n > L) {
                 fail("fill_batch: row " + std::to_string(r) + " holds more than seq_len = " + std::to_string(L) +
-                     " tokens (sample " + std::to_string(s) + " does not fit)");
+                     " tokens (sample " + std::to_string(plan.bin_samples[k]) + " does not fit)");
             }
-            const int64_t kind = store.kinds[s];
+            const int64_t kind = shard->kinds[s];
             if (kind >= store.num_kinds) {
-                fail("fill_batch: sample " + std::to_string(s) + " has kind id " + std::to_string(kind) +
-                     " but only " + std::to_string(store.num_kinds) + " kind weights were given");
+                fail("fill_batch: sample " + std::to_string(plan.bin_samples[k]) + " has kind id " +
+                     std::to_string(kind) + " but only " + std::to_string(store.num_kinds) +
+                     " kind weights were given");
             }
             const float weight = store.kind_weights[kind];
-            const int64_t domain = store.domains[s];
-            const int32_t* tok = store.tokens + begin;
-            const uint8_t* mask = store.loss_mask + begin;
+            const int64_t domain = shard->domains[s];
+            const int32_t* tok = shard->tokens + begin;
+            const uint8_t* mask = shard->loss_mask + begin;
             const int64_t at = base + pos;
             int64_t* ids = out.input_ids + at;
             int64_t* labels = out.labels + at;

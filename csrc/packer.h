@@ -33,14 +33,23 @@ int64_t num_global_batches(int64_t num_rows, int64_t world_size, int64_t batch_s
 void deal_rows(const int64_t* row_tokens, int64_t num_rows, int64_t world_size, int64_t batch_size,
                int64_t* out);
 
-// Read-only view of a prepared dataset (see rega_engine/data/dataset.py).
-struct TokenStore {
+// Read-only view of one shard of a prepared dataset (see rega_engine/data/dataset.py): its
+// offsets start at 0 and index its own tokens.
+struct TokenShard {
     const int32_t* tokens;
     const uint8_t* loss_mask;
     int64_t num_tokens;
     const int64_t* offsets;  // num_samples + 1
     const uint8_t* kinds;
     const int16_t* domains;
+    int64_t num_samples;
+};
+
+// The whole dataset: its shards in order. Global sample id s lives in the shard k with
+// sample_base[k] <= s < sample_base[k + 1].
+struct TokenStore {
+    std::vector<TokenShard> shards;
+    std::vector<int64_t> sample_base;  // num_shards + 1
     int64_t num_samples;
     const float* kind_weights;  // indexed by kind id
     int64_t num_kinds;

@@ -275,12 +275,54 @@ def test_a_replaced_iterator_refuses_to_go_on(tmp_path):
 def test_bad_state_is_refused(tmp_path):
     dataset, _ = write_dataset(tmp_path / "ds", [5] * 10)
     loader = PackedLoader(dataset, seq_len=16, batch_size=2)
-    with pytest.raises(ValueError, match="world_size=4"):
-        loader.load_state_dict({**loader.state_dict(), "world_size": 4})
-    with pytest.raises(ValueError, match="cursor 99"):
-        loader.load_state_dict({**loader.state_dict(), "cursor": 99})
-    with pytest.raises(KeyError, match="cursor"):
+    with pytest.raises(ValueError, match="seq_len=8"):
+        loader.load_state_dict({**loader.state_dict(), "seq_len": 8})
+    with pytest.raises(ValueError, match="window=4"):
+        loader.load_state_dict({**loader.state_dict(), "window": 4})
+    with pytest.raises(ValueError, match="rows_consumed 99"):
+        loader.load_state_dict({**loader.state_dict(), "rows_consumed": 99})
+    with pytest.raises(KeyError, match="rows_consumed"):
         loader.load_state_dict({"epoch": 0, "seed": 0})
+
+
+def _rows_of(batch) -> list[tuple]:
+    """The real rows of a batch, each as its tuple of token ids (padding rows left out)."""
+    ids = batch.input_ids.numpy()
+    return [tuple(row[row != PAD].tolist()) for row in ids if (row != PAD).any()]
+
+
+def test_elastic_resume_trains_every_row_of_the_epoch_exactly_once(tmp_path):
+    """2 ranks, then 1, then 3, then 2: the rows handed out over the epoch are one uninterrupted
+    epoch's, none twice, none skipped, whatever the world sizes in between."""
+    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(4).integers(1, 30, 300).tolist())
+    options = dict(seq_len=32, batch_size=2, seed=11, prefetch=2)
+    uninterrupted = Counter(r for b in PackedLoader(dataset, world_size=1, **options) for r in _rows_of(b))
+    state, seen = None, Counter()
+    for world, steps in ((2, 3), (1, 5), (3, 2), (2, None)):
+        loaders = [PackedLoader(dataset, world_size=world, rank=r, **options) for r in range(world)]
+        for loader in loaders:
+            if state is not None:
+                loader.load_state_dict(json.loads(json.dumps(state)))
+        assert loaders[0].epoch == 0
+        iterators = [iter(loader) for loader in loaders]
+        for _ in range(len(loaders[0]) if steps is None else steps):
+            for iterator in iterators:
+                seen.update(_rows_of(next(iterator)))
+        states = [loader.state_dict() for loader in loaders]
+        assert len({s["rows_consumed"] for s in states}) == 1
+        state = states[0]
+    assert state["epoch"] == 1 and state["rows_consumed"] == 0
+    assert seen == uninterrupted
+
+
+def test_a_state_without_rows_consumed_resumes_at_its_cursor(tmp_path):
+    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(5).integers(1, 30, 80).tolist())
+    options = dict(seq_len=32, batch_size=2, world_size=2, rank=0, seed=1, prefetch=0)
+    reference = [b.input_ids.tolist() for b in PackedLoader(dataset, **options)]
+    loader = PackedLoader(dataset, **options)
+    old = {k: v for k, v in loader.state_dict().items() if k != "rows_consumed"}
+    loader.load_state_dict({**old, "cursor": 2})
+    assert [b.input_ids.tolist() for b in loader] == reference[2:]
 
 
 def test_epochs_and_seeds_reshuffle_deterministically(tmp_path):

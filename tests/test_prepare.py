@@ -174,7 +174,8 @@ def test_prepare_two_workers_writes_the_rendered_mixture(tmp_path, capsys, templ
     assert report["rows"][config.data.domains["law"]] == {"read": 82, "blank": 0, "kept": 82, "rejected": 0}
     assert report["samples"]["kind"] == {"distilled": 138, "role": 160, "integration": 16, "pretrain": 0}
     assert report["samples"]["domain"] == {"general": 138, "law": 90, "medicine": 86}
-    assert report["tokens"] == data.num_tokens and report["loss_tokens"] == int(data.loss_mask.sum())
+    assert report["tokens"] == data.num_tokens
+    assert report["loss_tokens"] == sum(int(s.loss_mask.sum()) for s in data.shards)
     assert report["truncated"] == report["dropped_too_long"] == report["dropped_no_loss"] == 0
     assert data.meta["report"]["tokens"] == report["tokens"]
 
@@ -183,8 +184,12 @@ def test_output_does_not_depend_on_the_number_of_workers(tmp_path, capsys):
     one = sample_config(tmp_path, workers=1, prepared=str(tmp_path / "one"))
     two = sample_config(tmp_path, workers=2, prepared=str(tmp_path / "two"))
     prepare(one), prepare(two)
-    for name in ("tokens.bin", "loss_mask.bin", "offsets.npy", "kinds.npy", "domains.npy"):
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert tree_bytes(tmp_path / "one") == tree_bytes(tmp_path / "two")
+
+
+def tree_bytes(root) -> dict:
+    """{relative path: contents} of every file under `root`."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_too_long_truncate_drop_and_error(tmp_path, capsys):
@@ -268,3 +273,16 @@ law = "{SAMPLE_DIR / 'law.jsonl'}"
     data = TokenDataset(tmp_path / "out")
     assert len(data) == 82 and set(data.kinds.tolist()) == {KIND_ID["role"]}
     assert "prepared" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("template", [None, CHATML], ids=["plain", "chatml"])
+def test_masks_from_span_edges_equal_masks_from_every_offset(tmp_path, template):
+    """The fast path (char_to_token at each span's edges) marks exactly the tokens the offsets do."""
+    tok = tiny_tokenizer(template)
+    fast, slow = ChatRenderer(tok), ChatRenderer(tok)
+    slow._fast_masks = False
+    assert fast._fast_masks
+    for sample in build_mixture(sample_config(tmp_path)).samples[::3]:
+        for (a, b) in zip(fast.render_arrays(sample.messages, sample.system),
+                          slow.render_arrays(sample.messages, sample.system)):
+            np.testing.assert_array_equal(a, b)

@@ -122,12 +122,16 @@ def test_log_has_per_kind_and_per_domain_fields(tmp_path):
     log = read_log(tmp_path / "run")
     assert [r["step"] for r in log] == [2, 4, 5]   # every 2 steps, and the last one
     expected_keys = {"step", "loss", "loss_by_kind", "loss_by_domain", "tokens", "tokens_per_s",
-                     "mfu", "grad_norm", "lr", "peak_memory_gib", "elapsed_s"}
+                     "mfu", "grad_norm", "lr", "peak_memory_gib", "elapsed_s",
+                     "loss_tokens_by_kind", "loss_tokens_by_domain"}
     dataset_tokens_per_row_max = 64
     for r in log:
         assert set(r) == expected_keys
         assert list(r["loss_by_kind"]) == list(KINDS)
         assert list(r["loss_by_domain"]) == DOMAINS
+        # the label tokens behind those losses: the same tokens counted by kind and by domain
+        assert sum(r["loss_tokens_by_kind"].values()) == sum(r["loss_tokens_by_domain"].values()) > 0
+        assert all((r["loss_tokens_by_kind"][k] == 0) == (r["loss_by_kind"][k] is None) for k in KINDS)
         assert all(v is None or 0 < v < 10 for v in [*r["loss_by_kind"].values(),
                                                      *r["loss_by_domain"].values()])
         assert 0 < r["loss"] < 10 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0

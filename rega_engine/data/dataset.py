@@ -13,9 +13,20 @@ Layout (format 1):
 The writer streams tokens to disk as samples arrive, so a large dataset never sits in memory, and
 builds the directory under a temporary name that is renamed only once meta.json is written: a run
 that dies half way never leaves something that looks like a whole dataset.
+
+Sharded layout (format 2, what `rega-engine prepare` writes):
+    meta.json             the index: the keys above, plus "shards" (name, num_samples, num_tokens
+                          and the sha256 of each of its files, in order), the per-source and
+                          per-kind counts and the config it came from; written once, last, when
+                          every shard is complete
+    shard_00000/ ...      each shard holds the five data files of format 1 and shard.json (its
+                          counts and the fingerprint of the config that made it); a shard is built
+                          under a temporary name and renamed when complete
+Sample ids run over the shards in order. The loader maps every shard; nothing is concatenated.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +40,8 @@ from rega_engine.files import read_json_object
 from rega_engine.kinds import GENERAL_DOMAIN, KINDS, check_kind_weights
 
 FORMAT = 1
+SHARDED_FORMAT = 2
+SHARD_FILE = "shard.json"
 DATA_FILES = ("tokens.bin", "loss_mask.bin", "offsets.npy", "kinds.npy", "domains.npy")
 META_FILE = "meta.json"
 _TOKEN_DTYPE = np.int32
@@ -193,7 +206,124 @@ def _replaceable(path: Path) -> bool:
     if not path.is_dir():
         return False
     names = {p.name for p in path.iterdir()}
-    return not names or (META_FILE in names and names <= set(DATA_FILES) | {META_FILE})
+    return not names or (META_FILE in names and all(dataset_file(n) for n in names))
+
+
+def dataset_file(name: str) -> bool:
+    """A name a prepared dataset (either format, or one being prepared) may hold."""
+    return name in DATA_FILES or name == META_FILE or name.startswith(("shard_", "."))
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+class ShardWriter:
+    """One shard of a sharded (format 2) dataset at `directory`: the five data files of format 1
+    and shard.json. Built under a hidden temporary name next to it, renamed by finish(): a
+    directory with the shard's name is complete by construction. `add` takes prepare's own arrays
+    (ids int32, mask uint8, already checked), so it copies nothing and checks nothing."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self._tmp = self.dir.parent / f".{self.dir.name}.tmp-{os.getpid()}"
+        if self._tmp.exists():
+            shutil.rmtree(self._tmp)
+        self._tmp.mkdir(parents=True)
+        self._tokens = open(self._tmp / "tokens.bin", "wb")
+        self._mask = open(self._tmp / "loss_mask.bin", "wb")
+        self._tokens_sha, self._mask_sha = hashlib.sha256(), hashlib.sha256()
+        self._ends, self._kinds, self._domains = array("q"), array("B"), array("h")
+        self._num_tokens = 0
+
+    def add(self, ids: np.ndarray, mask: np.ndarray, kind: int, domain: int) -> None:
+        token_bytes, mask_bytes = ids.data, mask.data
+        self._tokens.write(token_bytes)
+        self._mask.write(mask_bytes)
+        self._tokens_sha.update(token_bytes)
+        self._mask_sha.update(mask_bytes)
+        self._num_tokens += ids.shape[0]
+        self._ends.append(self._num_tokens)
+        self._kinds.append(kind)
+        self._domains.append(domain)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def finish(self, info: dict) -> dict:
+        """Writes the per-sample arrays and shard.json ({num_samples, num_tokens, sha256 per file,
+        **info}), renames the shard into place and returns shard.json's contents."""
+        try:
+            for f in (self._tokens, self._mask):
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            offsets = np.zeros(len(self._ends) + 1, dtype=np.int64)
+            offsets[1:] = np.frombuffer(self._ends, dtype=np.int64)
+            np.save(self._tmp / "offsets.npy", offsets)
+            np.save(self._tmp / "kinds.npy", np.frombuffer(self._kinds, dtype=np.uint8))
+            np.save(self._tmp / "domains.npy", np.frombuffer(self._domains, dtype=np.int16))
+            sha = {"tokens.bin": self._tokens_sha.hexdigest(), "loss_mask.bin": self._mask_sha.hexdigest()}
+            for name in ("offsets.npy", "kinds.npy", "domains.npy"):
+                _fsync_file(self._tmp / name)
+                sha[name] = file_sha256(self._tmp / name)
+            record = {"num_samples": len(self._ends), "num_tokens": self._num_tokens, "sha256": sha, **info}
+            with open(self._tmp / SHARD_FILE, "w") as f:
+                json.dump(record, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            if self.dir.exists():   # a stale shard of another config: this one supersedes it
+                trash = self.dir.parent / f".{self.dir.name}.replaced-{os.getpid()}"
+                os.replace(self.dir, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(self._tmp, self.dir)
+        except BaseException:
+            self.abort()
+            raise
+        return record
+
+    def abort(self) -> None:
+        for f in (self._tokens, self._mask):
+            if not f.closed:
+                f.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def read_shard_record(directory) -> dict | None:
+    """shard.json of a complete shard whose data files have the sizes it states; None otherwise."""
+    directory = Path(directory)
+    try:
+        record = json.loads((directory / SHARD_FILE).read_text())
+        n, tokens = int(record["num_samples"]), int(record["num_tokens"])
+        sizes = {"tokens.bin": 4 * tokens, "loss_mask.bin": tokens}
+        if any((directory / name).stat().st_size != size for name, size in sizes.items()):
+            return None
+        if not all((directory / name).is_file() for name in DATA_FILES) or n < 0:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record
+
+
+def write_index(out_dir, meta: dict) -> None:
+    """meta.json of a sharded dataset, atomically (a temporary file renamed): the mark that every
+    shard is complete. Several processes may write the same index at once; the contents are equal."""
+    out_dir = Path(out_dir)
+    tmp = out_dir / f".{META_FILE}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"format": SHARDED_FORMAT, **meta}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / META_FILE)
 
 
 _PREPARE_AGAIN = "run `rega-engine prepare` again to rebuild the dataset"
@@ -203,11 +333,13 @@ _META_INTS = ("num_samples", "num_tokens", "pad_id", "vocab_size", "seq_len")
 def _read_meta(meta_path: Path) -> dict:
     """meta.json, checked as far as it can be alone: format, keys and their types."""
     meta = read_json_object(meta_path, error=DataError, fix=_PREPARE_AGAIN)
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, SHARDED_FORMAT):
         raise DataError(f"{meta_path}: unknown dataset format {meta.get('format')!r} (this "
-                        f"rega-engine reads format {FORMAT}; prepared by another version?); "
-                        f"{_PREPARE_AGAIN} with this version")
+                        f"rega-engine reads formats {FORMAT} and {SHARDED_FORMAT}; prepared by another "
+                        f"version?); {_PREPARE_AGAIN} with this version")
     missing = [k for k in (*_META_INTS, "domains", "kinds", "kind_weights") if k not in meta]
+    if meta["format"] == SHARDED_FORMAT and "shards" not in meta:
+        missing.append("shards")
     if missing:
         raise DataError(f"{meta_path}: missing key(s) {', '.join(missing)}; {_PREPARE_AGAIN}")
     for key in _META_INTS:
@@ -224,48 +356,40 @@ def _read_meta(meta_path: Path) -> dict:
     if not isinstance(kinds, list) or not kinds or kinds != list(KINDS[:len(kinds)]):
         raise DataError(f"{meta_path}: kinds {meta['kinds']} differ from this version's "
                         f"{list(KINDS)}; {_PREPARE_AGAIN}")
+    if meta["format"] == SHARDED_FORMAT:
+        shards = meta["shards"]
+        ok = isinstance(shards, list) and all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and "/" not in e["name"]
+            and all(isinstance(e.get(k), int) and e[k] >= 0 for k in ("num_samples", "num_tokens"))
+            for e in shards)
+        if not ok or sum(e["num_samples"] for e in shards) != meta["num_samples"] \
+                or sum(e["num_tokens"] for e in shards) != meta["num_tokens"]:
+            raise DataError(f"{meta_path}: shards do not add up to num_samples and num_tokens; "
+                            f"{_PREPARE_AGAIN}")
     return meta
 
 
-class TokenDataset:
-    """A prepared dataset, memory-mapped: opening it reads only the small per-sample arrays."""
+class _Shard:
+    """One directory of the five data files, every array memory-mapped."""
 
-    def __init__(self, path):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"prepared dataset {self.path} not found (run `rega-engine prepare` first)")
-        meta_path = self.path / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"{meta_path} is missing: {self.path} is not a complete prepared dataset "
-                "(an interrupted prepare run?); run `rega-engine prepare` again")
-        meta = _read_meta(meta_path)
+    def __init__(self, path: Path, num_samples: int, num_tokens: int):
+        self.path = path
         for name in DATA_FILES:
-            if not (self.path / name).is_file():
-                raise FileNotFoundError(f"{self.path / name} is missing; prepare the dataset again")
-        self.meta = meta
-        num_samples, num_tokens = meta["num_samples"], meta["num_tokens"]
-
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} is missing; prepare the dataset again")
         self.offsets = self._load_npy("offsets.npy", np.int64, num_samples + 1)
         self.kinds = self._load_npy("kinds.npy", np.uint8, num_samples)
         self.domains = self._load_npy("domains.npy", np.int16, num_samples)
         self.tokens = self._map("tokens.bin", _TOKEN_DTYPE, num_tokens)
         self.loss_mask = self._map("loss_mask.bin", _MASK_DTYPE, num_tokens)
         if self.offsets[0] != 0 or self.offsets[-1] != num_tokens or (np.diff(self.offsets) < 0).any():
-            raise DataError(f"{self.path / 'offsets.npy'} does not partition {num_tokens} tokens; "
+            raise DataError(f"{path / 'offsets.npy'} does not partition {num_tokens} tokens; "
                             f"{_PREPARE_AGAIN}")
-        self.lengths = np.diff(self.offsets)
-        self.domain_names = list(meta["domains"])
-        self.kind_weights = check_kind_weights(meta["kind_weights"], f"{meta_path}: kind_weights",
-                                               error=DataError)
-        self.pad_id = meta["pad_id"]
-        self.vocab_size = meta["vocab_size"]
-        self.seq_len = meta["seq_len"]
 
     def _load_npy(self, name: str, dtype, count: int) -> np.ndarray:
         file = self.path / name
         try:
-            array_ = np.load(file, allow_pickle=False)
+            array_ = np.load(file, allow_pickle=False, mmap_mode="r")
         except (ValueError, EOFError, OSError) as e:   # what numpy raises for a damaged .npy
             raise DataError(f"{file}: not a readable .npy file ({e}); {_PREPARE_AGAIN}") from None
         if array_.dtype != dtype or array_.shape != (count,):
@@ -286,6 +410,82 @@ class TokenDataset:
             return np.zeros(0, dtype=dtype)  # numpy cannot map an empty file
         return np.memmap(file, dtype=dtype, mode="r", shape=(count,))
 
+
+class TokenDataset:
+    """A prepared dataset, memory-mapped: opening it reads only the small per-sample arrays.
+
+    Format 1 is one directory of data files; format 2 (prepare's) is any number of shards behind
+    one index. Sample ids run over the shards in order; `shards` lists them, `sample_base[k]` is
+    the id of shard k's first sample."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"prepared dataset {self.path} not found (run `rega-engine prepare` first)")
+        meta_path = self.path / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{meta_path} is missing: {self.path} is not a complete prepared dataset "
+                "(an interrupted prepare run?); run `rega-engine prepare` again")
+        meta = _read_meta(meta_path)
+        self.meta = meta
+        if meta["format"] == FORMAT:
+            self.shards = [_Shard(self.path, meta["num_samples"], meta["num_tokens"])]
+        else:
+            self.shards = [_Shard(self.path / e["name"], e["num_samples"], e["num_tokens"])
+                           for e in meta["shards"]]
+        counts = [len(s.kinds) for s in self.shards]
+        self.sample_base = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=self.sample_base[1:])
+        if len(self.shards) == 1:
+            only = self.shards[0]
+            self.kinds, self.domains = only.kinds, only.domains
+            self.lengths = np.diff(only.offsets)
+        else:
+            self.kinds = np.concatenate([s.kinds for s in self.shards]) if self.shards else np.zeros(0, np.uint8)
+            self.domains = (np.concatenate([s.domains for s in self.shards]) if self.shards
+                            else np.zeros(0, np.int16))
+            self.lengths = (np.concatenate([np.diff(s.offsets) for s in self.shards]) if self.shards
+                            else np.zeros(0, np.int64))
+        self.domain_names = list(meta["domains"])
+        self.kind_weights = check_kind_weights(meta["kind_weights"], f"{meta_path}: kind_weights",
+                                               error=DataError)
+        self.pad_id = meta["pad_id"]
+        self.vocab_size = meta["vocab_size"]
+        self.seq_len = meta["seq_len"]
+
+    # One-shard datasets (format 1) have flat arrays; a sharded one is read shard by shard.
+    def _only_shard(self, name: str) -> _Shard:
+        if len(self.shards) != 1:
+            raise AttributeError(f"TokenDataset.{name}: {self.path} has {len(self.shards)} shards; "
+                                 f"read dataset.shards[k].{name}, or dataset.sample(i)")
+        return self.shards[0]
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self._only_shard("tokens").tokens
+
+    @property
+    def loss_mask(self) -> np.ndarray:
+        return self._only_shard("loss_mask").loss_mask
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Global token offsets (num_samples + 1), as if the shards were one stream."""
+        if len(self.shards) == 1:
+            return self.shards[0].offsets
+        out = np.zeros(len(self) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=out[1:])
+        return out
+
+    def verify(self) -> None:
+        """Checks every shard's files against the sha256 sums in the index (format 2)."""
+        for entry, shard in zip(self.meta.get("shards", []), self.shards):
+            for name, digest in entry.get("sha256", {}).items():
+                if file_sha256(shard.path / name) != digest:
+                    raise DataError(f"{shard.path / name}: sha256 differs from {self.path / META_FILE}; "
+                                    f"the shard is damaged; {_PREPARE_AGAIN}")
+
     def __len__(self) -> int:
         return int(self.meta["num_samples"])
 
@@ -300,8 +500,10 @@ class TokenDataset:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"sample index {i} out of range for {n} samples in {self.path}")
-        begin, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.tokens[begin:end], self.loss_mask[begin:end]
+        k = int(np.searchsorted(self.sample_base, i, side="right")) - 1
+        shard, local = self.shards[k], i - int(self.sample_base[k])
+        begin, end = int(shard.offsets[local]), int(shard.offsets[local + 1])
+        return shard.tokens[begin:end], shard.loss_mask[begin:end]
 
     def __repr__(self) -> str:
-        return f"TokenDataset({str(self.path)!r}, samples={len(self)}, tokens={self.num_tokens})"
+        return f"TokenDataset({str(self.path)!r}, samples={len(self)}, tokens={self.num_tokens}, shards={len(self.shards)})"

@@ -64,13 +64,31 @@ def plan_bins(lengths, seq_len: int, *, window: int | None = None) -> np.ndarray
 
 
 @dataclass(frozen=True)
-class _EpochPlan:
-    """One epoch as this rank sees it. Bin b holds bin_samples[bin_splits[b]:bin_splits[b + 1]]."""
+class _EpochRows:
+    """An epoch's rows, the same for every world size: which samples each row ("bin") holds and
+    the order the rows are consumed in. Bin b holds bin_samples[bin_splits[b]:bin_splits[b + 1]]."""
     epoch: int
     bin_splits: np.ndarray    # int64 (num_bins + 1,)
     bin_samples: np.ndarray   # int64 dataset sample ids
     bin_segments: np.ndarray  # int64 cu_seqlens segments a row of this bin adds (documents + padding run)
+    bin_tokens: np.ndarray    # int64 real tokens per bin
+    row_bins: np.ndarray      # int64 the bins in consumption order: row r of the epoch is bin row_bins[r]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_bins.shape[0])
+
+
+@dataclass(frozen=True)
+class _EpochPlan:
+    """One epoch as this rank sees it, from global row `start_row` on (0 unless resumed elastically)."""
+    epoch: int
+    start_row: int
+    bin_splits: np.ndarray
+    bin_samples: np.ndarray
+    bin_segments: np.ndarray
     batches: np.ndarray       # int64 (micro-batches, batch_size) bin ids of this rank; -1 = all-padding row
+    num_rows: int             # rows of the whole epoch, all ranks
 
 
 class PackedLoader:
@@ -130,10 +148,13 @@ class PackedLoader:
             log.warning("PackedLoader: %d of %d samples in %s are longer than seq_len=%d and are dropped "
                         "(%d tokens); truncate them in prepare to keep them", self.dropped_samples, len(lengths),
                         getattr(dataset, "path", "the dataset"), self.seq_len, int(lengths[too_long].sum()))
-        self._store = _C.TokenStore(dataset.tokens, dataset.loss_mask, dataset.offsets, dataset.kinds,
-                                    dataset.domains, np.array([self.kind_weights[k] for k in KINDS], np.float32))
+        self._store = _C.TokenStore.from_shards(
+            [(s.tokens, s.loss_mask, s.offsets, s.kinds, s.domains) for s in dataset.shards],
+            np.array([self.kind_weights[k] for k in KINDS], np.float32))
         self._epoch = 0
         self._cursor = 0
+        self._start_row = 0
+        self._rows: _EpochRows | None = None
         self._plan: _EpochPlan | None = None
         self._active = None  # weak reference to the live iterator, so that an abandoned one can be collected
 
@@ -143,33 +164,53 @@ class PackedLoader:
         return self._epoch
 
     def _epoch_plan(self) -> _EpochPlan:
-        if self._plan is None or self._plan.epoch != self._epoch:
-            self._plan = self._make_plan(self._epoch)
+        if self._plan is None or self._plan.epoch != self._epoch or self._plan.start_row != self._start_row:
+            self._plan = self._make_plan(self._epoch, self._start_row)
         return self._plan
 
-    def _make_plan(self, epoch: int) -> _EpochPlan:
+    def _epoch_rows(self, epoch: int) -> _EpochRows:
+        if self._rows is not None and self._rows.epoch == epoch:
+            return self._rows
         lengths = self._lengths
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(lengths)) if self.shuffle else np.arange(len(lengths), dtype=np.int64)
         bin_of = _C.plan_bins(np.ascontiguousarray(lengths[order]), self.seq_len, self.window)
         kept = bin_of >= 0
         samples, bins = order[kept], bin_of[kept]
+        del order, bin_of, kept
         num_bins = int(bins.max()) + 1 if bins.size else 0
         by_bin = np.argsort(bins, kind="stable")  # within a row, documents keep the shuffled order
         bin_samples = np.ascontiguousarray(samples[by_bin], dtype=np.int64)
+        del by_bin
         bin_splits = np.zeros(num_bins + 1, dtype=np.int64)
         np.cumsum(np.bincount(bins, minlength=num_bins), out=bin_splits[1:])
         sample_lengths = lengths[samples]
         bin_tokens = np.bincount(bins, weights=sample_lengths, minlength=num_bins).astype(np.int64)
         documents = np.bincount(bins, weights=sample_lengths > 0, minlength=num_bins).astype(np.int64)
         bin_segments = documents + (bin_tokens < self.seq_len)
-
         row_bins = rng.permutation(num_bins) if self.shuffle else np.arange(num_bins, dtype=np.int64)
-        dealt = _C.deal_rows(np.ascontiguousarray(bin_tokens[row_bins]), self.world_size, self.batch_size)
+        self._rows = _EpochRows(epoch, bin_splits, bin_samples, bin_segments.astype(np.int64), bin_tokens,
+                                np.ascontiguousarray(row_bins, dtype=np.int64))
+        return self._rows
+
+    def _make_plan(self, epoch: int, start_row: int = 0) -> _EpochPlan:
+        rows = self._epoch_rows(epoch)
+        # Rows before start_row were trained (by however many ranks the run had then); the rest
+        # are dealt to this world size. From start_row 0, or from a multiple of world_size *
+        # batch_size, the deal is the uninterrupted run's, batch for batch.
+        row_bins = rows.row_bins[start_row:]
+        dealt = _C.deal_rows(np.ascontiguousarray(rows.bin_tokens[row_bins]), self.world_size, self.batch_size)
         mine = dealt[:, self.rank, :]
         batches = np.where(mine >= 0, row_bins[np.maximum(mine, 0)], -1)
-        return _EpochPlan(epoch, bin_splits, bin_samples, bin_segments.astype(np.int64),
-                          np.ascontiguousarray(batches, dtype=np.int64))
+        return _EpochPlan(epoch, start_row, rows.bin_splits, rows.bin_samples, rows.bin_segments,
+                          np.ascontiguousarray(batches, dtype=np.int64), rows.num_rows)
+
+    @property
+    def rows_consumed(self) -> int:
+        """Rows of the current epoch handed out so far, over all ranks: the position a checkpoint
+        saves, valid for any world size."""
+        plan = self._epoch_plan()
+        return min(plan.start_row + self._cursor * self.world_size * self.batch_size, plan.num_rows)
 
     def __len__(self) -> int:
         """Micro-batches per rank in the current epoch (the same on every rank)."""
@@ -179,6 +220,8 @@ class PackedLoader:
         """Moves the position state_dict() saves: the next batch to hand out is batch `cursor` of
         `epoch`. Only the live iterator calls this, once per batch it hands to the caller (and at
         an epoch's end), so that the position counts batches taken, not batches prefetched."""
+        if epoch != self._epoch:
+            self._start_row = 0
         self._epoch, self._cursor = epoch, cursor
 
     # -- materialising -------------------------------------------------------------------------
@@ -219,8 +262,12 @@ class PackedLoader:
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The position: epoch and `rows_consumed`, the rows of the planned epoch that every rank
+        together has been handed. It does not depend on the world size, so a run may resume with
+        any number of processes (and any batch_size); `cursor` is this world size's batch index."""
         return {
             "epoch": self._epoch,
+            "rows_consumed": self.rows_consumed,
             "cursor": self._cursor,
             "seed": self.seed,
             "shuffle": self.shuffle,
@@ -232,29 +279,42 @@ class PackedLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        missing = [k for k in ("epoch", "cursor", "seed") if k not in state]
+        """Continues at the saved position. The epoch's plan (seed, shuffle, seq_len, window,
+        dataset) must be the saved run's; world_size and batch_size may differ: the rows not yet
+        consumed are dealt to this loader's ranks, so over the epoch every row is handed out once."""
+        missing = [k for k in ("epoch", "seed") if k not in state]
+        if "rows_consumed" not in state and "cursor" not in state:
+            missing.append("rows_consumed")
         if missing:
             raise KeyError(f"PackedLoader.load_state_dict: state lacks {missing}")
         # These decide the plan itself; resuming under other values would replay or skip data.
         current = self.state_dict()
-        for key in ("shuffle", "world_size", "batch_size", "seq_len", "window", "num_samples"):
+        for key in ("shuffle", "seq_len", "window", "num_samples"):
             if key in state and state[key] != current[key]:
                 raise ValueError(f"PackedLoader.load_state_dict: state has {key}={state[key]!r} but this loader has "
                                  f"{current[key]!r}; build the loader with the settings of the saved run")
         epoch = _int_at_least(state["epoch"], "state['epoch']", minimum=0)
-        cursor = _int_at_least(state["cursor"], "state['cursor']", minimum=0)
+        if "rows_consumed" in state:
+            rows = _int_at_least(state["rows_consumed"], "state['rows_consumed']", minimum=0)
+        else:   # a state saved before rows_consumed existed: its world size's batches
+            cursor = _int_at_least(state["cursor"], "state['cursor']", minimum=0)
+            rows = cursor * int(state.get("world_size", self.world_size)) * int(state.get("batch_size",
+                                                                                          self.batch_size))
         self._retire_active_iterator()
         self.seed = _int_at_least(state["seed"], "state['seed']", minimum=0)
-        self._plan = None
-        self._epoch, self._cursor = epoch, 0
-        length = len(self)
-        if cursor > length:
-            raise ValueError(f"PackedLoader.load_state_dict: cursor {cursor} is past the {length} batches of "
+        self._plan = self._rows = None
+        num_rows = self._epoch_rows(epoch).num_rows
+        if rows > num_rows and not ("cursor" in state and "rows_consumed" not in state
+                                    and rows - num_rows < int(state.get("world_size", 1)) * int(state.get("batch_size", 1))):
+            raise ValueError(f"PackedLoader.load_state_dict: rows_consumed {rows} is past the {num_rows} rows of "
                              f"epoch {epoch}")
-        if cursor == length:
-            self._epoch, self._cursor = epoch + 1, 0
+        if rows >= num_rows:
+            self._epoch, self._start_row, self._cursor = epoch + 1, 0, 0
+        elif rows % (self.world_size * self.batch_size) == 0:
+            # On a global-batch boundary of this world size: the uninterrupted plan, at its batch.
+            self._epoch, self._start_row, self._cursor = epoch, 0, rows // (self.world_size * self.batch_size)
         else:
-            self._cursor = cursor
+            self._epoch, self._start_row, self._cursor = epoch, rows, 0
 
 
 class _Failure:

@@ -1,33 +1,55 @@
-"""`rega-engine prepare`: the REGA mixture, rendered and tokenized into a memory-mapped dataset.
+"""`rega-engine prepare`: the REGA mixture, rendered and tokenized into a sharded, memory-mapped dataset.
 
-Reads the sources (`data.general`, `data.domains`), builds the mixture (rega_engine.data.mixture),
-renders each sample under its system prompt with an assistant-only loss mask
-(rega_engine.data.render), tokenizes in `data.workers` processes (chunks come back in order, so
-the output does not depend on the number of workers) and writes `data.prepared` with
-TokenDatasetWriter. Samples longer than `data.seq_len` follow `data.too_long`; samples left
-without a loss token are dropped. Nothing is dropped silently: the report printed at the end (and
-stored in the dataset's meta.json) counts every row and sample that did not make it.
+Reads the sources, builds the mixture (rega_engine.data.mixture), renders each sample under its
+system prompt with an assistant-only loss mask (rega_engine.data.render) and writes
+`data.prepared` as shards of `data.shard_samples` consecutive samples of the mixture plus one
+index (rega_engine.data.dataset, format 2).
+
+Shards are the unit of work and of resumption:
+- which samples a shard holds depends on the config alone, never on how many processes prepare
+  it, so any number of processes writes the same bytes;
+- several processes share the work: under torchrun each process takes the shards k with
+  k % WORLD_SIZE == RANK; with `--shard i/n` (a job array, no process group) process i of n does
+  the same. Each process tokenizes in `data.workers` worker processes of its own;
+- a shard is written under a temporary name and renamed when complete, with the fingerprint of
+  the config that made it; a prepare run that finds a complete shard of the same fingerprint
+  keeps it, so an interrupted prepare resumes from its complete shards;
+- the index (meta.json) is written once every shard is complete: by rank 0 after a barrier under
+  torchrun, otherwise by whichever process finds the last shard complete (the contents are equal).
+
+Samples longer than `data.seq_len` follow `data.too_long`, except plain-text documents, which are
+split into pieces of seq_len tokens (`data.split_documents`); samples left without a loss token
+are dropped. Nothing is dropped silently: every shard counts what did not make it, the index sums
+the counts over all shards (so over all processes), and the report printed at the end shows them.
 """
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
+import math
 import multiprocessing
 import os
+import shutil
 import time
 from collections import Counter
+from pathlib import Path
 
+
+from .. import __version__, distributed
 from ..config import ConfigError, RunConfig, validate_config
 from ..kinds import KINDS
 from ..log import get_logger
 from ..tokenizer import load_tokenizer
-from .dataset import TokenDatasetWriter
-from .mixture import Mixture, build_mixture, count_samples
-from .records import WARN_FIRST, DataError
+from .dataset import (DATA_FILES, META_FILE, ShardWriter, dataset_file, read_shard_record, write_index)
+from .mixture import Mixture, build_mixture
+from .records import WARN_FIRST, DataError, load_content
 from .render import ChatRenderer, RenderError
 
 log = get_logger(__name__)
 
 CHUNK = 256             # samples per task sent to a worker
+# Files of a tokenizer directory that are not the tokenizer (weights of a model directory).
+_NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".onnx")
 
 
 def tokenizer_path(config: RunConfig) -> tuple[str, str]:
@@ -37,6 +59,17 @@ def tokenizer_path(config: RunConfig) -> tuple[str, str]:
     if config.model.path:
         return config.model.path, "model.path"
     raise ConfigError("no tokenizer: set data.tokenizer (or model.path) to a directory with the tokenizer files")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`--shard i/n` -> (i, n), 0 <= i < n."""
+    try:
+        index, count = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected i/n, e.g. --shard 0/4 for the first of 4 processes") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"--shard {text!r}: expected 0 <= i < n")
+    return index, count
 
 
 # -- tokenizing, in worker processes -------------------------------------------------------------
@@ -49,33 +82,48 @@ def _init_worker(path: str, template: str) -> None:
 
 
 def _render_chunk(chunk: list) -> list:
-    """[(messages, system, text)] -> [(ids int32, mask uint8) or RenderError]; a sample with text
-    (a plain-text pretraining row) is that text alone."""
+    """[(path, offset, length, is_text, system, messages, text)] -> [(ids int32, mask uint8) or
+    RenderError]. The worker reads each row from its file (unless the sample holds its content);
+    a plain-text document is that text alone, after its prompt when it has one."""
     out = []
-    for messages, system, text in chunk:
+    for path, offset, length, is_text, system, messages, text in chunk:
+        if messages is None and text is None:
+            content = load_content(path, offset, length, is_text)
+            messages, text = ((), content) if is_text else (content, None)
         try:
             out.append(_renderer.render_arrays(messages, system) if text is None
-                       else _renderer.render_text_arrays(text))
+                       else _renderer.render_text_arrays(text, system))
         except RenderError as e:
             out.append(e)
     return out
 
 
-def _rendered(samples: list, path: str, template: str, workers: int):
-    """Yields each sample's rendering, in the order of `samples`."""
-    chunks = [[(s.messages, s.system, s.text) for s in samples[i:i + CHUNK]]
-              for i in range(0, len(samples), CHUNK)]
-    workers = min(workers, len(chunks))
-    if workers <= 1:
-        _init_worker(path, template)
-        for chunk in chunks:
-            yield from _render_chunk(chunk)
-        return
-    # fork where there is one: workers start in milliseconds instead of re-importing transformers.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (path, template)) as pool:
-        for result in pool.imap(_render_chunk, chunks):
+class _Renderers:
+    """Renders lists of samples, in order, in `workers` processes (or in this one)."""
+
+    def __init__(self, path: str, template: str, workers: int):
+        self.pool = None
+        if workers <= 1:
+            _init_worker(path, template)
+            return
+        # fork where there is one: workers start in milliseconds instead of re-importing transformers.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        self.pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (path, template))
+
+    def __call__(self, samples: list):
+        chunks = [[(s.path, s.offset, s.length, s.is_text, s.system, s._messages, s._text)
+                   for s in samples[i:i + CHUNK]] for i in range(0, len(samples), CHUNK)]
+        if self.pool is None:
+            for chunk in chunks:
+                yield from _render_chunk(chunk)
+            return
+        for result in self.pool.imap(_render_chunk, chunks):
             yield from result
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
 
 
 def _where(origin: str) -> tuple[str, int]:
@@ -83,67 +131,341 @@ def _where(origin: str) -> tuple[str, int]:
     return path, int(line)
 
 
-# -- the job -------------------------------------------------------------------------------------
-def prepare(config: RunConfig) -> dict:
-    """Tokenize the REGA mixture of `config` into `config.data.prepared`; prints and returns the report."""
-    started = time.time()
-    validate_config(config)
-    data = config.data
-    path, key = tokenizer_path(config)
-    tokenizer = load_tokenizer(path, key)
-    renderer_kind = ChatRenderer(tokenizer, data.chat_template).kind   # fails on a bad setting before reading data
-    mixture = build_mixture(config)
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    workers = data.workers or os.cpu_count() or 1
-    log.info("prepare: %d samples, %s chat template, tokenizer %s, %d process(es)",
-             len(mixture.samples), renderer_kind, path,
-             min(workers, max(1, -(-len(mixture.samples) // CHUNK))))
+# -- the fingerprint: what a shard's bytes depend on ---------------------------------------------
+def _tokenizer_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if os.path.isfile(file) and not name.endswith(_NOT_TOKENIZER):
+            digest.update(name.encode() + b"\0")
+            with open(file, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
 
-    counts = Counter()
-    unrenderable = Counter()
-    kept = []          # the samples written, for the counts per kind and domain
-    warned = 0
-    rendered = _rendered(mixture.samples, path, data.chat_template, workers)
-    with TokenDatasetWriter(data.prepared, domains=mixture.domains, kind_weights=mixture.kind_weights,
-                            pad_id=pad_id, vocab_size=len(tokenizer), seq_len=data.seq_len) as writer, \
-            contextlib.closing(rendered):   # an error below also stops the worker pool
-        for sample, result in zip(mixture.samples, rendered):
+
+def _source_files(data) -> list[str]:
+    paths = [data.general, *data.domains.values(), *data.files, *data.pretrain]
+    for value in data.corpora.values():
+        paths += value if isinstance(value, list) else [value]
+    return [p for p in paths if p]
+
+
+def run_fingerprint(config: RunConfig, tokenizer_dir: str) -> tuple[str, dict]:
+    """(sha256, the settings it covers): the config keys that shape the dataset, the tokenizer's
+    files, each source file's size and modification time, and this rega-engine's version."""
+    data = dataclass_dict(config.data)
+    for key in ("workers", "prepared"):   # how and where, not what
+        data.pop(key, None)
+    sources = {}
+    for p in _source_files(config.data):
+        try:
+            st = os.stat(p)
+            sources[p] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            sources[p] = None
+    settings = {"rega_engine": __version__, "data": data, "roles": dataclass_dict(config.roles),
+                "tokenizer": _tokenizer_digest(tokenizer_dir), "sources": sources}
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest(), settings
+
+
+def dataclass_dict(value) -> dict:
+    import dataclasses
+    return json.loads(json.dumps(dataclasses.asdict(value), default=str))
+
+
+# -- one shard -----------------------------------------------------------------------------------
+class _Warnings:
+    def __init__(self):
+        self.left = WARN_FIRST
+
+    def __call__(self, message: str, *args) -> None:
+        if self.left > 0:
+            self.left -= 1
+            more = " (further ones of this process are only counted)" if self.left == 0 else ""
+            log.warning(message + more, *args)
+
+
+def _write_shard(directory: Path, samples: list, renderers: _Renderers, data, fingerprint: str,
+                 first: int, warn: _Warnings) -> dict:
+    counts, unrenderable = Counter(), Counter()
+    by_kind, by_domain, by_pair = Counter(), Counter(), Counter()
+    tokens_kind, tokens_domain, tokens_pair = Counter(), Counter(), Counter()
+    seq_len = data.seq_len
+    writer = ShardWriter(directory)
+    rendered = renderers(samples)
+    try:
+        for sample, result in zip(samples, rendered):
             if isinstance(result, RenderError):
                 if data.bad_rows == "error":
                     raise DataError(f"{sample.origin}: {result}", result.reason, *_where(sample.origin))
                 unrenderable[result.reason] += 1
-                if warned < WARN_FIRST:
-                    warned += 1
-                    log.warning("%s: %s; sample skipped", sample.origin, result)
+                warn("%s: %s; sample skipped", sample.origin, result)
                 continue
             ids, mask = result
-            if len(ids) > data.seq_len:
-                if data.too_long == "error":
+            pieces = [(ids, mask)]
+            if len(ids) > seq_len:
+                if sample.text is not None and data.split_documents:
+                    # Each piece fills a row and attends only to itself; none is lost.
+                    pieces = [(ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+                    counts["split_documents"] += 1
+                    counts["document_pieces"] += len(pieces)
+                elif data.too_long == "error":
                     raise DataError(f"{sample.origin}: the rendered sample has {len(ids)} tokens, more than "
-                                    f"data.seq_len = {data.seq_len}; raise data.seq_len, or set data.too_long "
+                                    f"data.seq_len = {seq_len}; raise data.seq_len, or set data.too_long "
                                     "to \"truncate\" or \"drop\"", "too long", *_where(sample.origin))
-                if data.too_long == "drop":
+                elif data.too_long == "drop":
                     counts["dropped_too_long"] += 1
                     continue
-                ids, mask = ids[:data.seq_len], mask[:data.seq_len]
-                counts["truncated"] += 1
-            loss_tokens = int(mask.sum())
-            if loss_tokens == 0:
-                counts["dropped_no_loss"] += 1
-                continue
-            writer.add(ids, mask, sample.kind, sample.domain)
-            kept.append(sample)
-            counts["tokens"] += len(ids)
-            counts["loss_tokens"] += loss_tokens
-        report = _report(config, mixture, kept, counts, unrenderable, path, renderer_kind, started)
-        dataset = writer.close(report)
+                else:
+                    pieces = [(ids[:seq_len], mask[:seq_len])]
+                    counts["truncated"] += 1
+            wrote = False
+            for piece_ids, piece_mask in pieces:
+                loss_tokens = int(piece_mask[1:].sum()) if sample.text is not None else int(piece_mask.sum())
+                if loss_tokens == 0:
+                    if sample.text is None or len(pieces) == 1:
+                        counts["dropped_no_loss"] += 1
+                    else:
+                        counts["dropped_piece_no_loss"] += 1   # a 1-token tail: nothing to predict
+                    continue
+                writer.add(piece_ids, piece_mask, sample.kind, sample.domain)
+                wrote = True
+                n = len(piece_ids)
+                counts["tokens"] += n
+                counts["loss_tokens"] += loss_tokens
+                tokens_kind[sample.kind] += n
+                tokens_domain[sample.domain] += n
+                tokens_pair[f"{sample.kind}/{sample.domain}"] += n
+            if wrote:
+                by_kind[sample.kind] += 1
+                by_domain[sample.domain] += 1
+                by_pair[f"{sample.kind}/{sample.domain}"] += 1
+        info = {"fingerprint": fingerprint, "first_sample": first, "mixture_samples": len(samples),
+                "counts": dict(sorted(counts.items())), "unrenderable": dict(sorted(unrenderable.items())),
+                "samples_by_kind": {str(k): v for k, v in sorted(by_kind.items())},
+                "samples_by_domain": {str(k): v for k, v in sorted(by_domain.items())},
+                "samples_by_pair": dict(sorted(by_pair.items())),
+                "tokens_by_kind": {str(k): v for k, v in sorted(tokens_kind.items())},
+                "tokens_by_domain": {str(k): v for k, v in sorted(tokens_domain.items())},
+                "tokens_by_pair": dict(sorted(tokens_pair.items()))}
+        return writer.finish(info)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if hasattr(rendered, "close"):
+            rendered.close()
+
+
+# -- the job -------------------------------------------------------------------------------------
+def _this_process(shard: tuple[int, int] | str | None) -> tuple[int, int, bool]:
+    """(index, count, under torchrun) of this process among those sharing the prepare."""
+    if shard is not None:
+        index, count = parse_shard(shard) if isinstance(shard, str) else shard
+        return index, count, False
+    if distributed.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), True
+    return 0, 1, False
+
+
+def _clear_stale(out: Path, fingerprint: str) -> None:
+    """Makes `out` a place to build this config's dataset: refuses a directory holding anything
+    else; drops an index of another config and the files of a format-1 dataset."""
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"data.prepared = {out} exists and is not a directory; choose another")
+        foreign = sorted(p.name for p in out.iterdir() if not dataset_file(p.name))
+        if foreign:
+            raise FileExistsError(f"data.prepared = {out} holds files that are not a prepared dataset "
+                                  f"({', '.join(foreign[:3])}); choose another output directory or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = out / META_FILE
+    try:
+        stale = json.loads(meta.read_text()).get("fingerprint") != fingerprint
+    except (OSError, ValueError):
+        stale = meta.exists()
+    if stale:
+        meta.unlink(missing_ok=True)
+    for name in DATA_FILES:   # a format-1 dataset written here before
+        (out / name).unlink(missing_ok=True)
+
+
+def prepare(config: RunConfig, *, shard: tuple[int, int] | str | None = None) -> dict:
+    """Tokenize the REGA mixture of `config` into `config.data.prepared`; prints and returns the
+    report. `shard` = (i, n) or "i/n": this is process i of n sharing the work (default: torchrun's
+    RANK and WORLD_SIZE, or the only process)."""
+    started = time.time()
+    validate_config(config)
+    index, count, torchrun = _this_process(shard)
+    joined = distributed.join_torchrun_group() if torchrun else False
+    try:
+        return _prepare(config, index, count, torchrun, started)
+    finally:
+        if joined:
+            distributed.leave_group()
+
+
+def _prepare(config: RunConfig, index: int, count: int, torchrun: bool, started: float) -> dict:
+    data = config.data
+    path, key = tokenizer_path(config)
+    tokenizer = load_tokenizer(path, key)
+    renderer_kind = ChatRenderer(tokenizer, data.chat_template).kind   # fails on a bad setting before reading data
+    fingerprint, settings = run_fingerprint(config, path)
+    mixture = build_mixture(config, tokenizer=tokenizer, template=data.chat_template)
+    out = Path(data.prepared)
+    created = not out.exists()
+    _clear_stale(out, fingerprint)
+    try:
+        return _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint, settings, out,
+                               index, count, torchrun, started)
+    except BaseException:
+        # Complete shards stay for the next run to resume from; an empty directory is not left behind.
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint, settings, out: Path,
+                    index: int, count: int, torchrun: bool, started: float) -> dict:
+    data = config.data
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+    samples = mixture.samples
+    per_shard = data.shard_samples
+    num_shards = max(1, math.ceil(len(samples) / per_shard))
+    names = [f"shard_{k:05d}" for k in range(num_shards)]
+    mine = list(range(index, num_shards, count))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if torchrun else 1
+    workers = data.workers or max(1, (os.cpu_count() or 1) // local)
+    todo = [k for k in mine
+            if (read_shard_record(out / names[k]) or {}).get("fingerprint") != fingerprint]
+    where = f" (process {index} of {count})" if count > 1 else ""
+    log.info("prepare%s: %d samples in %d shard(s) of %d, %d of them this process's, %d already complete; "
+             "%s chat template, tokenizer %s, %d worker process(es)", where, len(samples), num_shards, per_shard,
+             len(mine), len(mine) - len(todo), renderer_kind, path,
+             min(workers, max(1, -(-min(per_shard, len(samples)) // CHUNK))))
+
+    if todo:
+        renderers = _Renderers(path, data.chat_template,
+                               min(workers, max(1, -(-min(per_shard, len(samples)) // CHUNK))))
+        warn = _Warnings()
+        try:
+            for k in todo:
+                first = k * per_shard
+                _write_shard(out / names[k], samples[first:first + per_shard], renderers, data, fingerprint,
+                             first, warn)
+        finally:
+            renderers.close()
+
+    if torchrun:
+        distributed.barrier()
+    writes_index = not torchrun or index == 0
+    records = [read_shard_record(out / name) for name in names] if writes_index else []
+    complete = writes_index and all(r is not None and r.get("fingerprint") == fingerprint for r in records)
+    report = None
+    if complete:
+        meta = _index(config, mixture, records, names, pad_id, len(tokenizer), path, renderer_kind,
+                      fingerprint, settings)
+        for stale in out.iterdir():   # shards of an earlier, larger mixture
+            if stale.name.startswith("shard_") and stale.name not in names:
+                shutil.rmtree(stale, ignore_errors=True)
+        write_index(out, meta)
+        report = {"output": str(out), **meta["report"], "seconds": round(time.time() - started, 3)}
+    if torchrun:
+        distributed.barrier()   # nobody reports success before the index exists
+    if report is None:
+        if not writes_index:
+            return {"output": str(out), "shards_written": len(todo), "shards": len(mine)}
+        done = sum(r is not None and r.get("fingerprint") == fingerprint for r in records)
+        print(f"prepare{where}: wrote {len(todo)} shard(s) to {out}; {done} of {num_shards} complete, "
+              "the index is written by the process that completes the last one")
+        return {"output": str(out), "shards_written": len(todo), "shards_complete": done, "shards": num_shards}
     print(format_report(report))
-    if kept:
-        report["one_pass"] = one_pass(config, dataset)
+    from .dataset import TokenDataset
+    if report["samples"]["total"]:
+        report["one_pass"] = one_pass(config, TokenDataset(out))
         print(report["one_pass"]["text"])
-    if not kept:
+    else:
         log.warning("prepare: no sample was written to %s; see the counts above", data.prepared)
     return report
+
+
+def _index(config, mixture: Mixture, records: list, names: list, pad_id: int, vocab_size: int, path: str,
+           renderer_kind: str, fingerprint: str, settings: dict) -> dict:
+    totals, unrenderable = Counter(), Counter()
+    by_kind, by_domain, by_pair, tokens_kind, tokens_domain = (Counter() for _ in range(5))
+    tokens_pair = Counter()
+    for r in records:
+        totals.update(r["counts"])
+        unrenderable.update(r["unrenderable"])
+        by_kind.update({int(k): v for k, v in r["samples_by_kind"].items()})
+        by_domain.update({int(k): v for k, v in r["samples_by_domain"].items()})
+        by_pair.update(r["samples_by_pair"])
+        tokens_kind.update({int(k): v for k, v in r["tokens_by_kind"].items()})
+        tokens_domain.update({int(k): v for k, v in r["tokens_by_domain"].items()})
+        tokens_pair.update({tuple(map(int, k.split("/"))): v for k, v in r["tokens_by_pair"].items()})
+    domains = mixture.domains
+    pairs = {}
+    for pair, n in sorted(by_pair.items(), key=lambda item: tuple(map(int, item[0].split("/")))):
+        k, d = map(int, pair.split("/"))
+        pairs[f"{KINDS[k]}/{domains[d]}"] = n
+    num_tokens = sum(r["num_tokens"] for r in records)
+    report = {   # the stored report: what the config decides, so every run writes the same bytes
+        "tokenizer": path,
+        "chat_template": renderer_kind,
+        "seq_len": config.data.seq_len,
+        "rows": mixture.rows.as_dict()["files"],
+        "rows_rejected": dict(mixture.rows.rejected),
+        "mixture": mixture.counts,
+        "samples": {"total": sum(by_kind.values()),
+                    "kind": {name: by_kind.get(i, 0) for i, name in enumerate(KINDS)},
+                    "domain": {name: by_domain.get(i, 0) for i, name in enumerate(domains)},
+                    "kind_domain": pairs},
+        "rows_written": sum(r["num_samples"] for r in records),
+        "tokens_by_kind": {name: tokens_kind.get(i, 0) for i, name in enumerate(KINDS)},
+        "tokens_by_domain": {name: tokens_domain.get(i, 0) for i, name in enumerate(domains)},
+        "token_shares": mixture.shares,
+        "samples_unrenderable": dict(sorted(unrenderable.items())),
+        "truncated": totals["truncated"],
+        "dropped_too_long": totals["dropped_too_long"],
+        "dropped_no_loss": totals["dropped_no_loss"],
+        "split_documents": totals["split_documents"],
+        "document_pieces": totals["document_pieces"],
+        "dropped_piece_no_loss": totals["dropped_piece_no_loss"],
+        "tokens": totals["tokens"],
+        "loss_tokens": totals["loss_tokens"],
+        "shards": len(records),
+    }
+    if report["token_shares"]:
+        report["token_shares"] = {**mixture.shares, "achieved": _achieved_shares(mixture, tokens_pair)}
+    return {
+        "num_samples": sum(r["num_samples"] for r in records),
+        "num_tokens": num_tokens,
+        "domains": list(domains),
+        "kinds": list(KINDS),
+        "kind_weights": mixture.kind_weights,
+        "pad_id": int(pad_id),
+        "vocab_size": int(vocab_size),
+        "seq_len": int(config.data.seq_len),
+        "shards": [{"name": name, "num_samples": r["num_samples"], "num_tokens": r["num_tokens"],
+                    "sha256": r["sha256"]} for name, r in zip(names, records)],
+        "fingerprint": fingerprint,
+        "config": settings,
+        "report": report,
+    }
+
+
+def _achieved_shares(mixture: Mixture, tokens_by_pair: Counter) -> dict:
+    """Share of the written tokens per source of data.sizes: general (distilled), each domain (role
+    and integration samples), pretrain (data.pretrain and data.corpora)."""
+    total = sum(tokens_by_pair.values()) or 1
+    per_source = Counter()
+    for (kind, domain), n in tokens_by_pair.items():
+        name = KINDS[kind]
+        source = "pretrain" if name == "pretrain" else mixture.domains[domain]
+        per_source[source] += n
+    return {source: round(per_source[source] / total, 4) for source in mixture.shares.get("target", {})}
 
 
 def one_pass(config: RunConfig, dataset) -> dict:
@@ -164,30 +486,10 @@ def one_pass(config: RunConfig, dataset) -> dict:
             "text": f"{text}; for N processes: WORLD_SIZE=N rega-engine prepare ..."}
 
 
-def _report(config, mixture: Mixture, kept, counts, unrenderable, path, renderer_kind, started) -> dict:
-    written = count_samples(kept, mixture.domains)
-    return {
-        "output": str(config.data.prepared),
-        "tokenizer": path,
-        "chat_template": renderer_kind,
-        "seq_len": config.data.seq_len,
-        "rows": mixture.rows.as_dict()["files"],
-        "rows_rejected": dict(mixture.rows.rejected),
-        "mixture": mixture.counts,
-        "samples": {"total": len(kept), **written},
-        "samples_unrenderable": dict(unrenderable),
-        "truncated": counts["truncated"],
-        "dropped_too_long": counts["dropped_too_long"],
-        "dropped_no_loss": counts["dropped_no_loss"],
-        "tokens": counts["tokens"],
-        "loss_tokens": counts["loss_tokens"],
-        "seconds": round(time.time() - started, 3),
-    }
-
-
 def format_report(report: dict) -> str:
     lines = [f"prepared {report['output']}: {report['samples']['total']} samples, {report['tokens']} tokens, "
-             f"{report['loss_tokens']} loss tokens ({report['seconds']:.1f} s)"]
+             f"{report['loss_tokens']} loss tokens in {report.get('shards', 1)} shard(s) "
+             f"({report.get('seconds', 0):.1f} s)"]
     lines.append("rows read (kept / rejected / blank lines):")
     for file, c in report["rows"].items():
         lines.append(f"  {file}: {c['read']} ({c['kept']} / {c['rejected']} / {c['blank']})")
@@ -196,6 +498,14 @@ def format_report(report: dict) -> str:
     samples = report["samples"]
     lines.append("samples per kind:   " + ", ".join(f"{k} {samples['kind'].get(k, 0)}" for k in KINDS))
     lines.append("samples per domain: " + ", ".join(f"{d} {n}" for d, n in samples["domain"].items()))
+    lines.append("tokens per domain:  " + ", ".join(f"{d} {n}" for d, n in report["tokens_by_domain"].items()))
+    shares = report.get("token_shares") or {}
+    if shares.get("achieved"):
+        lines.append("token shares (target -> achieved): " + ", ".join(
+            f"{s} {shares['target'][s]:.1%} -> {a:.1%}" for s, a in shares["achieved"].items()))
+    if report.get("split_documents"):
+        lines.append(f"documents longer than seq_len split into rows: {report['split_documents']} "
+                     f"({report['document_pieces']} pieces)")
     lines.append(f"samples truncated to seq_len {report['seq_len']}: {report['truncated']}")
     dropped = {"too long": report["dropped_too_long"], "without loss tokens": report["dropped_no_loss"],
                **{f"unrenderable ({r})": n for r, n in sorted(report["samples_unrenderable"].items())}}

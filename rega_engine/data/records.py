@@ -44,6 +44,8 @@ class Record:
     path: str
     line: int
     text: str | None = None     # a plain-text row of data.pretrain (then messages is empty)
+    offset: int = -1            # where the row starts in its file (bytes), and its length:
+    length: int = -1            # load_content() reads it again from there
 
     @property
     def origin(self) -> str:
@@ -116,12 +118,16 @@ def _check_text(row: dict) -> str:
 
 
 def _check_row(row, *, source: str | None, source_key: str, known_domains: Collection[str] | None,
-               instruction: bool, text_rows: bool = False) -> tuple:
+               instruction: bool, text_rows: bool = False, text_only: bool = False) -> tuple:
     """(messages, domain, distilled, text) of a valid row. `source` None: the row's own domain
     decides (data.files); `text_rows`: {"text": ...} rows are accepted too (data.pretrain)."""
     if not isinstance(row, dict):
         raise _Reject("not an object", f"expected a JSON object, got {type(row).__name__}")
+    if text_only and "text" not in row:
+        raise _Reject("missing text", "no 'text' field: a row of a corpus is {\"text\": \"...\"}")
     text = _check_text(row) if text_rows and "text" in row else None
+    if text_only:   # a corpus document: its domain is the corpus's
+        return (), None, False, text
     messages = () if text is not None else _check_messages(row, instruction=instruction)
     distilled = row.get("distilled", False)
     if not isinstance(distilled, bool):
@@ -158,7 +164,7 @@ def _parse(raw: bytes):
 
 
 def _read(path, *, source: str | None, source_key: str, known_domains, instruction: bool, bad_rows: str,
-          stats: RowStats | None, text_rows: bool = False) -> Iterator[Record]:
+          stats: RowStats | None, text_rows: bool = False, text_only: bool = False) -> Iterator[Record]:
     if bad_rows not in BAD_ROW_POLICIES:
         # An argument check for callers in code; a run's config is checked by validate_config.
         raise ConfigError(f"data.bad_rows = {bad_rows!r}: expected one of "
@@ -168,15 +174,17 @@ def _read(path, *, source: str | None, source_key: str, known_domains, instructi
         raise DataError(f"{path}: file not found (listed as {source_key})", "file not found", path)
     stats = stats if stats is not None else RowStats()
     # Checked here, before the first row is asked for: a missing file fails when it is listed.
-    return _rows(path, source, source_key, known_domains, instruction, bad_rows, stats, text_rows)
+    return _rows(path, source, source_key, known_domains, instruction, bad_rows, stats, text_rows, text_only)
 
 
 def _rows(path, source, source_key, known_domains, instruction, bad_rows, stats,
-          text_rows) -> Iterator[Record]:
+          text_rows, text_only=False) -> Iterator[Record]:
     counts = stats.file(path)
     warned = 0
+    offset = 0
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            at, offset = offset, offset + len(raw)
             if not raw.strip():
                 counts["blank"] += 1
                 continue
@@ -184,7 +192,7 @@ def _rows(path, source, source_key, known_domains, instruction, bad_rows, stats,
             try:
                 messages, domain, distilled, text = _check_row(
                     _parse(raw), source=source, source_key=source_key, known_domains=known_domains,
-                    instruction=instruction, text_rows=text_rows)
+                    instruction=instruction, text_rows=text_rows, text_only=text_only)
             except _Reject as r:
                 if bad_rows == "error":
                     raise DataError(f"{path}:{line_no}: {r.detail}", r.reason, path, line_no) from None
@@ -196,7 +204,7 @@ def _rows(path, source, source_key, known_domains, instruction, bad_rows, stats,
                     log.warning("%s:%d: %s; row skipped%s", path, line_no, r.detail, more)
                 continue
             counts["kept"] += 1
-            yield Record(messages, domain, distilled, path, line_no, text)
+            yield Record(messages, domain, distilled, path, line_no, text, at, len(raw))
 
 
 def read_samples(path, *, source: str, known_domains: Collection[str] | None = None,
@@ -227,6 +235,92 @@ def read_pretrain(path, *, bad_rows: str = "skip", stats: RowStats | None = None
     (Record.text set, messages empty), trained on every token."""
     return _read(path, source=GENERAL_DOMAIN, source_key=source_key, known_domains=None,
                  instruction=False, bad_rows=bad_rows, stats=stats, text_rows=True)
+
+
+def read_documents(path, *, source_key: str, txt_documents: str = "file", bad_rows: str = "skip",
+                   stats: RowStats | None = None) -> Iterator[Record]:
+    """Plain-text documents (data.corpora, and .txt files of data.pretrain), Record.text set:
+    a JSONL file of {"text": ...} rows (a chat row is rejected), or a .txt file holding one
+    document (`txt_documents = "file"`) or one per block between blank lines ("blank_line");
+    a document's line is where it starts."""
+    if os.fspath(path).endswith(".txt"):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: file not found (listed as {source_key})", "file not found", path)
+        stats = stats if stats is not None else RowStats()
+        return _txt_documents(path, txt_documents, bad_rows, stats)
+    return _read(path, source=GENERAL_DOMAIN, source_key=source_key, known_domains=None, instruction=False,
+                 bad_rows=bad_rows, stats=stats, text_rows=True, text_only=True)
+
+
+def _txt_documents(path: str, mode: str, bad_rows: str, stats: RowStats) -> Iterator[Record]:
+    """Documents of a .txt file, read line by line (a file of any size): the whole file, or each
+    block between blank lines; a document's offset and length are its bytes in the file."""
+    counts = stats.file(path)
+    start = start_line = None
+    offset = 0
+    documents = []   # (line, offset, length) of the current file's last finished block, yielded at once
+
+    def finish(end: int):
+        if start is not None:
+            documents.append((start_line, start, end - start))
+
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            at, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if bad_rows == "error":
+                    raise DataError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {at + e.start})",
+                                    "bad text", path, number) from None
+                counts["read"] += 1
+                counts["rejected"] += 1
+                stats.rejected["bad text"] += 1
+                log.warning("%s:%d: not valid UTF-8 (%s at byte %d); the rest of the file is skipped",
+                            path, number, e.reason, at + e.start)
+                documents.clear()
+                start = None
+                break
+            if line.strip():
+                if start is None:
+                    start, start_line = at, number
+                continue
+            if mode == "blank_line":
+                counts["blank"] += 1
+                finish(at)
+                start = None
+            for document in documents:
+                yield _txt_record(path, counts, *document)
+            documents.clear()
+        else:
+            finish(offset)
+    for document in documents:
+        yield _txt_record(path, counts, *document)
+
+
+def _txt_record(path: str, counts: dict, line: int, offset: int, length: int) -> Record:
+    counts["read"] += 1
+    counts["kept"] += 1
+    return Record((), None, False, path, line, load_content(path, offset, length, True), offset, length)
+
+
+_OPEN: dict = {}     # path -> file descriptor, for load_content (per process)
+
+
+def load_content(path: str, offset: int, length: int, is_text: bool):
+    """A row read again from its file: a chat's messages (tuple of {role, content}) or a document's
+    text (a {"text": ...} JSONL row or a .txt document). The row was checked when first read."""
+    fd = _OPEN.get(path)
+    if fd is None:
+        fd = _OPEN[path] = os.open(path, os.O_RDONLY)
+    raw = os.pread(fd, length, offset)
+    if path.endswith(".txt"):
+        return raw.decode("utf-8").strip("\n")
+    row = json.loads(raw)
+    if is_text:
+        return row["text"]
+    return tuple({"role": m["role"], "content": m["content"]} for m in row["messages"])
 
 
 def read_instructions(path, *, bad_rows: str = "skip", stats: RowStats | None = None,

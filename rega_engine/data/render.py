@@ -70,6 +70,9 @@ class ChatRenderer:
         # `tokenizer(text, add_special_tokens=False)` without the Python wrapper's cost per call.
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend = None if getattr(tokenizer, "split_special_tokens", False) else backend
+        # Masks from span edges (char_to_token) equal those from every token's offsets when no
+        # token is zero-width; checked once on a probe text, else every sample takes the offsets.
+        self._fast_masks = self._backend is not None and self._no_zero_width_tokens()
 
     # -- text ---------------------------------------------------------------------------------
     def _apply(self, conversation: list[dict], add_generation_prompt: bool) -> str:
@@ -134,6 +137,14 @@ class ChatRenderer:
             return self._apply(conversation, add_generation_prompt=True), []
         return self._templated(conversation)
 
+    def _no_zero_width_tokens(self) -> bool:
+        probe = f"{self.bos}System: x\nUser: What is 12 + 30?\nAssistant: 12 + 30 = 42. The capital is Lowmere.{self.eos or ''}"
+        try:
+            offsets = self._backend.encode(probe, add_special_tokens=False).offsets
+        except Exception:
+            return False
+        return all(e > s for s, e in offsets)
+
     # -- tokens -------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
         if self._backend is not None:
@@ -151,9 +162,30 @@ class ChatRenderer:
             return None
         return encoded["input_ids"], encoded["offset_mapping"]
 
+    def _span_mask(self, encoding, spans) -> np.ndarray | None:
+        """The loss mask from the tokens at the spans' first and last characters (a few lookups
+        instead of converting every offset); None where a span edge has no token of its own."""
+        mask = np.zeros(len(encoding.ids), dtype=np.uint8)
+        at = encoding.char_to_token
+        for s, e in spans:
+            first, last = at(s), at(e - 1)
+            if first is None:   # e.g. a space the normaliser folded into the next token
+                first = next((t for t in map(at, range(s + 1, min(e, s + 8))) if t is not None), None)
+            if last is None:
+                last = next((t for t in map(at, range(e - 2, max(s, e - 8) - 1, -1)) if t is not None), None)
+            if first is None or last is None or last < first:
+                return None
+            mask[first:last + 1] = 1
+        return mask
+
     def render_arrays(self, messages: Sequence[dict], system: str | None) -> tuple[np.ndarray, np.ndarray]:
         """`render` as numpy arrays: ids int32, mask uint8."""
         text, spans = self.text(messages, system)
+        if self._fast_masks and self._backend is not None:
+            encoding = self._backend.encode(text, add_special_tokens=False)
+            mask = self._span_mask(encoding, spans)
+            if mask is not None:
+                return np.asarray(encoding.ids, dtype=np.int32), mask
         encoded = self._offsets(text)
         if encoded is not None:
             ids, offsets = encoded
@@ -177,20 +209,26 @@ class ChatRenderer:
             cursor = e
         return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)
 
-    def render_text_arrays(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """A plain-text document (a {"text": ...} row of data.pretrain): BOS, the text, EOS (each
-        where the tokenizer has one), a loss on every token but the first, which nothing predicts."""
+    def render_text_arrays(self, text: str, prompt: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A plain-text document (a {"text": ...} row of data.pretrain or data.corpora): BOS, the
+        prompt and a blank line when given (no loss), the text, EOS (each where the tokenizer has
+        one); a loss on every token of the text and the EOS (the first token of a document
+        without a prompt carries none: nothing predicts it)."""
         if self._specials is not None:
-            found = self._specials.search(text)
-            if found:
-                raise RenderError(f"the text contains the special token {found.group()!r} as text",
-                                  "special token in text")
+            for part in (text, prompt or ""):
+                found = self._specials.search(part)
+                if found:
+                    raise RenderError(f"the text contains the special token {found.group()!r} as text",
+                                      "special token in text")
         ids = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+        if prompt:
+            ids += self._encode(f"{prompt}\n\n")
+        unmasked = max(len(ids), 1)
         ids += self._encode(text)
         if self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)
         mask = np.ones(len(ids), dtype=np.uint8)
-        mask[:1] = 0
+        mask[:unmasked] = 0
         return np.asarray(ids, dtype=np.int32), mask
 
     def render(self, messages: Sequence[dict], system: str | None) -> tuple[list[int], list[int]]:

@@ -138,21 +138,23 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: {path} is not a complete checkpoint")
     meta = json.loads(meta_path.read_text())
-    world = distributed.world_size()
-    if meta["world_size"] != world:
-        raise ValueError(
-            f"{path} was written by {meta['world_size']} process(es), this run has {world}: the data "
-            f"loader's position is per rank, so resume with {meta['world_size']} processes "
-            "(or start a new run from an exported model with model.path)")
+    # Elastic: DCP reshards model and optimizer to this world size, and the loaders' position is
+    # the rows of the epoch consumed by all ranks together, so any number of processes resumes.
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path), no_dist=not distributed.is_distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rank_file = path / f"rank_{distributed.rank()}.pt"
+    rank = distributed.rank()
+    # A rank the saving run did not have reads rank 0's loader positions (the same on every rank)
+    # and keeps its own freshly seeded RNG states.
+    own = rank < int(meta["world_size"])
+    rank_file = path / f"rank_{rank if own else 0}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(f"{rank_file} not found: the checkpoint {path} is incomplete")
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    if not own:
+        rank_state.pop("rng", None)
     return meta, rank_state
 
 
@@ -233,9 +235,17 @@ class Checkpointer:
 
     def _load(self, path: Path) -> ResumePoint:
         meta, rank_state = load_checkpoint(path, self.model, self.optimizer)
-        for loader, state in zip(self.loaders, rank_state["loaders"], strict=True):
+        states = rank_state["loaders"]
+        if len(states) != len(self.loaders) and len({json.dumps(s, sort_keys=True) for s in states}) == 1:
+            states = states[:1] * len(self.loaders)   # global positions: one serves every loader
+        for loader, state in zip(self.loaders, states, strict=True):
             loader.load_state_dict(state)
-        set_rng_state(rank_state["rng"], self.device)
+        if int(meta["world_size"]) != distributed.world_size():
+            log.info(f"elastic resume: {path} was written by {meta['world_size']} process(es), this "
+                     f"run has {distributed.world_size()}; model and optimizer resharded, the data "
+                     f"continues at row {self.loaders[0].rows_consumed} of epoch {self.loaders[0].epoch}")
+        if "rng" in rank_state:
+            set_rng_state(rank_state["rng"], self.device)
         return ResumePoint(step=int(meta["step"]), elapsed_s=float(meta.get("elapsed_s", 0.0)),
                            path=path)
 

@@ -147,6 +147,8 @@ class DeviceSums:
             "flops": host[2],
             "kind": [s / c if c > 0 else None for s, c in zip(kind_loss, kind_count)],
             "domain": [s / c if c > 0 else None for s, c in zip(domain_loss, domain_count)],
+            "kind_tokens": [int(round(c)) for c in kind_count],
+            "domain_tokens": [int(round(c)) for c in domain_count],
             "steps": self.steps,
         }
         self.values.zero_()
@@ -160,7 +162,8 @@ class MetricsLogger:
     One JSON object per logged step in <out_dir>/log.jsonl:
       step, loss (the optimised objective, mean over the steps since the last record),
       loss_by_kind {distilled, role, integration, pretrain}, loss_by_domain {name: ...} (mean token
-      cross-entropy; null when the interval had no such token), tokens (real tokens, all ranks),
+      cross-entropy; null when the interval had no such token), loss_tokens_by_kind and
+      loss_tokens_by_domain (the label tokens those losses are over), tokens (real tokens, all ranks),
       tokens_per_s, mfu (null when the device peak is unknown), grad_norm (before clipping, of the
       step logged), lr, peak_memory_gib (rank 0), elapsed_s (since the start of this process, plus
       the elapsed time of the run it resumed).
@@ -212,6 +215,9 @@ class MetricsLogger:
             "loss": sums["loss"],
             "loss_by_kind": dict(zip(KINDS, sums["kind"])),
             "loss_by_domain": dict(zip(self.domain_names, sums["domain"])),
+            # Label tokens seen per source (kind, domain) in the interval, all ranks.
+            "loss_tokens_by_kind": dict(zip(KINDS, sums.get("kind_tokens", ()))),
+            "loss_tokens_by_domain": dict(zip(self.domain_names, sums.get("domain_tokens", ()))),
             "tokens": sums["tokens"],
             "tokens_per_s": sums["tokens"] / seconds if seconds > 0 else None,
             "mfu": mfu(sums["flops"], seconds, peak_flops, world_size),

@@ -1,0 +1,138 @@
+"""Sharded prepare: shards plus one index, the same bytes whatever the number of processes
+(torchrun or a --shard i/n job array), resuming from complete shards, and every dropped row counted
+over all processes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from tiny_tokenizer import SAMPLE_DIR
+
+from rega_engine.data import prepare as prepare_module
+from rega_engine.data.dataset import TokenDataset
+from rega_engine.data.prepare import prepare
+from test_prepare import sample_config, tree_bytes
+
+SHARD = 40    # 314 samples -> 8 shards
+
+
+def with_bad_rows(tmp_path):
+    """law.jsonl plus a row of bad JSON and a sample the tokenizer cannot render."""
+    law = tmp_path / "law.jsonl"
+    if law.exists():   # written once: a rewritten source is a new input (its mtime is in the fingerprint)
+        return {"law": str(law), "medicine": str(SAMPLE_DIR / "medicine.jsonl")}
+    shutil.copy(SAMPLE_DIR / "law.jsonl", law)
+    with open(law, "a") as f:
+        f.write("not json\n")
+        f.write(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                         {"role": "assistant", "content": "a</s>"}]}) + "\n")
+    return {"law": str(law), "medicine": str(SAMPLE_DIR / "medicine.jsonl")}
+
+
+def config(tmp_path, name, **data):
+    return sample_config(tmp_path, shard_samples=SHARD, workers=1, prepared=str(tmp_path / name),
+                         domains=with_bad_rows(tmp_path), **data)
+
+
+def test_a_job_array_writes_the_single_process_bytes_and_the_index_comes_last(tmp_path, capsys):
+    single = prepare(config(tmp_path, "one"))
+    data = TokenDataset(tmp_path / "one")
+    assert len(data.shards) == 8 and len(data) == single["samples"]["total"]
+    meta = data.meta
+    assert [s["name"] for s in meta["shards"]] == [f"shard_{k:05d}" for k in range(8)]
+    assert meta["report"]["rows_rejected"] == {"bad JSON": 1}
+    assert meta["report"]["samples_unrenderable"] == {"special token in text": 1}
+    assert meta["report"]["tokens_by_domain"]["law"] > 0 and meta["config"]["data"]["shard_samples"] == SHARD
+    data.verify()   # every file matches the sha256 the index holds
+    # The loader reads every shard through its memory maps: each sample once per epoch, intact.
+    from collections import Counter
+    from rega_engine.data.loader import PackedLoader
+    want = Counter(tuple(data.sample(i)[0].tolist()) for i in range(len(data)))
+    got = Counter()
+    for batch in PackedLoader(data, batch_size=4, prefetch=2):
+        ids, cu = batch.input_ids.reshape(-1).numpy(), batch.cu_seqlens.numpy()
+        kinds = batch.kind_ids.reshape(-1).numpy()
+        got.update(tuple(ids[a:b].tolist()) for a, b in zip(cu[:-1], cu[1:]) if kinds[a] >= 0)
+    assert got == want
+
+    part = prepare(config(tmp_path, "array"), shard=(1, 2))
+    assert part["shards_written"] == 4 and not (tmp_path / "array" / "meta.json").exists()
+    assert "4 of 8 complete" in capsys.readouterr().out
+    done = prepare(config(tmp_path, "array"), shard="0/2")
+    assert done["samples"] == single["samples"] and done["samples_unrenderable"] == {"special token in text": 1}
+    assert tree_bytes(tmp_path / "array") == tree_bytes(tmp_path / "one")
+
+
+def test_an_interrupted_prepare_resumes_from_its_complete_shards(tmp_path, monkeypatch, capsys):
+    fresh = config(tmp_path, "fresh")
+    prepare(fresh)
+    written = []
+    real = prepare_module._write_shard
+
+    def dies_after_three(directory, *args, **kwargs):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(directory.name)
+        return real(directory, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "_write_shard", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config(tmp_path, "resumed"))
+    out = tmp_path / "resumed"
+    assert not (out / "meta.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == written == ["shard_00000", "shard_00001", "shard_00002"]
+    with pytest.raises(FileNotFoundError, match="not a complete prepared dataset"):
+        TokenDataset(out)
+    kept = {name: (out / name / "tokens.bin").stat().st_ino for name in written}
+
+    written.clear()
+    monkeypatch.setattr(prepare_module, "_write_shard", lambda d, *a, **k: (written.append(d.name), real(d, *a, **k))[1])
+    prepare(config(tmp_path, "resumed"))
+    assert written == [f"shard_{k:05d}" for k in range(3, 8)]   # only the missing ones
+    assert {name: (out / name / "tokens.bin").stat().st_ino for name in kept} == kept
+    assert tree_bytes(out) == tree_bytes(tmp_path / "fresh")
+
+    # Another config's shards are not reused: every shard is written again, the index replaced.
+    written.clear()
+    report = prepare(config(tmp_path, "resumed", seed=1))
+    assert len(written) == 8 and TokenDataset(out).meta["config"]["data"]["seed"] == 1
+    assert report["samples"]["total"] == TokenDataset(out).meta["report"]["samples"]["total"]
+
+
+def test_a_format_1_dataset_and_foreign_files_in_the_output(tmp_path):
+    from rega_engine.data.dataset import TokenDatasetWriter
+    with TokenDatasetWriter(tmp_path / "old", domains=["general"], kind_weights={}, pad_id=0, vocab_size=10,
+                            seq_len=8) as writer:
+        writer.add([1, 2], [0, 1], 0, 0)
+    prepare(config(tmp_path, "old"))
+    assert not (tmp_path / "old" / "tokens.bin").exists() and len(TokenDataset(tmp_path / "old").shards) == 8
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a prepared dataset"):
+        prepare(config(tmp_path, "notes"))
+
+
+@pytest.mark.slow
+def test_torchrun_processes_share_the_prepare_and_write_the_single_process_bytes(tmp_path):
+    single = config(tmp_path, "one")
+    prepare(single)
+    toml = tmp_path / "run.toml"
+    c = single.data
+    toml.write_text("\n".join([
+        "[roles]", f'central_prompt = "{single.roles.central_prompt}"',
+        "[roles.prompts]", *(f'{k} = "{v}"' for k, v in single.roles.prompts.items()),
+        "[data]", f'tokenizer = "{c.tokenizer}"', f'general = "{c.general}"', f"seq_len = {c.seq_len}",
+        f"shard_samples = {SHARD}", "workers = 1", f'prepared = "{tmp_path / "two"}"',
+        "[data.domains]", *(f'{k} = "{v}"' for k, v in c.domains.items()), ""]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "rega_engine.cli", "prepare", "--config", str(toml)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    assert "(process 0 of 2): 315 samples in 8 shard(s) of 40, 4 of them this process's" in result.stderr
+    assert result.stdout.count("prepared ") == 1   # one report, from rank 0
+    assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
