@@ -9,6 +9,14 @@ same objective (mean cross-entropy over the step's label tokens):
   rega            rega-engine: PackedLoader (C++ packer) rows, our model, our Triton kernels,
                   the training loop's own optimizer_step (rega_engine/train/loop.py)
   rega-compile    the same with torch.compile on every decoder block
+  rega-fullgraph  the same with torch.compile(model, fullgraph=True): forward, fused loss and
+                  backward as one graph (every kernel is a custom op Dynamo sees through);
+                  compiled systems report graphs_compiled, graph_breaks and graphs_per_step
+  rega-fp8, rega-compile-fp8
+                  the same two with train.precision = "fp8" (torchao float8, tensorwise: the
+                  decoder blocks' linear layers in FP8, weights all-gathered in FP8); sm_89+
+                  GPUs and torchao only (on CPU they run, slowly, through torch._scaled_mm).
+                  FP8 pays off with torch.compile, which fuses its scaling and casts
   hf-padded       transformers, SDPA attention, samples padded to the longest of each micro-batch:
                   the step of transformers.Trainer with its default collator, written as a plain
                   forward/backward/clip/AdamW loop (the Trainer's own bookkeeping is not timed)
@@ -16,7 +24,8 @@ same objective (mean cross-entropy over the step's label tokens):
                   flash-attn is installed, else SDPA with transformers' packed-sequence mask)
   hf-flatten-liger  the same with Liger kernels (CUDA and liger-kernel installed only)
   hf-rega         transformers patched by rega_engine.integrations.hf (our kernels behind HF's
-                  hooks) with its PaddingFreeCollator
+                  hooks) with its PaddingFreeCollator: varlen attention and the fused loss
+  hf-rega-all     the same with every kernel patched: also RMSNorm, rotary embedding and SwiGLU
 
 Every system runs in its own process (clean memory peaks, no compile caches shared). Reported per
 system: real (non-padding) tokens/s, MFU (null on CPU and unknown GPUs; PaLM's definition, see
@@ -27,6 +36,7 @@ Results go to benchmarks/results/bench_train_<device>.{json,md,png}.
     python benchmarks/bench_train.py --quick      # ~2 minutes on a 2-core CPU (tiny shape)
     rega-engine bench                             # 1B and 3B Llama shapes on a GPU
     rega-engine bench --shapes 1b --systems rega,hf-padded --steps 20
+    rega-engine bench --shapes 1b,8b-layers --systems rega-compile,rega-compile-fp8   # FP8 vs bf16
 """
 from __future__ import annotations
 
@@ -66,6 +76,11 @@ SHAPES = {
     "3b": {"vocab_size": 128256, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
            "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True,
            **_LLAMA3_ROPE},
+    # Llama 3.1 8B's layers (the GEMM shapes that decide FP8's gain), 4 of its 32, so that one GPU
+    # measures them in seconds.
+    "8b-layers": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                  "num_hidden_layers": 4, "num_attention_heads": 32, "num_key_value_heads": 8,
+                  "head_dim": 128, "tie_word_embeddings": False, **_LLAMA3_ROPE},
 }
 # Per shape: row length, rows per micro-batch, micro-batches per step, samples per padded
 # micro-batch (the Trainer's per_device_train_batch_size) and activation checkpointing (all systems).
@@ -73,8 +88,17 @@ RUN_SETTINGS = {
     "tiny": {"seq_len": 1024, "rows": 2, "grad_accum": 1, "padded_batch": 4, "checkpointing": False},
     "1b": {"seq_len": 2048, "rows": 4, "grad_accum": 2, "padded_batch": 4, "checkpointing": False},
     "3b": {"seq_len": 2048, "rows": 2, "grad_accum": 4, "padded_batch": 2, "checkpointing": True},
+    "8b-layers": {"seq_len": 8192, "rows": 1, "grad_accum": 1, "padded_batch": 1, "checkpointing": False},
 }
-SYSTEMS = ("rega", "rega-compile", "hf-padded", "hf-flatten", "hf-flatten-liger", "hf-rega")
+SYSTEMS = ("rega", "rega-compile", "rega-fullgraph", "rega-fp8", "rega-compile-fp8", "hf-padded", "hf-flatten",
+           "hf-flatten-liger", "hf-rega", "hf-rega-all")
+# The engine's systems: (torch.compile per block, train.precision).
+# compile: False, True (per block) or "model" (the whole model, fullgraph=True).
+ENGINE_SYSTEMS = {"rega": (False, "bf16"), "rega-compile": (True, "bf16"),
+                  "rega-fullgraph": ("model", "bf16"),
+                  "rega-fp8": (False, "fp8"), "rega-compile-fp8": (True, "fp8")}
+# Each FP8 system against the same system in bf16 (its "fp8_speedup").
+FP8_BASELINE = {"rega-fp8": "rega", "rega-compile-fp8": "rega-compile"}
 OURS = "rega"
 BASELINES = ("hf-padded", "hf-flatten", "hf-flatten-liger")
 
@@ -189,7 +213,7 @@ def _adamw(model, device):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0, **kind)
 
 
-def _setup_engine(spec: dict, compile_blocks: bool):
+def _setup_engine(spec: dict, compile_blocks: bool | str, precision: str = "bf16"):
     import torch
     from rega_engine.config import ModelConfig
     from rega_engine.train.loop import optimizer_step
@@ -197,9 +221,14 @@ def _setup_engine(spec: dict, compile_blocks: bool):
 
     runtime = setup_runtime("cuda" if spec["device"] == "cuda" else "cpu")
     config_path = Path(spec["work_dir"]) / "config.json"
-    model_config = ModelConfig(init_config=str(config_path), compile=compile_blocks,
+    model_config = ModelConfig(init_config=str(config_path), compile=compile_blocks is True,
                                activation_checkpointing="block" if spec["settings"]["checkpointing"] else "none")
-    model, _ = build_model(model_config, runtime, seed=spec["seed"])
+    model, _ = build_model(model_config, runtime, seed=spec["seed"], precision=precision)
+    whole_model = compile_blocks == "model"
+    if whole_model:
+        # forward, loss and backward as one graph: our kernels are custom ops Dynamo sees
+        # through (rega_engine/model/llama.py); cu_seqlens is marked dynamic per micro-batch
+        model = torch.compile(model, fullgraph=True)
     optimizer = _adamw(model, runtime.device)
     batches = iter(_engine_loader(Path(spec["dataset_dir"]), spec["settings"]))
     accum = spec["settings"]["grad_accum"]
@@ -211,15 +240,38 @@ def _setup_engine(spec: dict, compile_blocks: bool):
             raise RuntimeError(f"step {index}: the loader gave {sum(b.num_real_tokens for b in host)} real "
                                f"tokens, the plan {expected}")
         micro = [b.to(runtime.device) for b in host]
+        if whole_model:
+            for b in micro:   # another document count must not recompile the graph
+                torch._dynamo.mark_dynamic(b.cu_seqlens, 0)
         # The training loop's own step (forward/backward, clipping, its finite-loss check with
-        # the step's one host sync, AdamW), so that this measures the code users run.
+        # the step's one host sync, AdamW, FP8's scale precompute), so that this measures the
+        # code users run.
         result = optimizer_step(model, optimizer, micro, lr=LR, grad_clip=MAX_GRAD_NORM,
                                 step=index + 1, world_size=runtime.world_size,
                                 distributed=runtime.distributed)
+        if compile_blocks:
+            _count_graphs(info)
         return result.loss_value, sum(b.input_ids.numel() for b in host)
 
-    return runtime.device, step, {"attention": "rega varlen (Triton)" if runtime.device.type == "cuda"
-                                  else "rega varlen (PyTorch reference on CPU)"}
+    info = {"attention": "rega varlen (Triton)" if runtime.device.type == "cuda"
+            else "rega varlen (PyTorch reference on CPU)", "precision": precision}
+    if model.fp8_summary is not None:
+        info["fp8"] = model.fp8_summary.describe().splitlines()[0]
+    if compile_blocks:
+        _count_graphs(info)
+    return runtime.device, step, info
+
+
+def _count_graphs(info: dict) -> None:
+    """Dynamo's totals so far into the system's row: graphs compiled (a recompile adds one),
+    graph breaks, and per step the graphs each step adds (0 once warm)."""
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+    history = info.setdefault("graphs_per_step", [])
+    if "graphs_compiled" in info:
+        history.append(graphs - info["graphs_compiled"])
+    info["graphs_compiled"] = graphs
+    info["graph_breaks"] = sum(counters["graph_break"].values())
 
 
 def _setup_hf(spec: dict, system: str):
@@ -244,9 +296,10 @@ def _setup_hf(spec: dict, system: str):
     if system == "hf-flatten-liger":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
         _apply_liger_kernel_to_instance(model=model)
-    if system == "hf-rega":
+    if system in ("hf-rega", "hf-rega-all"):
         from rega_engine.integrations.hf import apply_rega_kernels
-        apply_rega_kernels(model)
+        every = system == "hf-rega-all"     # hf-rega: attention and loss only, as before
+        apply_rega_kernels(model, rms_norm=every, rope=every, swiglu=every)
     if spec["settings"]["checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -254,7 +307,7 @@ def _setup_hf(spec: dict, system: str):
 
     dataset = TokenDataset(spec["dataset_dir"])
     accum = spec["settings"]["grad_accum"]
-    if system == "hf-rega":
+    if system in ("hf-rega", "hf-rega-all"):
         from rega_engine.integrations.hf import PaddingFreeCollator
         collate = PaddingFreeCollator()
     else:
@@ -306,8 +359,9 @@ class Worker:
 
         self.spec, self.system = spec, system
         torch.manual_seed(spec["seed"])
-        if system in ("rega", "rega-compile"):
-            self.device, self._step, self.info = _setup_engine(spec, compile_blocks=system == "rega-compile")
+        if system in ENGINE_SYSTEMS:
+            compile_blocks, precision = ENGINE_SYSTEMS[system]
+            self.device, self._step, self.info = _setup_engine(spec, compile_blocks, precision)
         else:
             self.device, self._step, self.info = _setup_hf(spec, system)
         self.meta_model = from_config({**spec["shape"], "model_type": "llama"}, device="meta")
@@ -422,6 +476,13 @@ def _skip_reason(system: str, device: str) -> str | None:
             return "Liger kernels need CUDA"
         if find_spec("liger_kernel") is None:
             return "liger-kernel is not installed"
+    if system in FP8_BASELINE:
+        from rega_engine.errors import ConfigError
+        from rega_engine.train.fp8 import check_fp8_supported
+        try:   # torchao installed, torch new enough, a GPU with FP8 tensor cores
+            check_fp8_supported("cuda:0" if device == "cuda" else "cpu")
+        except ConfigError as error:
+            return str(error)
     return None
 
 
@@ -551,6 +612,12 @@ def _ratios(rows: list[dict]) -> None:
         for row in rows:
             if row["status"] == "ok":
                 row["rega_speedup"] = ours["tokens_per_s"] / row["tokens_per_s"]
+    for row in rows:
+        bf16 = by_system.get(FP8_BASELINE.get(row["system"]))
+        if row["status"] == "ok" and bf16 is not None:
+            row["fp8_speedup"] = row["tokens_per_s"] / bf16["tokens_per_s"]
+            # The same steps on the same data from the same weights: FP8's effect on the loss.
+            row["fp8_loss_gap_last_step"] = row["loss_last_step"] / bf16["loss_last_step"] - 1
 
 
 def _fmt(value, spec: str, none: str = "n/a") -> str:
@@ -593,6 +660,11 @@ def markdown(report: dict) -> str:
                 speedups.append(f"over {base}: {', '.join(ours)}")
         if speedups:
             lines += ["", "rega-engine's real tokens/s " + "; ".join(speedups) + "."]
+        fp8 = [f"{row['fp8_speedup']:.2f}x ({row['system']} over {FP8_BASELINE[row['system']]}; "
+               f"loss at the last step {row['fp8_loss_gap_last_step']:+.2%})"
+               for row in ok.values() if "fp8_speedup" in row]
+        if fp8:
+            lines += ["", "FP8's real tokens/s over bf16: " + "; ".join(fp8) + "."]
         lines.append("")
     lines.append("Peak memory: CUDA max allocated; on CPU the worker process's peak RSS (Python and "
                  "libraries included). hf-padded is the Trainer's step as a plain loop (no Trainer overhead).")
@@ -609,7 +681,7 @@ def chart(report: dict, path: Path) -> None:
         rows = [r for r in report["shapes"][shape]["rows"] if r["status"] == "ok"]
         names = [r["system"] for r in rows]
         values = [r["tokens_per_s"] for r in rows]
-        colors = ["tab:green" if n.startswith("rega") else "tab:blue" if n == "hf-rega" else "tab:gray" for n in names]
+        colors = ["tab:green" if n.startswith("rega") else "tab:blue" if n.startswith("hf-rega") else "tab:gray" for n in names]
         bars = ax.barh(names, values, color=colors)
         for bar, row in zip(bars, rows):
             label = f"{row['tokens_per_s']:,.0f}"
@@ -767,7 +839,8 @@ def main(argv=None) -> int:
                    "systems": args.systems, "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": 0.0,
                                                           "max_grad_norm": MAX_GRAD_NORM},
                    "precision": "bf16 autocast / FSDP2 mixed precision, fp32 master weights" if args.device == "cuda"
-                   else "fp32", "shapes": {n: SHAPES[n] for n in args.shapes},
+                   else "fp32", "fp8_systems": "train.precision = 'fp8', recipe tensorwise (torchao float8)",
+                   "shapes": {n: SHAPES[n] for n in args.shapes},
                    "hf_padded_step": "plain loop mirroring Trainer.training_step (no Trainer overhead)"},
         "shapes": shapes,
         "wall_s": time.perf_counter() - started,

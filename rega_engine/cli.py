@@ -37,7 +37,7 @@ READS = {
     "prepare": ("data", "roles", "model.path", "train.micro_batch_size", "train.grad_accum",
                 "train.seed"),
     "train": ("model", "data.prepared", "data.seq_len", "data.kind_weights", "data.tokenizer", "train",
-              "checkpoint"),
+              "checkpoint", "lora"),
     "distill": ("distill", "roles", "model.path", "model.dtype", "data.tokenizer", "data.general",
                 "data.chat_template", "data.bad_rows", "train.threads"),
     "eval": ("eval", "roles", "model.dtype", "data.tokenizer", "data.chat_template", "data.bad_rows",
@@ -92,6 +92,9 @@ def _run_job(name: str, argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run configuration (TOML)")
     parser.add_argument("--resume", action="store_true", help="train: resume from the newest checkpoint")
+    if name == "prepare":
+        parser.add_argument("--shard", metavar="I/N", help="this process is I of N sharing the prepare (a job "
+                            "array); under torchrun RANK/WORLD_SIZE say so instead")
     args, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
     unknown = [a for a in rest if a not in overrides]
@@ -104,7 +107,8 @@ def _run_job(name: str, argv: list[str]) -> int:
         import torch
         torch.set_num_threads(config.train.threads)
     module = __import__(module_name, fromlist=[function_name])
-    result = getattr(module, function_name)(config)
+    kwargs = {"shard": args.shard} if name == "prepare" and args.shard else {}
+    result = getattr(module, function_name)(config, **kwargs)
     return result if isinstance(result, int) else 0
 
 

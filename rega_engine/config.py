@@ -30,6 +30,10 @@ DEVICES = ("auto", "cpu", "cuda")
 CHAT_TEMPLATES = ("auto", "plain")
 TOO_LONG_POLICIES = ("truncate", "drop", "error")
 BAD_ROW_POLICIES = ("skip", "error")
+TXT_DOCUMENTS = ("file", "blank_line")
+PRECISIONS = ("bf16", "fp8")
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")   # torchao's float8 recipes (train/fp8.py)
+FP8_DIM_MULTIPLE = 16   # FP8 GEMMs (cuBLAS) need their dimensions, the tokens of a micro-batch too, in multiples of 16
 
 
 @dataclass
@@ -57,8 +61,9 @@ class DataConfig:
     general: str = ""                   # distilled general exemplars (JSONL, output of distill)
     domains: dict = field(default_factory=dict)   # domain name -> JSONL path (trained under its role prompt)
     files: list = field(default_factory=list)     # JSONL files whose rows name their domain ("domain": "law" or "general")
-    pretrain: list = field(default_factory=list)  # JSONL for training a base model: {"text": ...} rows or chats (kind pretrain)
-    sizes: dict = field(default_factory=dict)     # source ("general" or a domain) -> sample count
+    pretrain: list = field(default_factory=list)  # JSONL for training a base model: {"text": ...} rows or chats (kind pretrain); .txt files too
+    corpora: dict = field(default_factory=dict)   # domain ("general" or a domain) -> plain-text documents ({"text": ...} JSONL or .txt paths), kind pretrain, loss on every token
+    sizes: dict = field(default_factory=dict)     # source ("general", a domain, "pretrain") -> sample count, or "60%": share of the mixture's tokens
     integration_fraction: float = 0.1   # share of each domain's samples reused under the central prompt
     kind_weights: dict = field(default_factory=lambda: {"distilled": 1.0, "role": 1.0, "integration": 1.0,
                                                         "pretrain": 1.0})   # loss weight per sample kind (pretrain: 1.0 if left out)
@@ -71,6 +76,10 @@ class DataConfig:
     too_long: str = "truncate"          # truncate | drop | error
     bad_rows: str = "skip"              # skip (reported with file:line and counted) | error
     workers: int = 0                    # tokenizing processes; 0 = one per CPU core
+    txt_documents: str = "file"         # documents of a .txt file: file (the whole file) | blank_line (blocks between blank lines)
+    corpus_prompt: bool = False         # plain-text documents of data.corpora after their domain's role prompt (no loss on it); false: the text alone
+    split_documents: bool = True        # a plain-text document longer than seq_len becomes pieces of seq_len tokens, each its own row; false: data.too_long applies
+    shard_samples: int = 16384          # samples of the mixture per shard of the prepared dataset (the unit of multi-process work and of resuming)
     prepared: str = "runs/prepared"     # directory written by prepare, read by train
     seed: int = 0                       # seed of the mixture: sampling data.sizes and the order
 
@@ -97,6 +106,20 @@ class TrainConfig:
     progress: bool = True               # a progress bar on a terminal
     tensorboard: bool = False           # also write TensorBoard events to out_dir
     plot: bool = True                   # PNG of loss curves per kind at the end
+    precision: str = "bf16"             # bf16 (every matmul in model.dtype) | fp8 (the decoder blocks' linear layers in FP8, torchao; GPUs of compute capability 8.9+, on CPU slow and for numerics only)
+    fp8_recipe: str = "tensorwise"      # with precision fp8: tensorwise (fastest; FSDP all-gathers weights in FP8) | rowwise | rowwise_with_gw_hp (weight gradient in high precision)
+
+
+@dataclass
+class LoRAConfig:
+    # Parameter-efficient training: the model's weights stay frozen and only low-rank adapters on
+    # the target layers train (and are in the optimizer); the run exports the merged model to
+    # <out_dir>/hf and the PEFT adapter to <out_dir>/hf_adapter (rega_engine/model/lora.py).
+    rank: int = 0                       # adapter rank r; 0 = LoRA off (every weight trains)
+    alpha: float = 16.0                 # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0                # dropout on the adapters' input, in [0, 1)
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"])   # linear layers (by last name) that get adapters
 
 
 @dataclass
@@ -142,6 +165,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -262,19 +286,51 @@ def _check_model(m: ModelConfig) -> None:
 
 
 def _check_sizes(sizes: dict, domains) -> None:
-    sources = list(dict.fromkeys([GENERAL_DOMAIN, *domains]))
+    sources = list(dict.fromkeys([GENERAL_DOMAIN, *domains, "pretrain"]))
     for source, n in sizes.items():
         if source not in sources:
             raise ConfigError(f"data.sizes.{source}: no such source; sources are "
                               f"{', '.join(sources)}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ConfigError(f"data.sizes.{source} = {n!r}: expected a whole number >= 0")
+        if isinstance(n, str):
+            if size_share(n) is None:
+                raise ConfigError(f"data.sizes.{source} = {n!r}: expected a whole number >= 0 or a share of the "
+                                  "mixture's tokens like \"60%\"")
+        elif isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"data.sizes.{source} = {n!r}: expected a whole number >= 0 (samples) or a share "
+                              "of the mixture's tokens like \"60%\"")
+    shares = {s: size_share(n) for s, n in sizes.items() if isinstance(n, str)}
+    if shares and len(shares) != len(sizes):
+        raise ConfigError(f"data.sizes mixes sample counts and token shares "
+                          f"({', '.join(sorted(set(sizes) - set(shares)))} given as counts); give all as shares")
+    if shares and abs(sum(shares.values()) - 1.0) > 1e-6:
+        raise ConfigError(f"data.sizes: the token shares add up to {sum(shares.values()):.2%}, expected 100%")
+
+
+def size_share(value) -> float | None:
+    """"60%" -> 0.6; None for anything else."""
+    if not isinstance(value, str) or not value.strip().endswith("%"):
+        return None
+    try:
+        share = float(value.strip()[:-1]) / 100
+    except ValueError:
+        return None
+    return share if 0 <= share <= 1 else None
 
 
 def _check_data(d: DataConfig, roles: RolesConfig) -> None:
     _one_of("data.chat_template", d.chat_template, CHAT_TEMPLATES)
     _one_of("data.too_long", d.too_long, TOO_LONG_POLICIES)
     _one_of("data.bad_rows", d.bad_rows, BAD_ROW_POLICIES)
+    _one_of("data.txt_documents", d.txt_documents, TXT_DOCUMENTS)
+    _at_least({"data.shard_samples": d.shard_samples}, 1)
+    if not isinstance(d.corpora, dict):
+        raise ConfigError(f"data.corpora = {d.corpora!r}: expected a table of domain = [paths]")
+    for domain, paths in d.corpora.items():
+        _paths_list(f"data.corpora.{domain}", [paths] if isinstance(paths, str) else paths)
+        known = [GENERAL_DOMAIN, *(roles.prompts if isinstance(roles.prompts, dict) else {})]
+        if domain not in known:
+            raise ConfigError(f"data.corpora.{domain}: no such domain; a corpus belongs to "
+                              f"{', '.join(known)} (add roles.prompts.{domain} for a new domain)")
     _at_least({"data.seq_len": d.seq_len}, 2)
     _at_least({"data.workers": d.workers}, 0)    # 0 = one per CPU core
     _within("data.integration_fraction", d.integration_fraction, 0.0, 1.0)
@@ -330,6 +386,45 @@ def _check_eval(e: EvalConfig) -> None:
     _paths_list("eval.files", e.files)
 
 
+def _check_precision(t: TrainConfig, d: DataConfig) -> None:
+    _one_of("train.precision", t.precision, PRECISIONS)
+    _one_of("train.fp8_recipe", t.fp8_recipe, FP8_RECIPES)
+    tokens = t.micro_batch_size * d.seq_len
+    # The weight gradient's FP8 GEMM contracts over a micro-batch's tokens (train/fp8.py).
+    if t.precision == "fp8" and tokens % FP8_DIM_MULTIPLE:
+        raise ConfigError(
+            f"train.precision = 'fp8': a micro-batch holds {tokens} tokens (data.seq_len "
+            f"{d.seq_len} x train.micro_batch_size {t.micro_batch_size}), not a multiple of "
+            f"{FP8_DIM_MULTIPLE} as FP8 matmuls need; make data.seq_len a multiple of "
+            f"{FP8_DIM_MULTIPLE}, e.g. {-(-d.seq_len // FP8_DIM_MULTIPLE) * FP8_DIM_MULTIPLE}")
+
+
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _check_lora(lora: LoRAConfig, t: TrainConfig) -> None:
+    _at_least({"lora.rank": lora.rank}, 0)
+    if lora.rank == 0:
+        return
+    if not 0 < lora.alpha < math.inf:
+        raise ConfigError(f"lora.alpha = {lora.alpha}: must be a finite number > 0")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"lora.dropout = {lora.dropout}: must be in [0, 1)")
+    if not isinstance(lora.target_modules, list) or not lora.target_modules:
+        raise ConfigError(f"lora.target_modules = {lora.target_modules!r}: expected a non-empty list of "
+                          f"layer names from {', '.join(LORA_TARGET_MODULES)}")
+    for name in lora.target_modules:
+        if name == "lm_head":
+            raise ConfigError("lora.target_modules: 'lm_head' cannot take an adapter here (the fused "
+                              "cross-entropy reads the LM head's weight itself); adapt the decoder layers only")
+        if name not in LORA_TARGET_MODULES:
+            raise ConfigError(f"lora.target_modules: {name!r} is not a linear layer of the model"
+                              f"{_closest(str(name), LORA_TARGET_MODULES)}")
+    if t.precision == "fp8":
+        raise ConfigError("lora.rank > 0 with train.precision = 'fp8': FP8 replaces the linear layers the "
+                          "adapters sit on; use train.precision = 'bf16' for LoRA runs")
+
+
 def validate_config(config: RunConfig) -> RunConfig:
     """Every value's allowed range, checked once, here, before any stage runs; returns config.
 
@@ -340,6 +435,8 @@ def validate_config(config: RunConfig) -> RunConfig:
     _check_train(config.train, config.checkpoint, getattr(config, "given", set()))
     _check_distill(config.distill)
     _check_eval(config.eval)
+    _check_precision(config.train, config.data)
+    _check_lora(config.lora, config.train)
     return config
 
 

@@ -49,6 +49,10 @@ def test_rehearsal_runs_every_stage_and_reports(tmp_path):
     assert e2e["rega"]["status"] == e2e["hf-padded"]["status"] == "ok"
     assert e2e["rega"]["loss_first_step"] == pytest.approx(e2e["hf-padded"]["loss_first_step"],
                                                            rel=1e-3)
+    # train.precision = "fp8" through the same benchmark (on CPU via torch._scaled_mm), with its
+    # ratio to bf16; the compiled FP8 runs on the 1B and 8B layer shapes are for GPUs and say so.
+    assert e2e["rega-fp8"]["status"] == "ok" and e2e["rega-fp8"]["fp8_speedup"] > 0
+    assert "on GPUs only" in stages["e2e"]["skipped"]
     assert len(report["targets"]) == len(gpu_check.TARGETS)
     for heading in ("## Versions", "## Stages", "## Targets", "## kernels: attention",
                     "## kernels: linear_cross_entropy", "## e2e"):

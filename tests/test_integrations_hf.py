@@ -293,3 +293,31 @@ def test_trl_sft_trainer_with_the_collator(tmp_path, monkeypatch):
     # The completion mask reached the collator: prompt tokens carry no loss.
     assert seen and all(int((b["labels"] != IGNORE_INDEX).sum()) == sum(
         n - 3 for n in (b["cu_seq_lens_q"][1:] - b["cu_seq_lens_q"][:-1]).tolist()) for b in seen)
+
+
+def test_collator_honours_trl_packed_seq_lengths():
+    # TRL's pack_dataset (padding_free) writes several documents into one example and their
+    # lengths into `seq_lengths`: each inner document must be a document of its own.
+    collate = PaddingFreeCollator()
+    batch = collate([
+        {"input_ids": [5, 6, 7, 8, 9, 10, 11], "seq_lengths": [4, 3]},
+        {"input_ids": [12, 13, 14], "completion_mask": [0, 1, 1], "seq_lengths": [1, 2]},
+        {"input_ids": [15, 16]},
+    ])
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 0, 1, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, 8, -100, 10, 11, -100, -100, 14, -100, 16]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 4, 7, 8, 10, 12]
+    assert batch["max_length_q"] == 4
+    # The packed example trains exactly like its documents given as separate samples.
+    docs = _docs([9, 6, 14])
+    packed = collate([{"input_ids": torch.cat(docs).tolist(), "seq_lengths": [9, 6, 14]}])
+    separate = collate([{"input_ids": d.tolist()} for d in docs])
+    for key in ("input_ids", "labels", "position_ids", "cu_seq_lens_q"):
+        assert packed[key].tolist() == separate[key].tolist(), key
+    model = apply_rega_kernels(_reference("llama3"), backend="torch").train()
+    torch.testing.assert_close(model(**packed).loss, _reference("llama3").train()(**separate).loss,
+                               atol=ATOL, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"feature 1: `seq_lengths` \[2, 2\] sum to 4 but `input_ids` has 3"):
+        collate([{"input_ids": [1, 2]}, {"input_ids": [1, 2, 3], "seq_lengths": [2, 2]}])
+    with pytest.raises(ValueError, match="feature 0: `seq_lengths` must be positive"):
+        collate([{"input_ids": [1, 2], "seq_lengths": [2, 0]}])

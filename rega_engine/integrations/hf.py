@@ -4,8 +4,9 @@ Three pieces, each usable alone:
 
 * `apply_rega_kernels(model)` patches a Llama / Qwen2 / Mistral causal LM in place: attention goes
   through `rega_engine.kernels.varlen_attention` (registered in transformers' AttentionInterface
-  as "rega_varlen"), and the training loss through `fused_linear_cross_entropy`, which never
-  materialises the (tokens x vocab) logits.
+  as "rega_varlen"), the training loss through `fused_linear_cross_entropy`, which never
+  materialises the (tokens x vocab) logits, and RMSNorm, rotary embedding and SwiGLU through
+  their kernels (per-module forwards, see hf_layers.py).
 * `PaddingFreeCollator` flattens a list of tokenized samples into one row with restarting
   `position_ids` and `cu_seq_lens_*`: the DataCollatorWithFlattening convention, so that the HF
   Trainer or TRL's SFTTrainer feed the patched model without a single padding token.
@@ -13,8 +14,9 @@ Three pieces, each usable alone:
   shape rows, whole documents) to a transformers model or Trainer.
 
 Only public hooks that transformers 5.17 and 5.23 share are used: `AttentionInterface.register`,
-`AttentionMaskInterface.register`, `PreTrainedModel.set_attn_implementation` and the causal LM's
-`model` / `lm_head` attributes.
+`AttentionMaskInterface.register`, `PreTrainedModel.set_attn_implementation`, the causal LM's
+`model` / `lm_head` attributes, and per-instance `forward`s of the norm, attention and MLP modules
+that call the same submodules (q_proj, gate_proj, ...) HF's forwards call.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batch import IGNORE_INDEX, PackedBatch
+from .hf_layers import effective_linear_weight, plan_rms_norms, plan_rope, plan_swiglu
 
 ATTENTION_NAME = "rega_varlen"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -226,11 +229,13 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
     labels or with `logits_to_keep`, the original forward runs unchanged (it returns logits).
     """
     shift_labels = kwargs.get("shift_labels")
+    if past_key_values is not None:    # transformers >= 5.24 calls it `cache` (then it is in kwargs)
+        kwargs["past_key_values"] = past_key_values
     if (labels is None and shift_labels is None) or not self.training or logits_to_keep:
         return self._rega_original_forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+            **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from rega_engine.kernels import fused_linear_cross_entropy
 
@@ -238,14 +243,15 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     return_dict = kwargs.pop("return_dict", None)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         **kwargs)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     hidden = outputs.last_hidden_state
     if shift_labels is None:
         # Appending one ignored label and dropping the first keeps every hidden state in place
         # (no copy of hidden[:, :-1]) while targetting labels[t + 1] from position t.
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    weight = self.lm_head.weight
+    # The effective weight: under a PEFT LoRA adapter on the LM head, W + scaling * B @ A, so that
+    # the adapter gets its gradient through the fused loss (plain `lm_head.weight` would drop it).
+    weight = effective_linear_weight(self.lm_head, f"{type(self).__name__}.lm_head")
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
@@ -272,21 +278,36 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
 # Patching
 # --------------------------------------------------------------------------------------------
 
-def apply_rega_kernels(model, attention: bool = True, cross_entropy: bool = True, backend: str = "auto"):
+def apply_rega_kernels(model, attention: bool = True, cross_entropy: bool = True, rms_norm: bool = True,
+                       rope: bool = True, swiglu: bool = True, backend: str = "auto",
+                       fp8: bool = False, fp8_recipe: str = "tensorwise"):
     """Patch a transformers Llama, Qwen2 or Mistral causal LM in place to use rega-engine's kernels.
 
     attention: route every attention layer through varlen attention (padding-free batches keep
         documents apart; padded batches are unpadded on the fly).
     cross_entropy: in training mode with labels, compute the loss with the fused linear
-        cross-entropy over `lm_head.weight`; `outputs.logits` is then None.
+        cross-entropy over the LM head's effective weight (a PEFT LoRA adapter on `lm_head`
+        included); `outputs.logits` is then None.
+    rms_norm: every RMSNorm module runs the fused RMSNorm kernel (fp32 statistics).
+    rope: every attention layer rotates q and k with the rotary kernel at the position_ids HF
+        passes down (restarting per document in padding-free rows), with the model's own
+        inv_freq (Llama 3 scaling, Qwen2 theta); generation with a KV cache keeps HF's rope.
+    swiglu: every MLP computes silu(gate_proj(x)) * up_proj(x) with the SwiGLU kernel.
     backend: the kernels' backend, "auto" (Triton on CUDA, the PyTorch reference elsewhere),
         "triton" or "torch"; a later call may change it.
+    fp8: the decoder blocks' linear layers (not lm_head, norms, embeddings or LoRA adapters)
+        train in FP8 with torchao's float8 `fp8_recipe` ("tensorwise", "rowwise" or
+        "rowwise_with_gw_hp"), as train.precision = "fp8" does (rega_engine/train/fp8.py:
+        apply_fp8_to_hf_model); off by default, refused below compute capability 8.9, on CPU slow.
     Calling it again is harmless; a False switch leaves that part as it is. Returns the model.
-    A PEFT wrapper (LoRA, ...) gets its base model patched.
+    What a kernel cannot do exactly (a non-SiLU MLP, a yarn/dynamic rope, DoRA or LoRA dropout on
+    the LM head, ...) is refused with a ValueError/TypeError naming the module. A PEFT wrapper
+    (LoRA, ...) gets its base model patched; adapters added after patching work too.
     """
     if callable(getattr(model, "get_base_model", None)):
         apply_rega_kernels(model.get_base_model(), attention=attention, cross_entropy=cross_entropy,
-                           backend=backend)
+                           rms_norm=rms_norm, rope=rope, swiglu=swiglu, backend=backend, fp8=fp8,
+                           fp8_recipe=fp8_recipe)
         return model
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -298,7 +319,26 @@ def apply_rega_kernels(model, attention: bool = True, cross_entropy: bool = True
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"apply_rega_kernels: backend={backend!r}; choose 'auto', 'triton' or 'torch'")
     patched = model.__dict__.setdefault("_rega_patched", set())
+    if cross_entropy and "cross_entropy" not in patched:
+        missing = [name for name in ("model", "lm_head") if not isinstance(getattr(model, name, None), torch.nn.Module)]
+        if missing:
+            raise TypeError(f"apply_rega_kernels(cross_entropy=True) needs a causal LM with `model` and `lm_head` "
+                            f"(like {model_type.capitalize()}ForCausalLM); {type(model).__name__} lacks "
+                            f"{', '.join(missing)}. Patch the ForCausalLM model, or pass cross_entropy=False")
+        with torch.no_grad():   # refuse an LM head the fused loss cannot read before patching anything
+            effective_linear_weight(model.lm_head, f"{type(model).__name__}.lm_head")
+    # Every check runs before anything is patched: a refused switch leaves the model as it was.
+    plans = [(name, plan(model)) for name, plan, wanted in (
+        ("rms_norm", plan_rms_norms, rms_norm), ("rope", plan_rope, rope), ("swiglu", plan_swiglu, swiglu))
+        if wanted]
+    if fp8 and "fp8" not in patched:   # its checks (device, recipe) come before any conversion
+        from rega_engine.train.fp8 import apply_fp8_to_hf_model
+        apply_fp8_to_hf_model(model, fp8_recipe)
+        patched.add("fp8")
     model._rega_backend = backend
+    for name, patch in plans:
+        patch(backend)
+        patched.add(name)
     if attention and "attention" not in patched:
         _register_attention()
         model.set_attn_implementation(ATTENTION_NAME)
@@ -306,20 +346,11 @@ def apply_rega_kernels(model, attention: bool = True, cross_entropy: bool = True
             raise RuntimeError(f"{type(model).__name__} refused attn_implementation={ATTENTION_NAME!r} "
                                f"(kept {model.config._attn_implementation!r})")
         patched.add("attention")
-    if "attention" in patched:
-        # The attention function is shared by every patched model; each layer carries its backend.
-        for module in model.modules():
-            if hasattr(module, "q_proj") and hasattr(module, "o_proj"):
-                module._rega_backend = backend
+    for module in model.modules():
+        # Attention functions and patched forwards are shared; each module carries its backend.
+        if hasattr(module, "_rega_backend") or (hasattr(module, "q_proj") and hasattr(module, "o_proj")):
+            module._rega_backend = backend
     if cross_entropy and "cross_entropy" not in patched:
-        missing = [name for name in ("model", "lm_head") if not isinstance(getattr(model, name, None), torch.nn.Module)]
-        if missing:
-            raise TypeError(f"apply_rega_kernels(cross_entropy=True) needs a causal LM with `model` and `lm_head` "
-                            f"(like {model_type.capitalize()}ForCausalLM); {type(model).__name__} lacks "
-                            f"{', '.join(missing)}. Patch the ForCausalLM model, or pass cross_entropy=False")
-        if getattr(model.lm_head, "bias", None) is not None:
-            raise TypeError(f"{type(model).__name__}.lm_head has a bias, which the fused linear cross-entropy "
-                            "does not take; pass cross_entropy=False")
         model._rega_original_forward = model.forward
         model.forward = types.MethodType(_fused_loss_forward, model)
         patched.add("cross_entropy")
@@ -351,7 +382,10 @@ class PaddingFreeCollator:
     (train on every token). The batch is the DataCollatorWithFlattening layout: `input_ids`,
     `labels`, `position_ids` of shape (1, T), `cu_seq_lens_q/k` (int32) and `max_length_q/k`
     (int), and the first token of every sample is labelled -100 so that no prediction crosses a
-    sample boundary.
+    sample boundary. A feature that is itself packed, as TRL's `pack_dataset` (padding_free) writes
+    it, names its documents' lengths in `seq_lengths`: each is then a document of its own (positions
+    restart, its first label is -100, one cu_seq_lens segment), and lengths that do not sum to the
+    feature's length are refused.
 
     pad_to_multiple_of: pad T up to a multiple (steadier shapes for torch.compile / CUDA graphs);
         the padding is one extra segment of its own with labels -100, as in PackedBatch.
@@ -383,7 +417,23 @@ class PaddingFreeCollator:
         if len(labels) != len(ids):
             raise ValueError(f"feature {index}: `labels` has {len(labels)} entries but `input_ids` has "
                              f"{len(ids)}; labels are unshifted and align with input_ids")
-        return [self.ignore_index] + labels[1:]
+        return labels
+
+    @staticmethod
+    def _document_lengths(feature: Mapping[str, Any], n_tokens: int, index: int) -> list[int]:
+        # TRL's pack_dataset (padding_free) puts several documents in one example and records
+        # their lengths in `seq_lengths`; without it the example is one document.
+        if feature.get("seq_lengths") is None:
+            return [n_tokens]
+        lengths = _as_list(feature["seq_lengths"], "seq_lengths", index)
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
+            raise ValueError(f"feature {index}: `seq_lengths` must be positive ints (one per packed document), "
+                             f"got {lengths}")
+        if sum(lengths) != n_tokens:
+            raise ValueError(f"feature {index}: `seq_lengths` {lengths} sum to {sum(lengths)} but `input_ids` has "
+                             f"{n_tokens} tokens; they must cover the example exactly (as TRL's pack_dataset "
+                             "writes them)")
+        return lengths
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not features:
@@ -399,10 +449,17 @@ class PaddingFreeCollator:
             ids = _as_list(feature["input_ids"], "input_ids", index)
             if not ids:
                 raise ValueError(f"feature {index} has empty `input_ids`; filter empty samples out of the dataset")
+            lengths = self._document_lengths(feature, len(ids), index)
+            sample_labels = self._labels(feature, ids, index)
+            start = 0
+            for n in lengths:
+                # No prediction crosses a document boundary: each document's first label is ignored.
+                sample_labels[start] = self.ignore_index
+                position_ids += range(n)
+                cu_seqlens.append(cu_seqlens[-1] + n)
+                start += n
             input_ids += ids
-            labels += self._labels(feature, ids, index)
-            position_ids += range(len(ids))
-            cu_seqlens.append(cu_seqlens[-1] + len(ids))
+            labels += sample_labels
         if self.pad_to_multiple_of:
             pad = -len(input_ids) % self.pad_to_multiple_of
             if pad:

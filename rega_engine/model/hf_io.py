@@ -98,7 +98,10 @@ def weight_map(path: str | os.PathLike) -> dict[str, str]:
 
 def _expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Canonical name -> parameter/buffer to fill, for a (possibly wrapped or sharded) model."""
-    return {canonical_name(name): t for name, t in model.state_dict(keep_vars=True).items()}
+    # LoRA adapters (model/lora.py) are no part of a transformers checkpoint: they are exported
+    # merged into the weights or as a PEFT adapter, and initialised, not loaded.
+    return {canonical_name(name): t for name, t in model.state_dict(keep_vars=True).items()
+            if ".lora_A." not in name and ".lora_B." not in name}
 
 
 def _check_names(expected: Iterable[str], available: Iterable[str], tied: bool,
@@ -364,6 +367,10 @@ def export_pretrained(model: nn.Module, hf_dir: str | os.PathLike, *, dtype: tor
         # Gathered shard by shard onto rank 0's CPU; the other ranks get an empty dict.
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                           cpu_offload=True))
+        if getattr(model, "fp8_summary", None) is not None:
+            # FP8 all-gather weights stay wrapped in torchao's subclass in a full state dict.
+            from rega_engine.train.fp8 import plain_state_dict
+            state_dict = plain_state_dict(state_dict)
     if distributed.rank() == 0:
         save_pretrained(model, hf_dir, state_dict=state_dict, dtype=dtype)
         if tokenizer_dir and os.path.isdir(tokenizer_dir):

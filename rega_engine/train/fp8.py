@@ -45,7 +45,9 @@ safetensors export of an FP8 run are those of a bf16 run. FP8 exists only inside
 With the FSDP FP8 all-gather (apply_fp8(..., fsdp=True)) each converted weight is wrapped in
 torchao's WeightWithDynamicFloat8CastTensor, of the same shape and dtype: DCP saves and loads it
 as it is, but a full state dict keeps the wrapper (also with cpu_offload, in a process group of
-one), which safetensors cannot write: exports go through plain_state_dict first.
+one), which safetensors cannot write: exports go through plain_state_dict first (hf_io's
+export_pretrained does it). tests/test_fp8_training.py checks the switch end to end: the loop,
+FSDP2 on 2 gloo processes, checkpoints and resume across precisions, the export, the HF patch.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from rega_engine.config import FP8_DIM_MULTIPLE, FP8_RECIPES
 from rega_engine.errors import ConfigError
 from rega_engine.log import get_logger
 
@@ -67,8 +70,8 @@ log = get_logger(__name__)
 # whose weights FSDP can all-gather in FP8. rowwise: a scale per row, e4m3 throughout, scales
 # rounded down to powers of two. rowwise_with_gw_hp: rowwise, with the weight gradient in high
 # precision (the most accurate of the three).
-FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
-FP8_DIM_MULTIPLE = 16           # cuBLAS FP8 GEMMs: K and N (and so M in the weight gradient)
+# (FP8_RECIPES, and FP8_DIM_MULTIPLE for cuBLAS FP8 GEMMs' K and N, so M of the weight gradient
+# too, live in config.py, where validate_config checks train.fp8_recipe and the token count.)
 FP8_MIN_CAPABILITY = (8, 9)     # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
 FP8_MIN_TORCH = (2, 9)          # the oldest torch in torchao's table for its Python API
 TORCHAO_REQUIREMENT = "torchao>=0.18"
@@ -220,7 +223,8 @@ def fp8_dimension_problem(linear: nn.Linear) -> str | None:
 
 
 def apply_fp8(model: nn.Module, recipe: str = "tensorwise", *,
-              module_filter: ModuleFilter | None = None, fsdp: bool = False) -> FP8Summary:
+              module_filter: ModuleFilter | None = None, fsdp: bool = False,
+              pad_inner_dim: bool = False) -> FP8Summary:
     """Converts the decoder blocks' linear layers of `model` in place to torchao's FP8 training
     and returns what was converted and what was kept in high precision, and why.
 
@@ -230,7 +234,10 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", *,
     FSDP2: with the tensorwise recipe the sharded weights are then all-gathered in FP8, which
     needs precompute_fp8_weight_scales(model) after every optimizer step; the rowwise recipes
     all-gather in the model's dtype, and a full state dict must pass through plain_state_dict
-    before safetensors writes it. Parameter names and dtypes do not change. Calling it again
+    before safetensors writes it. `pad_inner_dim=True` pads the inner dimension of every FP8
+    matmul to a multiple of 16 (a copy per matmul), for callers whose token counts vary (the HF
+    integration's batches); the training loop's micro-batches have a fixed count, which
+    validate_config checks instead. Parameter names and dtypes do not change. Calling it again
     converts nothing twice.
     """
     check_fp8_recipe(recipe)
@@ -254,8 +261,10 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", *,
     if chosen:
         config = float8.Float8LinearConfig.from_recipe_name(recipe)
         if summary.fp8_all_gather:
-            # The config is a frozen dataclass; this is its one switch we set ourselves.
+            # The config is a frozen dataclass; these are the switches we set ourselves.
             config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
+        if pad_inner_dim:
+            config = dataclasses.replace(config, pad_inner_dim=True)
         float8.convert_to_float8_training(model, config=config,
                                           module_filter_fn=lambda _m, name: name in chosen)
     if summary.skipped:
@@ -285,3 +294,32 @@ def precompute_fp8_weight_scales(model: nn.Module) -> None:
     computes every sharded weight's tensorwise scale with one all-reduce, instead of one per
     layer inside the next forward. A no-op for models without such weights."""
     _torchao_float8().precompute_float8_dynamic_scale_for_fsdp(model)
+
+
+def after_optimizer_step(model: nn.Module) -> None:
+    """The training loop's hook after each optimizer step: precompute_fp8_weight_scales when
+    build_model converted the model with the FSDP FP8 all-gather (model.fp8_summary); else
+    nothing."""
+    summary = getattr(model, "fp8_summary", None)
+    if summary is not None and summary.fp8_all_gather:
+        precompute_fp8_weight_scales(model)
+
+
+def apply_fp8_to_hf_model(model: nn.Module, recipe: str = "tensorwise") -> FP8Summary:
+    """FP8 for a transformers causal LM (apply_rega_kernels(model, fp8=True)): checks that the
+    model's device can run FP8 (an sm_89+ GPU, or slowly the CPU; a model still on the meta
+    device is checked by nothing here), then converts the decoder blocks' linear layers with the
+    inner dimension padded to multiples of 16, since Trainer batches vary in length. lm_head,
+    which our fused loss reads as a weight, stays as it is, and so do PEFT's LoRA adapters
+    (`lora_A`, `lora_B`: small, trained, and of a rank FP8 GEMMs rarely take); a LoRA layer's
+    frozen base_layer is converted. No FSDP FP8 all-gather: under accelerate's FSDP the weights
+    are gathered in the model's dtype and cast to FP8 per layer. The summary is kept as
+    model.fp8_summary."""
+    check_fp8_recipe(recipe, key="fp8_recipe")
+    devices = {p.device for p in model.parameters()} - {torch.device("meta")}
+    for device in devices:
+        check_fp8_supported(device)
+    summary = apply_fp8(model, recipe, pad_inner_dim=True,
+                        module_filter=lambda _module, name: ".lora_" not in name)
+    model.fp8_summary = summary
+    return summary

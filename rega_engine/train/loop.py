@@ -47,6 +47,7 @@ from rega_engine.kinds import check_kind_weights
 from rega_engine.log import get_logger
 from rega_engine.model import hf_io
 from rega_engine.train.checkpoint import Checkpointer
+from rega_engine.train.fp8 import after_optimizer_step as fp8_after_optimizer_step
 from rega_engine.train.metrics import (DeviceSums, MetricsLogger, device_peak_flops,
                                        document_lengths, peak_memory_bytes)
 from rega_engine.train.parallel import Runtime, build_model, setup_runtime, teardown_runtime
@@ -214,6 +215,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    fp8_after_optimizer_step(model)   # FP8 all-gather under FSDP2: the new weights' scales
     return StepResult(loss=step_loss, loss_value=loss_value, grad_norm=norm_value, lr=lr,
                       stop_votes=votes)
 
@@ -301,7 +303,13 @@ def _train(config: RunConfig, runtime: Runtime,
     finally:
         stop.restore()
         run.logger.close(plot=finished and config.train.plot)
-    if finished and config.checkpoint.export:                         # 4. export
+    if finished and config.checkpoint.export and config.lora.rank:   # 4. export: merged + PEFT adapter
+        from rega_engine.model.lora import export_lora
+        hf_dir = export_lora(run.model, run.out_dir, dtype=run.compute_dtype, sharded=runtime.use_fsdp,
+                             tokenizer_dir=config.data.tokenizer or config.model.path,
+                             base_path=config.model.path)
+        log.info(f"exported the trained model to {hf_dir} (LoRA merged) and its adapter to {run.out_dir / 'hf_adapter'}")
+    elif finished and config.checkpoint.export:                       # 4. export
         hf_dir = hf_io.export_pretrained(
             run.model, run.out_dir / "hf", dtype=run.compute_dtype, sharded=runtime.use_fsdp,
             tokenizer_dir=config.data.tokenizer or config.model.path)
@@ -327,7 +335,8 @@ def _set_up(config: RunConfig, runtime: Runtime,
         pass_line += f"; train.epochs = {t.epochs:g}: {steps} steps"
         config = dataclasses.replace(config, train=dataclasses.replace(t, steps=steps))
         t = config.train
-    model, compute_dtype = build_model(config.model, runtime, seed=t.seed)
+    model, compute_dtype = build_model(config.model, runtime, seed=t.seed, precision=t.precision,
+                                       fp8_recipe=t.fp8_recipe, lora=config.lora)
     _check_vocab(config, dataset, model)
     optimizer = _make_optimizer(model, t, runtime.device)
     checkpointer = Checkpointer(t.out_dir, config.checkpoint, total_steps=t.steps, model=model,
@@ -433,7 +442,8 @@ def _print_header(run: Run, resumed_from: Path | None, pass_line: str = "") -> N
         f"parameters), {str(run.compute_dtype).replace('torch.', '')} on {runtime.device.type}, "
         f"{runtime.world_size} process(es){', FSDP2' if runtime.use_fsdp else ''}"
         f"{', activation checkpointing' if config.model.activation_checkpointing == 'block' else ''}"
-        f"{', torch.compile' if config.model.compile else ''}",
+        f"{', torch.compile' if config.model.compile else ''}"
+        f"{', ' + model.fp8_summary.describe().splitlines()[0] if model.fp8_summary else ''}",
         f"data: {dataset.path} ({len(dataset)} samples, {dataset.num_tokens} tokens, domains "
         f"{', '.join(dataset.domain_names)})",
         f"steps: {t.steps} of {rows} rows x {config.data.seq_len} tokens (micro-batch "

@@ -2,7 +2,8 @@
 
 The model code (rega_engine/model) is single-device; everything parallel is applied here, from the
 outside, one decoder block at a time (as torchtitan separates model.py from parallelize.py):
-activation checkpointing, then torch.compile, then FSDP2 `fully_shard` per block and at the root.
+FP8 linear layers (train.precision = "fp8", train/fp8.py), then activation checkpointing, then
+torch.compile, then FSDP2 `fully_shard` per block and at the root.
 
 When FSDP is used: whenever the run is launched by torchrun, and whenever the compute dtype is
 not fp32 (always on CUDA, where it is bf16), even in one process (then with a process group of
@@ -54,9 +55,8 @@ class Runtime:
 
 def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     """Picks the device and compute dtype, and initialises the process group when launched by
-    torchrun (NCCL on GPUs, gloo on CPU) or for mixed precision (a group of one, for FSDP2)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device = {device!r}: expected auto, cpu or cuda")
+    torchrun (NCCL on GPUs, gloo on CPU) or for mixed precision (a group of one, for FSDP2).
+    The values are train.device and model.dtype as validate_config checked them."""
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device = 'cuda' but torch sees no CUDA device "
                            f"(torch {torch.__version__}); use --train.device=cpu")
@@ -100,14 +100,13 @@ def teardown_runtime(runtime: Runtime) -> None:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """model.dtype: the compute dtype. auto = bf16 on GPU, fp32 on CPU."""
+    """model.dtype (one of config.MODEL_DTYPES): the compute dtype. auto = bf16 on GPU, fp32 on
+    CPU. fp16 is a valid model.dtype (distill and eval run in it) but not one to train in."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name == "fp16":
         raise ConfigError("model.dtype = 'fp16': training in fp16 needs loss scaling, which this "
                           "loop does not do; use bf16 (or fp32)")
-    if name not in DTYPES:
-        raise ConfigError(f"model.dtype = {name!r}: expected auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -182,21 +181,19 @@ def model_source(config: ModelConfig) -> tuple[str, Path]:
                       "model.init_config (a config.json to initialise randomly from)")
 
 
-def build_model(config: ModelConfig, runtime: Runtime, *, seed: int) -> tuple[nn.Module, torch.dtype]:
-    """The model on runtime.device, parallelised and with its weights; returns (model, compute dtype)."""
+def build_model(config: ModelConfig, runtime: Runtime, *, seed: int, precision: str = "bf16",
+                fp8_recipe: str = "tensorwise", lora=None) -> tuple[nn.Module, torch.dtype]:
+    """The model on runtime.device, parallelised and with its weights; returns (model, compute
+    dtype). `precision` and `fp8_recipe` are train.precision and train.fp8_recipe; with "fp8"
+    the decoder blocks' linear layers are converted first (train/fp8.py) and model.fp8_summary
+    says what was (None otherwise). The values are those validate_config checked."""
     from rega_engine.model import from_config, from_pretrained, load_state_dict_into
 
     kind, source = model_source(config)
     compute_dtype = runtime.dtype
-    if config.activation_checkpointing not in ("none", "block"):
-        raise ConfigError(f"model.activation_checkpointing = {config.activation_checkpointing!r}: "
-                          "expected none or block")
-    from rega_engine.kernels import attention, cross_entropy
-    for key, value, allowed in (("attention_backend", config.attention_backend, attention.BACKENDS),
-                                ("cross_entropy_backend", config.cross_entropy_backend,
-                                 cross_entropy.BACKENDS)):
-        if value not in allowed:   # else the first forward fails without naming the key
-            raise ConfigError(f"model.{key} = {value!r}: expected {', '.join(allowed)}")
+    if precision == "fp8":   # before anything is built: an A100 is refused at once
+        from rega_engine.train.fp8 import check_fp8_supported
+        check_fp8_supported(runtime.device)
 
     if runtime.use_fsdp:
         # fp32 master weights; the mixed-precision policy casts to the compute dtype per block.
@@ -211,6 +208,15 @@ def build_model(config: ModelConfig, runtime: Runtime, *, seed: int) -> tuple[nn
 
     model.attention_backend = config.attention_backend
     model.cross_entropy_backend = config.cross_entropy_backend
+    model.fp8_summary = None
+    if precision == "fp8":
+        # torchtitan's order: FP8 first, then checkpointing, compile and fully_shard, so that
+        # those wrap the FP8 layers and FSDP sees the FP8 all-gather weights (tensorwise).
+        from rega_engine.train.fp8 import apply_fp8
+        model.fp8_summary = apply_fp8(model, fp8_recipe, fsdp=runtime.use_fsdp)
+    if lora is not None and lora.rank:   # [lora]: frozen weights, adapters trained (model/lora.py)
+        from rega_engine.model.lora import LoRASettings, apply_lora
+        apply_lora(model, LoRASettings.from_config(lora))
     for block in model.model.layers:
         if config.activation_checkpointing == "block":
             checkpoint_block(block)
@@ -224,6 +230,9 @@ def build_model(config: ModelConfig, runtime: Runtime, *, seed: int) -> tuple[nn
             load_state_dict_into(model, source)
         else:
             _broadcast_random_init(model, source, seed, runtime)
+    if lora is not None and lora.rank:
+        from rega_engine.model.lora import init_lora_weights
+        init_lora_weights(model, seed)
     return model, compute_dtype
 
 
@@ -237,5 +246,6 @@ def _broadcast_random_init(model: nn.Module, init_config: Path, seed: int, runti
     full = {}
     if runtime.rank == 0:
         full = from_config(init_config, dtype=torch.float32, device="cpu", seed=seed).state_dict()
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
-                                                               broadcast_from_rank0=True))
+    # LoRA adapters are not in rank 0's base model; build_model initialises them afterwards.
+    set_model_state_dict(model, full, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, strict=not hasattr(model, "lora_settings")))
