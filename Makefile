@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.rega-installed
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu gpu-check bench-quick clean
+.PHONY: install demo test lint test-gpu gpu-check bench-quick clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff with the rules in pyproject.toml ([tool.ruff]); .ci/run runs it before the tests.
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)

@@ -20,7 +20,8 @@ ext = Pybind11Extension(
 setup(
     packages=find_packages(include=["rega_engine", "rega_engine.*"]) + ["rega_engine.kernels"],
     package_dir={"rega_engine.kernels": "kernels"},
-    package_data={"rega_engine.demo": ["sample/*.jsonl", "sample/*.txt", "sample/tokenizer/*.json"]},
+    package_data={"rega_engine.demo": ["sample/*.jsonl", "sample/*.txt",
+                                       "sample/tokenizer/*.json"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
 )

@@ -82,9 +82,8 @@ def equal_documents(tokens: int, doc_len: int) -> list[int]:
 def _attention_impls(device: torch.device):
     """rega, SDPA on the same documents (flash backend on CUDA, math on CPU) and flash-attn where
     installed; each takes (q, k, v, cu_seqlens, max_len, offsets)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from rega_engine.kernels import varlen_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = "triton" if device.type == "cuda" else "torch"
     sdpa_backend = SDPBackend.FLASH_ATTENTION if device.type == "cuda" else SDPBackend.MATH
@@ -129,7 +128,7 @@ def bench_attention(tokens=(8192, 16384, 32768, 65536), head_dims=(64, 128), num
                if doc_lens else [(total, document_lengths(total)) for total in tokens])
     rows = []
     for head_dim in head_dims:
-        for total, lens in layouts:
+        for _, lens in layouts:
             rows += _bench_attention_row(impls, lens, head_dim, num_heads, num_kv_heads, dtype,
                                          warmup, reps, device, equal=bool(doc_lens))
     return rows
@@ -237,6 +236,7 @@ def _rms_norm_case(tokens, hidden, dtype, device, gen):
 
 def _rope_case(tokens, num_heads, num_kv_heads, head_dim, dtype, device, gen):
     from rega_engine.kernels import rotary_embedding
+
     from rega_engine.model.llama import apply_rope
     q = torch.randn(tokens, num_heads, head_dim, device=device, dtype=dtype,
                     generator=gen).requires_grad_()
@@ -299,7 +299,8 @@ def _swiglu_case(tokens, intermediate, dtype, device, gen):
     e = torch.empty((), dtype=dtype).element_size()
     # forward: read gate, up, write y; backward: read dy, gate, up, write d gate, d up
     return dict(inputs=(gate, up), grads=grads, impls=impls, eager=eager,
-                bytes={"fwd": 3 * tokens * intermediate * e, "fwd+bwd": 8 * tokens * intermediate * e},
+                bytes={"fwd": 3 * tokens * intermediate * e, "fwd+bwd": 8 * tokens * intermediate
+                       * e},
                 shape={"tokens": tokens, "intermediate": intermediate})
 
 

@@ -3,7 +3,8 @@
 SFT-like sample lengths (log-normal, median ~350 tokens, capped at 8192) are packed into rows of
 4096 tokens. In the same run we time
   * our C++ planner (rega_engine.data.plan_bins), windowed as the loader runs it and as one window;
-  * a straightforward pure-Python best-fit-decreasing (bisect over a sorted list of free capacities),
+  * a straightforward pure-Python best-fit-decreasing (bisect over a sorted list of free
+  capacities),
     on a subset when the full set would take minutes: its cost per sample grows with the number of
     open bins, so the subset flatters it, and the ratio is taken on the same subset;
   * TRL's pack_dataset(strategy="bfd") when `trl` is importable (not a project dependency);
@@ -65,7 +66,8 @@ def python_bfd(lengths, seq_len: int) -> list[int]:
 
 
 def timed(fn, repeats: int = 1):
-    """Best wall-clock and best CPU seconds (this process) over `repeats` runs, and fn's last result.
+    """Best wall-clock and best CPU seconds (this process) over `repeats` runs, and fn's last
+    result.
 
     On a shared machine the wall clock also counts time this process spent waiting for a core; CPU
     time does not, so ratios are taken on CPU time (every contender here runs on one thread).
@@ -94,13 +96,15 @@ def machine() -> dict:
     except OSError:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(),
             "numpy": np.__version__, "load_average_at_start": load}
 
 
 def bench_planning(lengths: np.ndarray, python_subset: int, repeats: int) -> dict:
     n = len(lengths)
-    wall_windowed, t_windowed, windowed = timed(lambda: plan_bins(lengths, SEQ_LEN, window=WINDOW), repeats)
+    wall_windowed, t_windowed, windowed = timed(lambda: plan_bins(lengths, SEQ_LEN, window=WINDOW),
+                                                repeats)
     _, t_one, one_window = timed(lambda: plan_bins(lengths, SEQ_LEN), repeats)
 
     subset = lengths[: min(python_subset, n)]
@@ -120,7 +124,8 @@ def bench_planning(lengths: np.ndarray, python_subset: int, repeats: int) -> dic
         "plan_one_window_samples_per_s": n / t_one,
         "python_bfd": {
             "samples": len(subset),
-            "note": ("timed on a subset: pure Python is too slow for the full set; ratio taken against our "
+            "note": ("timed on a subset: pure Python is too slow for the full set; ratio taken "
+                     "against our "
                      "one-window plan of the same subset" if len(subset) < n else "full set"),
             "cpu_seconds": t_python,
             "wall_seconds": wall_python,
@@ -139,7 +144,8 @@ def bench_trl(lengths: np.ndarray, subset: int, plan_rate: float) -> dict:
         import trl
         from trl import pack_dataset
     except ImportError as e:
-        return {"available": False, "reason": f"trl not importable ({e}); `pip install trl` to compare"}
+        return {"available": False,
+                "reason": f"trl not importable ({e}); `pip install trl` to compare"}
     datasets.disable_progress_bars()
     lengths = lengths[: min(subset, len(lengths))]
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
@@ -149,13 +155,17 @@ def bench_trl(lengths: np.ndarray, subset: int, plan_rate: float) -> dict:
     # Explicit fingerprints: datasets would otherwise hash the whole table and the packing function.
     dataset = datasets.Dataset(table, fingerprint="bench-packer-input")
     result = {"available": True, "version": trl.__version__, "samples": len(lengths),
-              "note": ("pack_dataset also rearranges the token column (Arrow take) and truncates samples longer "
-                       "than seq_len instead of dropping them; its BFD runs per datasets.map batch")}
-    for label, batch in (("default_map_batch_1000", {}), (f"map_batch_{WINDOW}", {"batch_size": WINDOW})):
+              "note": ("pack_dataset also rearranges the token column (Arrow take) and truncates "
+                       "samples longer than seq_len instead of dropping them; its BFD runs per "
+                       "datasets.map batch")}
+    batchings = (("default_map_batch_1000", {}), (f"map_batch_{WINDOW}", {"batch_size": WINDOW}))
+    for label, batch in batchings:
         map_kwargs = {"new_fingerprint": f"bench-packer-{label}", "keep_in_memory": True, **batch}
-        wall, seconds, packed = timed(lambda: pack_dataset(dataset, SEQ_LEN, strategy="bfd", map_kwargs=map_kwargs))
+        wall, seconds, packed = timed(lambda: pack_dataset(dataset, SEQ_LEN, strategy="bfd",
+                                                           map_kwargs=map_kwargs))
         real = int(np.minimum(lengths, SEQ_LEN).sum())
-        result[label] = {"cpu_seconds": seconds, "wall_seconds": wall, "samples_per_s": len(lengths) / seconds,
+        result[label] = {"cpu_seconds": seconds, "wall_seconds": wall,
+                         "samples_per_s": len(lengths) / seconds,
                          "fill_ratio": real / (len(packed) * SEQ_LEN),
                          "our_plan_speedup": plan_rate / (len(lengths) / seconds)}
     return result
@@ -167,7 +177,8 @@ def bench_materialise(lengths: np.ndarray, batch_size: int, subset: int, repeats
     rng = np.random.default_rng(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench_packer_"))
     try:
-        with TokenDatasetWriter(tmp / "ds", domains=["general", "law"], kind_weights={"role": 2.0}, pad_id=0,
+        with TokenDatasetWriter(tmp / "ds", domains=["general", "law"], kind_weights={"role": 2.0},
+                                pad_id=0,
                                 vocab_size=32000, seq_len=SEQ_LEN) as writer:
             chunk = rng.integers(1, 32000, MAX_LEN * 64, dtype=np.int32)
             mask = rng.random(MAX_LEN * 64) < 0.6
@@ -175,7 +186,8 @@ def bench_materialise(lengths: np.ndarray, batch_size: int, subset: int, repeats
                 at = (i * 7919) % (len(chunk) - n)
                 writer.add(chunk[at:at + n], mask[at:at + n], i % 3, i % 2)
         loader = PackedLoader(tmp / "ds", batch_size=batch_size, prefetch=0, pin_memory=False)
-        # The loader's own epoch plan and C++ store, to time the fill alone, without tensor allocation.
+        # The loader's own epoch plan and C++ store, to time the fill alone, without tensor
+        # allocation.
         plan = loader._epoch_plan()
         store = loader._store
         B, L = batch_size, SEQ_LEN
@@ -204,10 +216,12 @@ def bench_materialise(lengths: np.ndarray, batch_size: int, subset: int, repeats
             "fill_one_core_real_tokens_per_s": real / t_fill,
             "fill_one_core_slots_per_s": slots / t_fill,
             "loader_inline_real_tokens_per_s": {"cpu": real / t_loader, "wall": real / wall_loader},
-            "loader_prefetch_thread_real_tokens_per_s": {"cpu": real / t_threaded, "wall": real / wall_threaded},
-            "note": ("fill: C++ fill_batch into reused buffers, one thread, CPU time; loader: PackedLoader end "
-                     "to end (fresh torch tensors per batch, PackedBatch), inline and with its prefetch thread; "
-                     "wall-clock figures count time spent waiting for a core on a shared machine"),
+            "loader_prefetch_thread_real_tokens_per_s": {"cpu": real / t_threaded,
+                                                         "wall": real / wall_threaded},
+            "note": ("fill: C++ fill_batch into reused buffers, one thread, CPU time; loader: "
+                     "PackedLoader end to end (fresh torch tensors per batch, PackedBatch), "
+                     "inline and with its prefetch thread; wall-clock figures count time spent "
+                     "waiting for a core on a shared machine"),
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -236,7 +250,8 @@ def write_sparse_dataset(path: Path, lengths: np.ndarray) -> None:
 def _scale_child(path: str, world_size: int, batch_size: int) -> None:
     import resource
     start = time.perf_counter()
-    loader = PackedLoader(path, batch_size=batch_size, world_size=world_size, rank=0, prefetch=0, pin_memory=False)
+    loader = PackedLoader(path, batch_size=batch_size, world_size=world_size, rank=0, prefetch=0,
+                          pin_memory=False)
     opened = time.perf_counter() - start
     start = time.perf_counter()
     batches = len(loader)   # plans the epoch
@@ -262,16 +277,19 @@ def bench_scale(samples: int, batch_size: int, worlds=(1, 8, 64)) -> dict:
         write_sparse_dataset(tmp / "ds", sft_lengths(samples))
         runs = []
         for world in worlds:
-            out = subprocess.run([sys.executable, __file__, "--scale-child", str(tmp / "ds"), str(world),
-                                  str(batch_size)], capture_output=True, text=True, check=True).stdout
+            out = subprocess.run([sys.executable, __file__, "--scale-child", str(tmp / "ds"),
+                                  str(world),
+                                  str(batch_size)], capture_output=True, text=True,
+                                  check=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
             print(f"scale {samples}: world {world}: {runs[-1]}", file=sys.stderr)
         return {"samples": samples, "batch_size": batch_size, "seq_len": SEQ_LEN, "window": WINDOW,
                 "runs": runs, "plan_samples_per_s": samples / runs[0]["plan_seconds"],
-                "note": ("rank 0 of each world size, its own process; tokens are a sparse file (zeros), so the "
-                         "figures are the loader's planning and per-sample arrays, not page cache; "
-                         "seconds_per_micro_batch is the first 50 batches' first touches of a sparse file "
-                         "(page faults), not the fill rate: that is the materialise figure of the main run")}
+                "note": ("rank 0 of each world size, its own process; tokens are a sparse file "
+                         "(zeros), so the figures are the loader's planning and per-sample "
+                         "arrays, not page cache; seconds_per_micro_batch is the first 50 "
+                         "batches' first touches of a sparse file (page faults), not the fill "
+                         "rate: that is the materialise figure of the main run")}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -280,23 +298,29 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=1_000_000)
     parser.add_argument("--python-subset", type=int, default=100_000,
-                        help="samples for the pure-Python baseline (its cost per sample grows with the set)")
-    parser.add_argument("--trl-subset", type=int, default=None, help="samples for TRL (default: all)")
+                        help="samples for the pure-Python baseline (its cost per sample grows with "
+                             "the set)")
+    parser.add_argument("--trl-subset", type=int, default=None,
+                        help="samples for TRL (default: all)")
     parser.add_argument("--materialise-samples", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/...)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (default: benchmarks/results/...)")
     parser.add_argument("--scale", type=int, default=0,
-                        help="only plan an epoch of this many samples for 1, 8 and 64 ranks: time and memory per rank")
+                        help="only plan an epoch of this many samples for 1, 8 and 64 ranks: time "
+                             "and memory per rank")
     parser.add_argument("--scale-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.scale_child:
         return _scale_child(args.scale_child[0], int(args.scale_child[1]), int(args.scale_child[2]))
     if args.scale:
-        report = {"benchmark": "packer-scale", "machine": machine(), "scale": bench_scale(args.scale, args.batch_size)}
+        report = {"benchmark": "packer-scale", "machine": machine(),
+                  "scale": bench_scale(args.scale, args.batch_size)}
         text = json.dumps(report, indent=2)
         print(text)
-        out = args.out or Path(__file__).resolve().parent / "results" / f"packer_scale_{args.scale}.json"
+        results = Path(__file__).resolve().parent / "results"
+        out = args.out or results / f"packer_scale_{args.scale}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
         return report
@@ -306,8 +330,10 @@ def main(argv=None) -> dict:
               "lengths": {"distribution": "log-normal, median 350, sigma 1.0, clipped to 1..8192",
                           "median": float(np.median(lengths)), "mean": float(lengths.mean())}}
     report["planning"] = bench_planning(lengths, args.python_subset, args.repeats)
-    report["trl"] = bench_trl(lengths, args.trl_subset or args.samples, report["planning"]["plan_samples_per_s"])
-    report["materialise"] = bench_materialise(lengths, args.batch_size, args.materialise_samples, args.repeats)
+    report["trl"] = bench_trl(lengths, args.trl_subset or args.samples,
+                              report["planning"]["plan_samples_per_s"])
+    report["materialise"] = bench_materialise(lengths, args.batch_size, args.materialise_samples,
+                                              args.repeats)
 
     text = json.dumps(report, indent=2)
     print(text)

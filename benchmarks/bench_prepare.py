@@ -58,7 +58,8 @@ def make_inputs(directory: Path, samples: int) -> dict:
 def write_config(directory: Path, sources: dict, prepared: Path, shard_samples: int) -> Path:
     toml = directory / f"{prepared.name}.toml"
     lines = ["[roles]", 'central_prompt = "You are a helpful assistant."', "[roles.prompts]",
-             *(f'{k} = "{v}"' for k, v in ROLES.items()), "[data]", f'tokenizer = "{SAMPLE / "tokenizer"}"',
+             *(f'{k} = "{v}"' for k, v in ROLES.items()), "[data]",
+             f'tokenizer = "{SAMPLE / "tokenizer"}"',
              f'general = "{sources["general"]}"', "seq_len = 512", "workers = 1",
              f"shard_samples = {shard_samples}", f'prepared = "{prepared}"', "[data.domains]",
              f'law = "{sources["law"]}"', f'medicine = "{sources["medicine"]}"', ""]
@@ -67,7 +68,8 @@ def write_config(directory: Path, sources: dict, prepared: Path, shard_samples: 
 
 
 def _env() -> dict:
-    return dict(os.environ, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+    return dict(os.environ, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                OMP_NUM_THREADS="1",
                 PYTHONUNBUFFERED="1")
 
 
@@ -79,19 +81,22 @@ def _children_cpu() -> float:
 def run_timed(command: list[str]) -> tuple[float, int, str]:
     """(wall seconds, peak RSS in bytes of the largest process, stdout) of a child process."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     out, err = process.communicate()
     seconds = time.perf_counter() - start
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{err[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # the largest child so far
+    # the largest child so far
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return seconds, peak, out
 
 
 def peak_rss_of(command: list[str]) -> tuple[float, int]:
     """(seconds, max RSS of this one child) via wait4."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -119,7 +124,8 @@ def encode_role(toml: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=135000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shard-samples", type=int, default=16384)
@@ -148,11 +154,13 @@ def main() -> None:
     load_at_start = os.getloadavg()
     tokens = None
     for repeat in range(args.repeats):
-        seconds, out = None, run_timed([python, __file__, "--role", "encode", "--config", str(one_toml)])[2]
+        seconds, out = None, run_timed([python, __file__, "--role", "encode", "--config",
+                                        str(one_toml)])[2]
         encode = json.loads(out.strip().splitlines()[-1])
         runs["encode"].append(encode["tokens"] / encode["seconds"])
         cpu.setdefault("encode", []).append(encode["cpu_seconds"])
-        for directory in (work / "one", work / "two", small_dir / "small"):   # no resuming between repeats
+        # no resuming between repeats
+        for directory in (work / "one", work / "two", small_dir / "small"):
             subprocess.run(["rm", "-rf", str(directory)], check=True)
         before = _children_cpu()
         seconds, peak = peak_rss_of([*prepare, str(one_toml)])
@@ -168,8 +176,9 @@ def main() -> None:
         same = all((work / "one" / p.relative_to(work / "two")).read_bytes() == p.read_bytes()
                    for p in (work / "two").rglob("*") if p.is_file())
         runs["rss-small"].append(peak_rss_of([*prepare, str(small_toml)])[1])
-        print(f"repeat {repeat + 1}/{args.repeats}: encode {runs['encode'][-1]:,.0f} tok/s, prepare-1 "
-              f"{runs['prepare-1'][-1]:,.0f}, prepare-2 {runs['prepare-2'][-1]:,.0f}, identical {same}",
+        print(f"repeat {repeat + 1}/{args.repeats}: encode {runs['encode'][-1]:,.0f} tok/s, "
+              f"prepare-1 {runs['prepare-1'][-1]:,.0f}, prepare-2 {runs['prepare-2'][-1]:,.0f}, "
+              f"identical {same}",
               file=sys.stderr)
 
     def summary(values):
@@ -177,27 +186,35 @@ def main() -> None:
 
     result = {
         "benchmark": "prepare", "machine": f"{platform.processor() or platform.machine()}, "
-                                         f"{os.cpu_count()} cores", "samples": args.samples, "tokens": tokens,
+                                         f"{os.cpu_count()} cores", "samples": args.samples,
+                                         "tokens": tokens,
         "shards": json.loads((work / "one" / "meta.json").read_text())["report"]["shards"],
-        "repeats": args.repeats, "tokens_per_s": {k: summary(v) for k, v in runs.items() if not k.startswith("rss")},
-        "prepare_vs_encode_per_core": summary([p / e for p, e in zip(runs["prepare-1"], runs["encode"])]),
-        "two_processes_vs_one": summary([b / a for a, b in zip(runs["prepare-1"], runs["prepare-2"])]),
+        "repeats": args.repeats, "tokens_per_s": {k: summary(v) for k, v in runs.items()
+                                                  if not k.startswith("rss")},
+        "prepare_vs_encode_per_core": summary([p / e for p, e in zip(runs["prepare-1"],
+                                                                     runs["encode"])]),
+        "two_processes_vs_one": summary([b / a for a, b in zip(runs["prepare-1"],
+                                                               runs["prepare-2"])]),
         "cpu_seconds": {k: summary(v) for k, v in cpu.items()},
         # CPU seconds are what a loaded machine does not distort: the whole prepare job (start-up,
         # reading, mixture, rendering, tokenizing, writing) against the batch encoding call alone.
-        "prepare_vs_encode_per_cpu_second": summary([e / p for e, p in zip(cpu["encode"], cpu["prepare-1"])]),
-        "two_processes_cpu_vs_one": summary([b / a for a, b in zip(cpu["prepare-1"], cpu["prepare-2"])]),
-        "two_processes_note": ("cpu: user+sys of all processes (torchrun's launcher included); 'if each had a "
-                               "core': one process's CPU seconds over half the two's, an estimate for an "
-                               "unloaded machine"),
+        "prepare_vs_encode_per_cpu_second": summary([e / p for e, p in zip(cpu["encode"],
+                                                                           cpu["prepare-1"])]),
+        "two_processes_cpu_vs_one": summary([b / a for a, b in zip(cpu["prepare-1"],
+                                                                   cpu["prepare-2"])]),
+        "two_processes_note": ("cpu: user+sys of all processes (torchrun's launcher included); "
+                               "'if each had a core': one process's CPU seconds over half the "
+                               "two's, an estimate for an unloaded machine"),
         "two_processes_vs_one_if_each_had_a_core": summary(
             [a / (b / 2) for a, b in zip(cpu["prepare-1"], cpu["prepare-2"])]),
         "peak_rss_gib": {"samples/10": summary([x / 2**30 for x in runs["rss-small"]]),
                          "samples": summary([x / 2**30 for x in runs["rss-big"]])},
-        "peak_rss_growth_for_10x_input": summary([b / a for a, b in zip(runs["rss-small"], runs["rss-big"])]),
+        "peak_rss_growth_for_10x_input": summary([b / a for a, b in zip(runs["rss-small"],
+                                                                        runs["rss-big"])]),
         "two_process_output_identical": same,
         "load_average": {"start": load_at_start, "end": os.getloadavg(),
-                         "note": "other programs' load on the same cores; the figures are only as good as this"},
+                         "note": "other programs' load on the same cores; the figures are only as "
+                                 "good as this"},
     }
     print(json.dumps(result, indent=2))
     out_dir = Path(args.out)

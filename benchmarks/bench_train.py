@@ -67,14 +67,19 @@ _LLAMA3_ROPE = {"rope_theta": 500000.0,
                 "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
 SHAPES = {
-    "tiny": {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
+    "tiny": {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 704,
+             "num_hidden_layers": 4,
              "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False,
              "rope_theta": 10000.0},
-    "1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-           "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True,
+    "1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+           "num_hidden_layers": 16,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+           "tie_word_embeddings": True,
            **_LLAMA3_ROPE},
-    "3b": {"vocab_size": 128256, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
-           "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True,
+    "3b": {"vocab_size": 128256, "hidden_size": 3072, "intermediate_size": 8192,
+           "num_hidden_layers": 28,
+           "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128,
+           "tie_word_embeddings": True,
            **_LLAMA3_ROPE},
     # Llama 3.1 8B's layers (the GEMM shapes that decide FP8's gain), 4 of its 32, so that one GPU
     # measures them in seconds.
@@ -83,14 +88,18 @@ SHAPES = {
                   "head_dim": 128, "tie_word_embeddings": False, **_LLAMA3_ROPE},
 }
 # Per shape: row length, rows per micro-batch, micro-batches per step, samples per padded
-# micro-batch (the Trainer's per_device_train_batch_size) and activation checkpointing (all systems).
+# micro-batch (the Trainer's per_device_train_batch_size) and activation checkpointing (all
+# systems).
 RUN_SETTINGS = {
-    "tiny": {"seq_len": 1024, "rows": 2, "grad_accum": 1, "padded_batch": 4, "checkpointing": False},
+    "tiny": {"seq_len": 1024, "rows": 2, "grad_accum": 1, "padded_batch": 4,
+             "checkpointing": False},
     "1b": {"seq_len": 2048, "rows": 4, "grad_accum": 2, "padded_batch": 4, "checkpointing": False},
     "3b": {"seq_len": 2048, "rows": 2, "grad_accum": 4, "padded_batch": 2, "checkpointing": True},
-    "8b-layers": {"seq_len": 8192, "rows": 1, "grad_accum": 1, "padded_batch": 1, "checkpointing": False},
+    "8b-layers": {"seq_len": 8192, "rows": 1, "grad_accum": 1, "padded_batch": 1,
+                  "checkpointing": False},
 }
-SYSTEMS = ("rega", "rega-compile", "rega-fullgraph", "rega-fp8", "rega-compile-fp8", "hf-padded", "hf-flatten",
+SYSTEMS = ("rega", "rega-compile", "rega-fullgraph", "rega-fp8", "rega-compile-fp8", "hf-padded",
+           "hf-flatten",
            "hf-flatten-liger", "hf-rega", "hf-rega-all")
 # The engine's systems: (torch.compile per block, train.precision).
 # compile: False, True (per block) or "model" (the whole model, fullgraph=True).
@@ -138,14 +147,16 @@ def plan_micro_batches(dataset_dir: Path, settings: dict, count: int) -> list[li
         flat = batch.input_ids.reshape(-1).numpy()
         kinds = batch.kind_ids.reshape(-1).numpy()
         cu = batch.cu_seqlens.tolist()
-        ids = [by_content[flat[s:e].tobytes()] for s, e in zip(cu, cu[1:]) if e > s and kinds[s] >= 0]
-        if sum(int(dataset.offsets[i + 1] - dataset.offsets[i]) for i in ids) != batch.num_real_tokens:
+        ids = [by_content[flat[s:e].tobytes()] for s, e in zip(cu, cu[1:]) if e > s and kinds[s]
+               >= 0]
+        if sum(int(dataset.offsets[i + 1] - dataset.offsets[i])
+               for i in ids) != batch.num_real_tokens:
             raise RuntimeError("bench_train: could not match the packed documents back to samples")
         plan.append(ids)
         if len(plan) == count:
             return plan
-    raise RuntimeError(f"bench_train: the dataset fills only {len(plan)} micro-batches, {count} needed; "
-                       "raise the sample count")
+    raise RuntimeError(f"bench_train: the dataset fills only {len(plan)} micro-batches, {count} "
+                       "needed; raise the sample count")
 
 
 def _engine_loader(dataset_dir: Path, settings: dict):
@@ -153,7 +164,8 @@ def _engine_loader(dataset_dir: Path, settings: dict):
     # Shuffled rows as in training (best-fit-decreasing opens its bins longest first, so the first
     # rows in plan order hold only the longest samples); seeded, so that the plan above and the
     # engine's worker see the very same batches.
-    return PackedLoader(dataset_dir, seq_len=settings["seq_len"], batch_size=settings["rows"], shuffle=True,
+    return PackedLoader(dataset_dir, seq_len=settings["seq_len"], batch_size=settings["rows"],
+                        shuffle=True,
                         seed=settings["loader_seed"])
 
 
@@ -173,8 +185,10 @@ def _hf_config(shape: dict):
 def _initial_state(shape: dict, seed: int):
     """Our random init (transformers' recipe), so that every system starts from the same weights."""
     import torch
+
     from rega_engine.model import from_config
-    return from_config({**shape, "model_type": "llama"}, dtype=torch.float32, device="cpu", seed=seed).state_dict()
+    return from_config({**shape, "model_type": "llama"}, dtype=torch.float32, device="cpu",
+                       seed=seed).state_dict()
 
 
 def _samples(dataset, ids):
@@ -189,7 +203,8 @@ def _samples(dataset, ids):
 
 
 def _padded_micro_batches(features, size: int):
-    """The Trainer's default collation for causal LMs: right padding, attention_mask, labels -100."""
+    """The Trainer's default collation for causal LMs: right padding, attention_mask, labels
+    -100."""
     import torch
     batches = []
     for start in range(0, len(features), size):
@@ -210,11 +225,13 @@ def _padded_micro_batches(features, size: int):
 def _adamw(model, device):
     import torch
     kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0, **kind)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
+                             weight_decay=0.0, **kind)
 
 
 def _setup_engine(spec: dict, compile_blocks: bool | str, precision: str = "bf16"):
     import torch
+
     from rega_engine.config import ModelConfig
     from rega_engine.train.loop import optimizer_step
     from rega_engine.train.parallel import build_model, setup_runtime
@@ -222,7 +239,8 @@ def _setup_engine(spec: dict, compile_blocks: bool | str, precision: str = "bf16
     runtime = setup_runtime("cuda" if spec["device"] == "cuda" else "cpu")
     config_path = Path(spec["work_dir"]) / "config.json"
     model_config = ModelConfig(init_config=str(config_path), compile=compile_blocks is True,
-                               activation_checkpointing="block" if spec["settings"]["checkpointing"] else "none")
+                               activation_checkpointing="block"
+                               if spec["settings"]["checkpointing"] else "none")
     model, _ = build_model(model_config, runtime, seed=spec["seed"], precision=precision)
     whole_model = compile_blocks == "model"
     if whole_model:
@@ -237,7 +255,8 @@ def _setup_engine(spec: dict, compile_blocks: bool | str, precision: str = "bf16
         host = [next(batches) for _ in range(accum)]
         expected = spec["step_tokens"][index]
         if sum(b.num_real_tokens for b in host) != expected:
-            raise RuntimeError(f"step {index}: the loader gave {sum(b.num_real_tokens for b in host)} real "
+            raise RuntimeError(f"step {index}: the loader gave "
+                               f"{sum(b.num_real_tokens for b in host)} real "
                                f"tokens, the plan {expected}")
         micro = [b.to(runtime.device) for b in host]
         if whole_model:
@@ -279,6 +298,7 @@ def _setup_hf(spec: dict, system: str):
 
     import torch
     from transformers import DataCollatorWithFlattening, LlamaForCausalLM
+
     from rega_engine.data import TokenDataset
 
     device = torch.device(spec["device"])
@@ -286,12 +306,16 @@ def _setup_hf(spec: dict, system: str):
     info = {}
     with torch.device(device):
         model = LlamaForCausalLM(config).float()
-    missing, unexpected = model.load_state_dict(_initial_state(spec["shape"], spec["seed"]), strict=False)
+    missing, unexpected = model.load_state_dict(_initial_state(spec["shape"], spec["seed"]),
+                                                strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"weights do not map onto transformers' Llama: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"weights do not map onto transformers' Llama: missing {missing}, "
+                           f"unexpected {unexpected}")
     attention = "sdpa"
-    if system in ("hf-flatten", "hf-flatten-liger") and device.type == "cuda" and find_spec("flash_attn"):
-        attention = "flash_attention_2"     # what padding-free training with transformers is meant for
+    if system in ("hf-flatten",
+                  "hf-flatten-liger") and device.type == "cuda" and find_spec("flash_attn"):
+        # what padding-free training with transformers is meant for
+        attention = "flash_attention_2"
     model.set_attn_implementation(attention)
     if system == "hf-flatten-liger":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -322,7 +346,8 @@ def _setup_hf(spec: dict, system: str):
         else:
             micro = [collate(_samples(dataset, ids)) for ids in micro_ids]
         if device.type == "cuda":     # the Trainer's DataLoader pins memory by default
-            micro = [{k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in b.items()} for b in micro]
+            micro = [{k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in b.items()}
+                     for b in micro]
         # Trainer semantics: each micro-batch's summed loss over the step's target count.
         targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         steps.append((micro, targets))
@@ -334,7 +359,8 @@ def _setup_hf(spec: dict, system: str):
         num_items = torch.tensor(targets, device=device)
         total = torch.zeros((), device=device)
         for b in micro:
-            b = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+            b = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                 for k, v in b.items()}
             if autocast is not None:
                 with autocast:
                     loss = model(**b, num_items_in_batch=num_items).loss
@@ -355,6 +381,7 @@ class Worker:
 
     def __init__(self, spec: dict, system: str):
         import torch
+
         from rega_engine.model import from_config
 
         self.spec, self.system = spec, system
@@ -402,7 +429,8 @@ class Worker:
             "step_time_s": statistics.median(times),
             "step_time_mean_s": seconds / len(times),
             "peak_memory_gib": peak_memory_bytes(self.device) / 2**30,
-            "peak_memory_kind": "max allocated (CUDA)" if self.device.type == "cuda" else "peak RSS of the process",
+            "peak_memory_kind": "max allocated (CUDA)" if self.device.type == "cuda"
+            else "peak RSS of the process",
             "real_tokens_per_step": real_tokens / len(times),
             "processed_tokens_per_step": sum(self.processed[i] for i in timed) / len(times),
             "warmup_s": sum(self.times[i] for i in range(spec["warmup"])),
@@ -436,14 +464,17 @@ def run_worker(spec_path: str, system: str, result_path: str, interleaved: bool)
 def _versions() -> dict:
     from importlib import metadata
     out = {"python": platform.python_version()}
-    for name in ("rega-engine", "torch", "transformers", "triton", "accelerate", "liger-kernel", "flash-attn"):
+    for name in ("rega-engine", "torch", "transformers", "triton", "accelerate", "liger-kernel",
+                 "flash-attn"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
     try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                           capture_output=True, text=True,
+                                           cwd=Path(__file__).resolve().parent,
+                                           timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         out["git_commit"] = None
     return out
@@ -464,7 +495,8 @@ def _device_description(device: str) -> tuple[str, str]:
         except OSError:
             pass
         name = f"{name} ({os.cpu_count()} cores)"
-    slug = "".join(c if c.isalnum() else "-" for c in (torch.cuda.get_device_name(0) if device == "cuda"
+    slug = "".join(c if c.isalnum() else "-" for c in (torch.cuda.get_device_name(0) if device
+                                                       == "cuda"
                                                           else f"cpu-{os.cpu_count()}core")).lower()
     return name, "-".join(part for part in slug.split("-") if part)
 
@@ -486,8 +518,10 @@ def _skip_reason(system: str, device: str) -> str | None:
     return None
 
 
-def _worker_command(system: str, spec_path: Path, result_path: Path, interleaved: bool) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--spec", str(spec_path),
+def _worker_command(system: str, spec_path: Path, result_path: Path,
+                    interleaved: bool) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--spec",
+            str(spec_path),
             "--result", str(result_path)] + (["--interleaved"] if interleaved else [])
 
 
@@ -504,14 +538,17 @@ def _run_sequential(system: str, spec_path: Path, work_dir: Path, timeout: float
     result_path = work_dir / f"result-{system}.json"
     started = time.perf_counter()
     try:
-        proc = subprocess.run(_worker_command(system, spec_path, result_path, False), capture_output=True,
+        proc = subprocess.run(_worker_command(system, spec_path, result_path, False),
+                              capture_output=True,
                               text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"system": system, "status": "timeout", "reason": f"no result within {timeout:.0f} s"}
+        return {"system": system, "status": "timeout",
+                "reason": f"no result within {timeout:.0f} s"}
     wall = time.perf_counter() - started
     if proc.returncode == 0 and result_path.exists():
         return {**json.loads(result_path.read_text()), "wall_s": wall}
-    return _failure(system, "error", proc.stderr or proc.stdout or f"exit code {proc.returncode}", wall)
+    return _failure(system, "error", proc.stderr or proc.stdout or f"exit code {proc.returncode}",
+                    wall)
 
 
 class _Turns:
@@ -522,7 +559,8 @@ class _Turns:
         self.result_path = work_dir / f"result-{system}.json"
         self.log_path = work_dir / f"stderr-{system}.txt"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(_worker_command(system, spec_path, self.result_path, True), text=True,
+        self.proc = subprocess.Popen(_worker_command(system, spec_path, self.result_path, True),
+                                     text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
         self.started = time.perf_counter()
         self.row = None          # set once it failed or finished
@@ -579,7 +617,8 @@ class _Turns:
         if code == 0 and self.result_path.exists():
             self.row = {**json.loads(self.result_path.read_text()), "wall_s": wall}
         else:
-            self.row = _failure(self.system, "error", self.log_path.read_text() or f"exit code {code}", wall)
+            self.row = _failure(self.system, "error", self.log_path.read_text()
+                                or f"exit code {code}", wall)
 
 
 def _run_interleaved(systems: list[str], spec_path: Path, work_dir: Path, timeout: float,
@@ -626,29 +665,32 @@ def _fmt(value, spec: str, none: str = "n/a") -> str:
 
 def markdown(report: dict) -> str:
     lines = [f"# Training throughput on {report['device']}", "",
-             f"rega-engine {report['versions'].get('rega-engine')}, torch {report['versions'].get('torch')}, "
-             f"transformers {report['versions'].get('transformers')}; "
-             f"{'quick run' if report['config']['quick'] else 'full run'}, {report['config']['steps']} timed steps "
-             f"after {report['config']['warmup']} warm-up steps. Real tokens only; MFU null where the device "
-             "peak is unknown (CPU).", ""]
+             f"rega-engine {report['versions'].get('rega-engine')}, torch "
+             f"{report['versions'].get('torch')}, transformers "
+             f"{report['versions'].get('transformers')}; "
+             f"{'quick run' if report['config']['quick'] else 'full run'}, "
+             f"{report['config']['steps']} timed steps after {report['config']['warmup']} warm-up "
+             "steps. Real tokens only; MFU null where the device peak is unknown (CPU).", ""]
     for shape, result in report["shapes"].items():
         s = result["settings"]
-        lines += [f"## {shape} ({result['parameters'] / 1e6:.1f}M parameters; rows of {s['seq_len']} tokens, "
-                  f"{s['rows']} rows x {s['grad_accum']} micro-batches per step, "
-                  f"~{result['mean_real_tokens_per_step']:.0f} real tokens per step; systems run "
-                  f"{result['schedule']})", "",
-                  "| system | attention | real tokens/s | MFU | step time (s) | peak memory (GiB) | padding | "
-                  "loss step 1 | rega speed-up |",
+        lines += [f"## {shape} ({result['parameters'] / 1e6:.1f}M parameters; rows of "
+                  f"{s['seq_len']} tokens, {s['rows']} rows x {s['grad_accum']} micro-batches per "
+                  f"step, ~{result['mean_real_tokens_per_step']:.0f} real tokens per step; systems "
+                  f"run {result['schedule']})", "",
+                  "| system | attention | real tokens/s | MFU | step time (s) | peak memory (GiB) "
+                  "| padding | loss step 1 | rega speed-up |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in result["rows"]:
             if row["status"] != "ok":
-                lines.append(f"| {row['system']} | {row['status']}: {row.get('reason', '')} | | | | | | | |")
+                lines.append(f"| {row['system']} | {row['status']}: {row.get('reason', '')} | | | "
+                             "| | | | |")
                 continue
             padding = 1 - row["real_tokens_per_step"] / row["processed_tokens_per_step"]
             lines.append(
                 f"| {row['system']} | {row.get('attention', '')} | {row['tokens_per_s']:,.0f} | "
-                f"{_fmt(row['mfu'], '.1%')} | {row['step_time_s']:.3f} | {row['peak_memory_gib']:.2f} | "
-                f"{padding:.0%} | {row['loss_first_step']:.4f} | {row.get('rega_speedup', float('nan')):.2f}x |")
+                f"{_fmt(row['mfu'], '.1%')} | {row['step_time_s']:.3f} | "
+                f"{row['peak_memory_gib']:.2f} | {padding:.0%} | {row['loss_first_step']:.4f} | "
+                f"{row.get('rega_speedup', float('nan')):.2f}x |")
         ok = {r["system"]: r for r in result["rows"] if r["status"] == "ok"}
         speedups = []
         for base in BASELINES:
@@ -666,8 +708,9 @@ def markdown(report: dict) -> str:
         if fp8:
             lines += ["", "FP8's real tokens/s over bf16: " + "; ".join(fp8) + "."]
         lines.append("")
-    lines.append("Peak memory: CUDA max allocated; on CPU the worker process's peak RSS (Python and "
-                 "libraries included). hf-padded is the Trainer's step as a plain loop (no Trainer overhead).")
+    lines.append("Peak memory: CUDA max allocated; on CPU the worker process's peak RSS (Python "
+                 "and libraries included). hf-padded is the Trainer's step as a plain loop (no "
+                 "Trainer overhead).")
     return "\n".join(lines) + "\n"
 
 
@@ -681,13 +724,15 @@ def chart(report: dict, path: Path) -> None:
         rows = [r for r in report["shapes"][shape]["rows"] if r["status"] == "ok"]
         names = [r["system"] for r in rows]
         values = [r["tokens_per_s"] for r in rows]
-        colors = ["tab:green" if n.startswith("rega") else "tab:blue" if n.startswith("hf-rega") else "tab:gray" for n in names]
+        colors = ["tab:green" if n.startswith("rega") else "tab:blue" if n.startswith("hf-rega")
+                  else "tab:gray" for n in names]
         bars = ax.barh(names, values, color=colors)
         for bar, row in zip(bars, rows):
             label = f"{row['tokens_per_s']:,.0f}"
             if row["mfu"] is not None:
                 label += f"  ({row['mfu']:.0%} MFU)"
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + label, va="center", fontsize=8)
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + label, va="center",
+                    fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("real tokens/s")
         ax.set_title(f"{shape} on {report['device']}", fontsize=9)
@@ -709,8 +754,10 @@ def run_shape(shape_name: str, args, device: str, work_root: Path) -> dict:
         settings["grad_accum"] = args.grad_accum
     work_dir = work_root / shape_name
     work_dir.mkdir(parents=True)
-    (work_dir / "config.json").write_text(json.dumps({**shape, "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                                                      "max_position_embeddings": 131072, "rms_norm_eps": 1e-5}))
+    (work_dir / "config.json").write_text(json.dumps({**shape, "model_type": "llama",
+                                                      "architectures": ["LlamaForCausalLM"],
+                                                      "max_position_embeddings": 131072,
+                                                      "rms_norm_eps": 1e-5}))
     num_steps = args.warmup + args.steps
     micro_count = num_steps * settings["grad_accum"]
     tokens_needed = micro_count * settings["rows"] * settings["seq_len"]
@@ -725,9 +772,12 @@ def run_shape(shape_name: str, args, device: str, work_root: Path) -> dict:
     dataset = TokenDataset(dataset_dir)
     lengths = [int(dataset.offsets[i + 1] - dataset.offsets[i]) for i in range(len(dataset))]
     accum = settings["grad_accum"]
-    step_ids = [[i for ids in plan[s * accum:(s + 1) * accum] for i in ids] for s in range(num_steps)]
-    spec = {"device": device, "shape": shape, "settings": settings, "seed": args.seed, "warmup": args.warmup,
-            "num_steps": num_steps, "plan": plan, "work_dir": str(work_dir), "dataset_dir": str(dataset_dir),
+    step_ids = [[i for ids in plan[s * accum:(s + 1) * accum] for i in ids]
+                for s in range(num_steps)]
+    spec = {"device": device, "shape": shape, "settings": settings, "seed": args.seed,
+            "warmup": args.warmup,
+            "num_steps": num_steps, "plan": plan, "work_dir": str(work_dir),
+            "dataset_dir": str(dataset_dir),
             "step_tokens": [sum(lengths[i] for i in ids) for ids in step_ids],
             "step_doc_lengths": [[lengths[i] for i in ids] for ids in step_ids]}
     spec_path = work_dir / "spec.json"
@@ -737,27 +787,34 @@ def run_shape(shape_name: str, args, device: str, work_root: Path) -> dict:
     runnable = [system for system in args.systems if not skipped[system]]
     interleaved = device == "cpu" and not args.sequential and os.name == "posix"
     if interleaved:
-        print(f"  {shape_name:>5} {len(runnable)} systems taking turns step by step ...", file=sys.stderr, flush=True)
+        print(f"  {shape_name:>5} {len(runnable)} systems taking turns step by step ...",
+              file=sys.stderr, flush=True)
         measured = _run_interleaved(runnable, spec_path, work_dir, args.timeout, num_steps)
     rows = []
     for system in args.systems:
         if skipped[system]:
             rows.append({"system": system, "status": "skipped", "reason": skipped[system]})
-            print(f"  {shape_name:>5} {system:<17} skipped: {skipped[system]}", file=sys.stderr, flush=True)
+            print(f"  {shape_name:>5} {system:<17} skipped: {skipped[system]}", file=sys.stderr,
+                  flush=True)
             continue
-        row = measured[system] if interleaved else _run_sequential(system, spec_path, work_dir, args.timeout)
+        row = measured[system] if interleaved else _run_sequential(system, spec_path, work_dir,
+                                                                   args.timeout)
         rows.append(row)
         if row["status"] == "ok":
             print(f"  {shape_name:>5} {system:<17} {row['tokens_per_s']:>12,.0f} real tokens/s  "
-                  f"step {row['step_time_s']:.3f} s  loss@1 {row['loss_first_step']:.4f}  ({row['wall_s']:.0f} s)",
+                  f"step {row['step_time_s']:.3f} s  loss@1 {row['loss_first_step']:.4f}  "
+                  f"({row['wall_s']:.0f} s)",
                   file=sys.stderr, flush=True)
         else:
-            print(f"  {shape_name:>5} {system:<17} {row['status']}: {row.get('reason')}", file=sys.stderr, flush=True)
+            print(f"  {shape_name:>5} {system:<17} {row['status']}: {row.get('reason')}",
+                  file=sys.stderr, flush=True)
     _ratios(rows)
-    params = from_config({**shape, "model_type": "llama"}, device="meta").num_parameters(exclude_embeddings=False)
+    params = from_config({**shape, "model_type": "llama"},
+                         device="meta").num_parameters(exclude_embeddings=False)
     return {"settings": settings, "parameters": params, "num_samples": num_samples,
             "schedule": "interleaved step by step" if interleaved else "one system after the other",
-            "length_distribution": {"kind": "log-normal", "median": MEDIAN_LENGTH, "sigma": LENGTH_SIGMA,
+            "length_distribution": {"kind": "log-normal", "median": MEDIAN_LENGTH,
+                                    "sigma": LENGTH_SIGMA,
                                     "min": 16, "cap": settings["seq_len"],
                                     "prompt_share": "uniform 0.2-0.5, no loss"},
             "mean_real_tokens_per_step": statistics.mean(spec["step_tokens"][args.warmup:]),
@@ -766,26 +823,32 @@ def run_shape(shape_name: str, args, device: str, work_root: Path) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="rega-engine bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few steps, the smallest shape for the device (~2 min on CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="few steps, the smallest shape for the device (~2 min on CPU)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--shapes", help=f"comma-separated, of {', '.join(SHAPES)} (default: tiny on CPU, 1b,3b on GPU)")
-    parser.add_argument("--systems", help=f"comma-separated, of {', '.join(SYSTEMS)} (default: all)")
+    parser.add_argument("--shapes",
+        help=f"comma-separated, of {', '.join(SHAPES)} (default: tiny on CPU, 1b,3b on GPU)")
+    parser.add_argument("--systems",
+                        help=f"comma-separated, of {', '.join(SYSTEMS)} (default: all)")
     parser.add_argument("--steps", type=int, help="timed optimizer steps per system")
     parser.add_argument("--warmup", type=int, help="untimed steps first (compilation, autotuning)")
     parser.add_argument("--seq-len", type=int, help="row length (default per shape)")
     parser.add_argument("--rows", type=int, help="rows per micro-batch (default per shape)")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per step (default per shape)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, help="seconds before a system is given up: for its whole run, or "
-                        "when interleaved for its set-up and for each step (default 300 with --quick, else 1800)")
+    parser.add_argument("--timeout", type=float,
+                        help="seconds before a system is given up: for its whole run, or "
+                        "when interleaved for its set-up and for each step (default 300 with "
+                        "--quick, else 1800)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--interleaved", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sequential", action="store_true",
-                        help="one system after the other (the GPU default); on CPU the systems otherwise "
-                             "take turns step by step, so that load from other processes hits all alike")
+                        help="one system after the other (the GPU default); on CPU the systems "
+                             "otherwise take turns step by step, so that load from other "
+                             "processes hits all alike")
     args = parser.parse_args(argv)
     if args.worker:
         return args
@@ -795,7 +858,8 @@ def parse_args(argv=None):
     elif args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     shapes = args.shapes.split(",") if args.shapes else (["tiny"] if args.device == "cpu"
-                                                         else ["1b"] if args.quick else ["1b", "3b"])
+                                                         else ["1b"] if args.quick else ["1b",
+                                                                                         "3b"])
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         parser.error(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}")
@@ -814,7 +878,8 @@ def parse_args(argv=None):
     if args.quick and args.device == "cpu" and not args.rows:
         args.rows = 1
     if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be >= 1 (the first step pays for start-up and compilation)")
+        parser.error("--steps and --warmup must be >= 1 (the first step pays for start-up and "
+                     "compilation)")
     return args
 
 
@@ -824,7 +889,8 @@ def main(argv=None) -> int:
         run_worker(args.spec, args.worker, args.result, args.interleaved)
         return 0
     device_name, slug = _device_description(args.device)
-    print(f"bench_train on {device_name}: shapes {', '.join(args.shapes)}; systems {', '.join(args.systems)}",
+    print(f"bench_train on {device_name}: shapes {', '.join(args.shapes)}; systems "
+          f"{', '.join(args.systems)}",
           file=sys.stderr, flush=True)
     started = time.perf_counter()
     work_root = Path(tempfile.mkdtemp(prefix="rega-bench-"))
@@ -835,13 +901,18 @@ def main(argv=None) -> int:
     report = {
         "device": device_name,
         "versions": _versions(),
-        "config": {"quick": args.quick, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
-                   "systems": args.systems, "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": 0.0,
+        "config": {"quick": args.quick, "steps": args.steps, "warmup": args.warmup,
+                   "seed": args.seed,
+                   "systems": args.systems, "optimizer": {"name": "AdamW", "lr": LR,
+                                                          "weight_decay": 0.0,
                                                           "max_grad_norm": MAX_GRAD_NORM},
-                   "precision": "bf16 autocast / FSDP2 mixed precision, fp32 master weights" if args.device == "cuda"
-                   else "fp32", "fp8_systems": "train.precision = 'fp8', recipe tensorwise (torchao float8)",
+                   "precision": "bf16 autocast / FSDP2 mixed precision, fp32 master weights"
+                   if args.device == "cuda"
+                   else "fp32",
+                   "fp8_systems": "train.precision = 'fp8', recipe tensorwise (torchao float8)",
                    "shapes": {n: SHAPES[n] for n in args.shapes},
-                   "hf_padded_step": "plain loop mirroring Trainer.training_step (no Trainer overhead)"},
+                   "hf_padded_step": "plain loop mirroring Trainer.training_step (no Trainer "
+                                     "overhead)"},
         "shapes": shapes,
         "wall_s": time.perf_counter() - started,
     }
@@ -853,7 +924,8 @@ def main(argv=None) -> int:
     chart(report, Path(f"{stem}.png"))
     print(table)
     print(f"wrote {stem}.json, .md and .png ({report['wall_s']:.0f} s)", file=sys.stderr)
-    failed = [r["system"] for s in shapes.values() for r in s["rows"] if r["status"] in ("error", "timeout")]
+    failed = [r["system"] for s in shapes.values() for r in s["rows"] if r["status"] in ("error",
+                                                                                         "timeout")]
     return 1 if failed else 0
 
 

@@ -26,9 +26,12 @@ that crashed, a rega kernel that did not run, or systems of the end-to-end bench
 on the first step's loss (they start from the same weights on the same data). A missed speed
 target is reported, not an exit failure.
 
-    python benchmarks/gpu_check.py                  # everything (aim: under 6 minutes on an H100/H200)
-    python benchmarks/gpu_check.py --only kernels   # rerun one part (tests, kernels, e2e; comma list)
-    python benchmarks/gpu_check.py --rehearsal      # on CPU: tiny shapes, torch backends (make test)
+    python benchmarks/gpu_check.py                  # everything (aim: under 6 minutes on an
+    H100/H200)
+    python benchmarks/gpu_check.py --only kernels   # rerun one part (tests, kernels, e2e; comma
+    list)
+    python benchmarks/gpu_check.py --rehearsal      # on CPU: tiny shapes, torch backends (make
+    test)
 
 The rehearsal runs every stage, its arguments and its report on any machine, so the command
 cannot rot between GPU slots; its figures mean nothing.
@@ -177,8 +180,9 @@ def stage_e2e(args) -> dict:
             rows = [dict(row, shape=name) for row in shape["rows"]]
             _speedups(rows)
             result["rows"] += rows
-            result["problems"] += [f"{name} {r['system']}: {r['status']} {r.get('reason', '')}".strip()
-                                   for r in rows if r["status"] not in ("ok", "skipped")]
+            result["problems"] += [
+                f"{name} {r['system']}: {r['status']} {r.get('reason', '')}".strip()
+                for r in rows if r["status"] not in ("ok", "skipped")]
             result["problems"] += first_loss_disagreements(rows, rtol)
             result["settings"][name] = shape["settings"]
     failed = result["problems"] or any(result["returncodes"])
@@ -193,7 +197,8 @@ def _speedups(rows: list[dict]) -> None:
     if "rega" in ok:
         for base in ("hf-padded", "hf-flatten", "hf-flatten-liger"):
             if base in ok:
-                ok["rega"][f"speedup_vs_{base}"] = ok["rega"]["tokens_per_s"] / ok[base]["tokens_per_s"]
+                speedup = ok["rega"]["tokens_per_s"] / ok[base]["tokens_per_s"]
+                ok["rega"][f"speedup_vs_{base}"] = speedup
 
 
 def first_loss_disagreements(rows: list[dict], rtol: float) -> list[str]:
@@ -263,7 +268,7 @@ def versions() -> dict:
     found["cuda"] = torch.version.cuda
     found["device"] = device_name()
     if torch.cuda.is_available():
-        found["capability"] = "sm_%d%d" % torch.cuda.get_device_capability()
+        found["capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability())
         found["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30)
         smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                    timeout=30)

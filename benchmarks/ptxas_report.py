@@ -22,11 +22,18 @@ import itertools
 import json
 from pathlib import Path
 
-from rega_engine.kernels.compile_check import (ATTENTION_KERNELS, CROSS_ENTROPY_MODES,
-                                               attention_configs, attention_delta_job,
-                                               attention_job, compile_in_subprocess,
-                                               cross_entropy_job, known_spills, ptxas_version,
-                                               spill_key)
+from rega_engine.kernels.compile_check import (
+    ATTENTION_KERNELS,
+    CROSS_ENTROPY_MODES,
+    attention_configs,
+    attention_delta_job,
+    attention_job,
+    compile_in_subprocess,
+    cross_entropy_job,
+    known_spills,
+    ptxas_version,
+    spill_key,
+)
 from rega_engine.kernels.cross_entropy import ROW_KERNEL_CONFIGS
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -4,8 +4,9 @@
 # the op modules a second time under that name would register every rega:: op twice (training
 # then crashes at random), so under any other name this package stays an empty shell.
 if __name__ == "rega_engine.kernels":
-    from .cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
     from .attention import varlen_attention, varlen_attention_reference
+    from .cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
+
     # These three functions share their module's name, so `rega_engine.kernels.rms_norm` (and
     # .swiglu) is the function; reach a module itself with importlib.import_module or a
     # `from rega_engine.kernels.rms_norm import ...`.

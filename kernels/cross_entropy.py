@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
@@ -140,7 +139,8 @@ def _ce_rows_kernel(
     """One program per token row of a chunk's logits.
 
     Writes the row's log-sum-exp and unweighted cross-entropy (0 on ignored rows; with label
-    smoothing eps, (1 - eps) * (lse - x_label) + eps * (lse - mean_j x_j)) unless LSE_GIVEN (backward recompute: the forward's log-sum-exp is read instead). With COMPUTE_GRAD
+    smoothing eps, (1 - eps) * (lse - x_label) + eps * (lse - mean_j x_j)) unless LSE_GIVEN
+    (backward recompute: the forward's log-sum-exp is read instead). With COMPUTE_GRAD
     it overwrites the row in place with grad_scale[row] * dloss/dlogits, where the loss is
     ce + z_loss * lse**2 (ignored rows become exact zeros, so the chunk matmuls that follow need
     no masking). Full blocks run unmasked so their loads and stores vectorise; only the tail
@@ -440,9 +440,9 @@ def _z_terms(lse, z_loss):
 @torch.library.custom_op("rega::fused_linear_cross_entropy", mutates_args=())
 def _fused_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
               weights: torch.Tensor, scale: torch.Tensor, ignore_index: int, reduction: str,
-              label_smoothing: float, z_loss: float, softcap: Optional[float],
-              need_grad_hidden: bool, need_grad_weight: bool, chunk_size: Optional[int],
-              block_v: Optional[int], backend: str
+              label_smoothing: float, z_loss: float, softcap: float | None,
+              need_grad_hidden: bool, need_grad_weight: bool, chunk_size: int | None,
+              block_v: int | None, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ce, lse, grad_hidden, fp32 grad_weight): loss as `reduction` makes it of
     weights * (ce + z_loss * lse**2), ce and lse (N,) fp32 per token (0 on ignored tokens)."""
@@ -467,9 +467,9 @@ def _fused_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
 @torch.library.custom_op("rega::fused_linear_cross_entropy_backward", mutates_args=())
 def _fused_backward_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                        grad_scale: torch.Tensor, lse: torch.Tensor, ignore_index: int,
-                       label_smoothing: float, z_loss: float, softcap: Optional[float],
+                       label_smoothing: float, z_loss: float, softcap: float | None,
                        need_grad_hidden: bool, need_grad_weight: bool,
-                       chunk_size: Optional[int], block_v: Optional[int], backend: str
+                       chunk_size: int | None, block_v: int | None, backend: str
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_hidden, fp32 grad_weight) of reduction "none", the logits recomputed chunk by
     chunk, each token's gradient scaled by grad_scale."""

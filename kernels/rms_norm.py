@@ -30,7 +30,6 @@ without a graph break.
 import functools
 import math
 import numbers
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -152,7 +151,7 @@ def bwd_kernel_config(n_cols: int) -> tuple[int, int]:
     return block, min(32, max(4, block // 256))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -262,7 +261,7 @@ def _rms_norm_residual_op(x: Tensor, residual: Tensor, weight: Tensor, eps: floa
 
 
 @torch.library.custom_op("rega::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(dy: Tensor, dresidual: Optional[Tensor], r: Tensor, weight: Tensor,
+def _rms_norm_backward_op(dy: Tensor, dresidual: Tensor | None, r: Tensor, weight: Tensor,
                           rstd: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """(d r, d weight) from dy, the saved normalised input r and its rstd; `dresidual`, the
     gradient reaching the new residual, is added to d r (the residual variant)."""
@@ -358,7 +357,7 @@ def _check_arguments(x, weight, eps, residual, who):
         raise ValueError(f"{who}: eps must be a finite number >= 0, got {eps!r}")
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] = None, *,
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None, *,
              backend: str = "auto"):
     """RMSNorm of x (..., H) with gain weight (H,), as the model's RMSNorm computes it.
 
@@ -392,7 +391,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] =
 # PyTorch reference
 # --------------------------------------------------------------------------------------------
 
-def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] = None):
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
     """Plain differentiable PyTorch with the semantics of `rms_norm` (the model's RMSNorm, with
     the residual add before it when `residual` is given)."""
     _check_arguments(x, weight, eps, residual, "rms_norm_reference")

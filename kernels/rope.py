@@ -31,7 +31,6 @@ mutation anyway. So there are two ops:
   refuses tensors that need a gradient.
 """
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -285,7 +284,7 @@ def rotary_embedding_reference(q: Tensor, k: Tensor, position_ids: Tensor,
 
 
 def rope_inv_freq_default(head_dim: int, theta: float = 10000.0,
-                          device: Optional[torch.device] = None) -> Tensor:
+                          device: torch.device | None = None) -> Tensor:
     """Plain rope's inverse frequencies theta ** (-2i / D), (D/2,) fp32, computed as the model's
     rope_inv_freq does for rope_type "default" (a convenience for users of this module alone)."""
     if head_dim <= 0 or head_dim % 2 or not (math.isfinite(theta) and theta > 1):

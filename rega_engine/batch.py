@@ -35,7 +35,7 @@ class PackedBatch:
     loss_weights: torch.Tensor   # (B, L) float32; the label token's weight, 0 where label == -100
     num_real_tokens: int         # tokens that belong to a document (padding excluded)
 
-    def to(self, device, non_blocking: bool | None = None) -> "PackedBatch":
+    def to(self, device, non_blocking: bool | None = None) -> PackedBatch:
         # Asynchronous copies are only safe host -> GPU (from pinned memory): a non-blocking copy
         # to the CPU returns before the data has arrived.
         if non_blocking is None:
@@ -48,7 +48,7 @@ class PackedBatch:
             moved[f.name] = value
         return PackedBatch(**moved)
 
-    def pin_memory(self) -> "PackedBatch":
+    def pin_memory(self) -> PackedBatch:
         return PackedBatch(**{
             f.name: (v.pin_memory() if isinstance(v, torch.Tensor) else v)
             for f in fields(self) for v in [getattr(self, f.name)]

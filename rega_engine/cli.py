@@ -26,26 +26,34 @@ _PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, Permis
                 FileExistsError)
 
 JOBS = {
-    "prepare": ("rega_engine.data.prepare", "prepare", "tokenize the REGA mixture into a memory-mapped dataset"),
-    "train": ("rega_engine.train.loop", "train", "train on a prepared dataset (torchrun for several processes)"),
-    "distill": ("rega_engine.distill", "distill", "self-distil general exemplars from the base model"),
+    "prepare": ("rega_engine.data.prepare", "prepare",
+                "tokenize the REGA mixture into a memory-mapped dataset"),
+    "train": ("rega_engine.train.loop", "train",
+              "train on a prepared dataset (torchrun for several processes)"),
+    "distill": ("rega_engine.distill", "distill",
+                "self-distil general exemplars from the base model"),
     "eval": ("rega_engine.evaluate", "evaluate", "evaluate a checkpoint with the central prompt"),
 }
 # The config keys each job reads, for its --help: a section name stands for all its keys.
-# tests/test_cli_tools.py holds this against the `config.<section>.<key>` reads in the jobs' modules.
+# tests/test_cli_tools.py holds this against the `config.<section>.<key>` reads in the jobs'
+# modules.
 READS = {
     "prepare": ("data", "roles", "model.path", "train.micro_batch_size", "train.grad_accum",
                 "train.seed"),
-    "train": ("model", "data.prepared", "data.seq_len", "data.kind_weights", "data.tokenizer", "train",
+    "train": ("model", "data.prepared", "data.seq_len", "data.kind_weights", "data.tokenizer",
+              "train",
               "checkpoint", "lora"),
     "distill": ("distill", "roles", "model.path", "model.dtype", "data.tokenizer", "data.general",
                 "data.chat_template", "data.bad_rows", "train.threads"),
-    "eval": ("eval", "roles", "model.dtype", "data.tokenizer", "data.chat_template", "data.bad_rows",
+    "eval": ("eval", "roles", "model.dtype", "data.tokenizer", "data.chat_template",
+             "data.bad_rows",
              "train.out_dir", "train.threads"),
 }
 TOOLS = {
-    "tokenizer": "train a tokenizer on your text files (prints its vocabulary size and special ids)",
-    "model-config": "write a Llama config.json (tiny, 1b, 8b) for training a base model from scratch",
+    "tokenizer": "train a tokenizer on your text files (prints its vocabulary size and special "
+                 "ids)",
+    "model-config": "write a Llama config.json (tiny, 1b, 8b) for training a base model from "
+                    "scratch",
 }
 OTHERS = {
     "demo": "the whole REGA pipeline on a bundled synthetic world (CPU, minutes)",
@@ -72,12 +80,14 @@ def _toml(value) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }" if value else "{}"
+        return "{ " + ", ".join(f"{k} = {_toml(v)}"
+                                for k, v in value.items()) + " }" if value else "{}"
     return repr(value)
 
 
 def _keys_help(name: str) -> str:
-    lines = [f"config keys {name} reads (in the TOML file, or --section.key=value), default and meaning:"]
+    lines = [f"config keys {name} reads (in the TOML file, or --section.key=value), default and "
+             "meaning:"]
     for key, default, meaning in keys_read(name):
         lines.append(f"  {key} = {_toml(default)}")
         lines.append(f"      {meaning}")
@@ -91,15 +101,18 @@ def _run_job(name: str, argv: list[str]) -> int:
                                      allow_abbrev=False, epilog=_keys_help(name),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run configuration (TOML)")
-    parser.add_argument("--resume", action="store_true", help="train: resume from the newest checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="train: resume from the newest checkpoint")
     if name == "prepare":
-        parser.add_argument("--shard", metavar="I/N", help="this process is I of N sharing the prepare (a job "
+        parser.add_argument("--shard", metavar="I/N",
+                            help="this process is I of N sharing the prepare (a job "
                             "array); under torchrun RANK/WORLD_SIZE say so instead")
     args, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
     unknown = [a for a in rest if a not in overrides]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like --train.lr=1e-4)")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like "
+                     "--train.lr=1e-4)")
     if args.resume:
         overrides.append("--checkpoint.resume=true")
     config = load_config(args.config, overrides)
@@ -130,7 +143,8 @@ def _usage(file=None) -> None:
     helps = {**TOOLS, **{name: help_text for name, (_, _, help_text) in JOBS.items()}, **OTHERS}
     for name in COMMANDS:
         print(f"  {name:<12} {helps[name]}", file=file)
-    print("\nrega-engine <command> --help: its options (for a job: every config key it reads)", file=file)
+    print("\nrega-engine <command> --help: its options (for a job: every config key it reads)",
+          file=file)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,18 +32,23 @@ TOO_LONG_POLICIES = ("truncate", "drop", "error")
 BAD_ROW_POLICIES = ("skip", "error")
 TXT_DOCUMENTS = ("file", "blank_line")
 PRECISIONS = ("bf16", "fp8")
-FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")   # torchao's float8 recipes (train/fp8.py)
-FP8_DIM_MULTIPLE = 16   # FP8 GEMMs (cuBLAS) need their dimensions, the tokens of a micro-batch too, in multiples of 16
+# torchao's float8 recipes (train/fp8.py)
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+# FP8 GEMMs (cuBLAS) need their dimensions, the tokens of a micro-batch too, in multiples of 16
+FP8_DIM_MULTIPLE = 16
 
 
 @dataclass
 class ModelConfig:
-    path: str = ""                      # Hugging Face checkpoint directory (config.json + safetensors)
-    init_config: str = ""               # or: a config.json to initialise a model randomly from (rega-engine model-config writes one)
+    # Hugging Face checkpoint directory (config.json + safetensors)
+    path: str = ""
+    # or: a config.json to initialise a model randomly from (rega-engine model-config writes one)
+    init_config: str = ""
     dtype: str = "auto"                 # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     attention_backend: str = "auto"     # auto | triton | torch (see rega_engine.kernels)
     cross_entropy_backend: str = "auto"  # auto | triton | torch, for the fused linear cross-entropy
-    activation_checkpointing: str = "none"  # none | block (recompute each decoder block in backward: less memory)
+    # none | block (recompute each decoder block in backward: less memory)
+    activation_checkpointing: str = "none"
     compile: bool = False               # torch.compile per decoder block
 
 
@@ -59,14 +64,24 @@ class RolesConfig:
 class DataConfig:
     tokenizer: str = ""                 # tokenizer directory; default: model.path
     general: str = ""                   # distilled general exemplars (JSONL, output of distill)
-    domains: dict = field(default_factory=dict)   # domain name -> JSONL path (trained under its role prompt)
-    files: list = field(default_factory=list)     # JSONL files whose rows name their domain ("domain": "law" or "general")
-    pretrain: list = field(default_factory=list)  # JSONL for training a base model: {"text": ...} rows or chats (kind pretrain); .txt files too
-    corpora: dict = field(default_factory=dict)   # domain ("general" or a domain) -> plain-text documents ({"text": ...} JSONL or .txt paths), kind pretrain, loss on every token
-    sizes: dict = field(default_factory=dict)     # source ("general", a domain, "pretrain") -> sample count, or "60%": share of the mixture's tokens
-    integration_fraction: float = 0.1   # share of each domain's samples reused under the central prompt
-    kind_weights: dict = field(default_factory=lambda: {"distilled": 1.0, "role": 1.0, "integration": 1.0,
-                                                        "pretrain": 1.0})   # loss weight per sample kind (pretrain: 1.0 if left out)
+    # domain name -> JSONL path (trained under its role prompt)
+    domains: dict = field(default_factory=dict)
+    # JSONL files whose rows name their domain ("domain": "law" or "general")
+    files: list = field(default_factory=list)
+    # JSONL for training a base model: {"text": ...} rows or chats (kind pretrain); .txt files too
+    pretrain: list = field(default_factory=list)
+    # domain ("general" or a domain) -> plain-text documents ({"text": ...} JSONL or .txt paths),
+    # kind pretrain, loss on every token
+    corpora: dict = field(default_factory=dict)
+    # source ("general", a domain, "pretrain") -> sample count, or "60%": share of the mixture's
+    # tokens
+    sizes: dict = field(default_factory=dict)
+    # share of each domain's samples reused under the central prompt
+    integration_fraction: float = 0.1
+    # loss weight per sample kind (pretrain: 1.0 if left out)
+    kind_weights: dict = field(default_factory=lambda: {"distilled": 1.0, "role": 1.0,
+                                                        "integration": 1.0,
+                                                        "pretrain": 1.0})
     # Ablations of REGA's three parts, by configuration alone.
     self_distillation: bool = True      # false: no distilled general samples
     role_prompts: bool = True           # false: every sample under the central prompt
@@ -76,10 +91,17 @@ class DataConfig:
     too_long: str = "truncate"          # truncate | drop | error
     bad_rows: str = "skip"              # skip (reported with file:line and counted) | error
     workers: int = 0                    # tokenizing processes; 0 = one per CPU core
-    txt_documents: str = "file"         # documents of a .txt file: file (the whole file) | blank_line (blocks between blank lines)
-    corpus_prompt: bool = False         # plain-text documents of data.corpora after their domain's role prompt (no loss on it); false: the text alone
-    split_documents: bool = True        # a plain-text document longer than seq_len becomes pieces of seq_len tokens, each its own row; false: data.too_long applies
-    shard_samples: int = 16384          # samples of the mixture per shard of the prepared dataset (the unit of multi-process work and of resuming)
+    # documents of a .txt file: file (the whole file) | blank_line (blocks between blank lines)
+    txt_documents: str = "file"
+    # plain-text documents of data.corpora after their domain's role prompt (no loss on it); false:
+    # the text alone
+    corpus_prompt: bool = False
+    # a plain-text document longer than seq_len becomes pieces of seq_len tokens, each its own row;
+    # false: data.too_long applies
+    split_documents: bool = True
+    # samples of the mixture per shard of the prepared dataset (the unit of multi-process work and
+    # of resuming)
+    shard_samples: int = 16384
     prepared: str = "runs/prepared"     # directory written by prepare, read by train
     seed: int = 0                       # seed of the mixture: sampling data.sizes and the order
 
@@ -88,7 +110,8 @@ class DataConfig:
 class TrainConfig:
     out_dir: str = "runs/train"         # log.jsonl, checkpoints/ and the exported model (hf/)
     steps: int = 100                    # optimizer steps (or set train.epochs instead)
-    epochs: float = 0.0                 # passes over the prepared data, instead of train.steps; 0 = use train.steps
+    # passes over the prepared data, instead of train.steps; 0 = use train.steps
+    epochs: float = 0.0
     micro_batch_size: int = 1           # rows of seq_len tokens per micro-batch and rank
     grad_accum: int = 1                 # micro-batches per optimizer step and rank
     lr: float = 2e-5                    # peak learning rate, after warmup
@@ -101,13 +124,18 @@ class TrainConfig:
     grad_clip: float = 1.0              # 0 disables clipping
     seed: int = 0                       # seed of the initialisation and the loader's order
     device: str = "auto"                # auto | cpu | cuda
-    threads: int = 0                    # torch CPU threads of train, distill and eval; 0 = torch's default
+    # torch CPU threads of train, distill and eval; 0 = torch's default
+    threads: int = 0
     log_every: int = 1                  # steps between log records
     progress: bool = True               # a progress bar on a terminal
     tensorboard: bool = False           # also write TensorBoard events to out_dir
     plot: bool = True                   # PNG of loss curves per kind at the end
-    precision: str = "bf16"             # bf16 (every matmul in model.dtype) | fp8 (the decoder blocks' linear layers in FP8, torchao; GPUs of compute capability 8.9+, on CPU slow and for numerics only)
-    fp8_recipe: str = "tensorwise"      # with precision fp8: tensorwise (fastest; FSDP all-gathers weights in FP8) | rowwise | rowwise_with_gw_hp (weight gradient in high precision)
+    # bf16 (every matmul in model.dtype) | fp8 (the decoder blocks' linear layers in FP8, torchao;
+    # GPUs of compute capability 8.9+, on CPU slow and for numerics only)
+    precision: str = "bf16"
+    # with precision fp8: tensorwise (fastest; FSDP all-gathers weights in FP8) | rowwise |
+    # rowwise_with_gw_hp (weight gradient in high precision)
+    fp8_recipe: str = "tensorwise"
 
 
 @dataclass
@@ -118,8 +146,10 @@ class LoRAConfig:
     rank: int = 0                       # adapter rank r; 0 = LoRA off (every weight trains)
     alpha: float = 16.0                 # the adapters' output is scaled by alpha / rank
     dropout: float = 0.0                # dropout on the adapters' input, in [0, 1)
-    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"])   # linear layers (by last name) that get adapters
+    # linear layers (by last name) that get adapters
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj",
+                                                          "up_proj", "down_proj"])
 
 
 @dataclass
@@ -132,13 +162,16 @@ class CheckpointConfig:
 
 @dataclass
 class DistillConfig:
-    instructions: str = ""              # general instructions (JSONL without the final assistant turn)
+    # general instructions (JSONL without the final assistant turn)
+    instructions: str = ""
     output: str = ""                    # JSONL of the answered instructions; default: data.general
-    model: str = ""                     # the model that answers; default: model.path (the base model)
+    # the model that answers; default: model.path (the base model)
+    model: str = ""
     temperature: float = 0.7            # sampling temperature (the paper's 0.7)
     top_p: float = 0.95                 # nucleus sampling (the paper's 0.95)
     greedy: bool = False                # greedy decoding instead of sampling
-    max_new_tokens: int = 512           # longest answer; a longer one is cut off and filtered (no_eos)
+    # longest answer; a longer one is cut off and filtered (no_eos)
+    max_new_tokens: int = 512
     batch_size: int = 16                # instructions answered together
     seed: int = 0                       # seed of the sampling
     max_repeat_fraction: float = 0.5    # drop answers whose repeated n-grams exceed this share
@@ -151,7 +184,8 @@ class EvalConfig:
     checkpoint: str = ""                # model directory to evaluate; default: <train.out_dir>/hf
     general: str = ""                   # general evaluation set (JSONL)
     domains: dict = field(default_factory=dict)   # domain -> evaluation JSONL
-    files: list = field(default_factory=list)     # evaluation JSONL files whose rows name their domain
+    # evaluation JSONL files whose rows name their domain
+    files: list = field(default_factory=list)
     role_prompts: bool = False          # also evaluate under the role prompts, for comparison
     max_new_tokens: int = 64            # longest generated answer
     batch_size: int = 16                # samples evaluated together
@@ -202,7 +236,8 @@ def _closest(name: str, options, prefix: str = "") -> str:
 def _coerce(value, annotation, where: str):
     """Check a TOML value against the dataclass field's type; ints are accepted where floats are,
     and one string where a list (of paths) is."""
-    kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[annotation]
+    kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict,
+            "list": list}[annotation]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is list and isinstance(value, str):
@@ -293,17 +328,19 @@ def _check_sizes(sizes: dict, domains) -> None:
                               f"{', '.join(sources)}")
         if isinstance(n, str):
             if size_share(n) is None:
-                raise ConfigError(f"data.sizes.{source} = {n!r}: expected a whole number >= 0 or a share of the "
-                                  "mixture's tokens like \"60%\"")
+                raise ConfigError(f"data.sizes.{source} = {n!r}: expected a whole number >= 0 or a "
+                                  "share of the mixture's tokens like \"60%\"")
         elif isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ConfigError(f"data.sizes.{source} = {n!r}: expected a whole number >= 0 (samples) or a share "
-                              "of the mixture's tokens like \"60%\"")
+            raise ConfigError(f"data.sizes.{source} = {n!r}: expected a whole number >= 0 "
+                              "(samples) or a share of the mixture's tokens like \"60%\"")
     shares = {s: size_share(n) for s, n in sizes.items() if isinstance(n, str)}
     if shares and len(shares) != len(sizes):
         raise ConfigError(f"data.sizes mixes sample counts and token shares "
-                          f"({', '.join(sorted(set(sizes) - set(shares)))} given as counts); give all as shares")
+                          f"({', '.join(sorted(set(sizes) - set(shares)))} given as counts); give "
+                          "all as shares")
     if shares and abs(sum(shares.values()) - 1.0) > 1e-6:
-        raise ConfigError(f"data.sizes: the token shares add up to {sum(shares.values()):.2%}, expected 100%")
+        raise ConfigError(f"data.sizes: the token shares add up to {sum(shares.values()):.2%}, "
+                          "expected 100%")
 
 
 def size_share(value) -> float | None:
@@ -348,7 +385,8 @@ def _check_data(d: DataConfig, roles: RolesConfig) -> None:
 def _check_train(t: TrainConfig, c: CheckpointConfig, given: set) -> None:
     _one_of("train.device", t.device, DEVICES)
     if not 0 <= t.epochs < math.inf:
-        raise ConfigError(f"train.epochs = {t.epochs}: must be a finite number >= 0 (0 = use train.steps)")
+        raise ConfigError(f"train.epochs = {t.epochs}: must be a finite number >= 0 (0 = use "
+                          "train.steps)")
     # train.steps has a default, so only a value set on purpose (in the file, an override, or in
     # code: other than the default) conflicts with train.epochs.
     if t.epochs > 0 and ("train.steps" in given or t.steps != TrainConfig.steps):
@@ -411,18 +449,19 @@ def _check_lora(lora: LoRAConfig, t: TrainConfig) -> None:
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"lora.dropout = {lora.dropout}: must be in [0, 1)")
     if not isinstance(lora.target_modules, list) or not lora.target_modules:
-        raise ConfigError(f"lora.target_modules = {lora.target_modules!r}: expected a non-empty list of "
-                          f"layer names from {', '.join(LORA_TARGET_MODULES)}")
+        raise ConfigError(f"lora.target_modules = {lora.target_modules!r}: expected a non-empty "
+                          f"list of layer names from {', '.join(LORA_TARGET_MODULES)}")
     for name in lora.target_modules:
         if name == "lm_head":
-            raise ConfigError("lora.target_modules: 'lm_head' cannot take an adapter here (the fused "
-                              "cross-entropy reads the LM head's weight itself); adapt the decoder layers only")
+            raise ConfigError("lora.target_modules: 'lm_head' cannot take an adapter here (the "
+                              "fused cross-entropy reads the LM head's weight itself); adapt the "
+                              "decoder layers only")
         if name not in LORA_TARGET_MODULES:
             raise ConfigError(f"lora.target_modules: {name!r} is not a linear layer of the model"
                               f"{_closest(str(name), LORA_TARGET_MODULES)}")
     if t.precision == "fp8":
-        raise ConfigError("lora.rank > 0 with train.precision = 'fp8': FP8 replaces the linear layers the "
-                          "adapters sit on; use train.precision = 'bf16' for LoRA runs")
+        raise ConfigError("lora.rank > 0 with train.precision = 'fp8': FP8 replaces the linear "
+                          "layers the adapters sit on; use train.precision = 'bf16' for LoRA runs")
 
 
 def validate_config(config: RunConfig) -> RunConfig:
@@ -461,7 +500,8 @@ def _field_comments() -> dict[tuple[str, str], str]:
         for item in node.body:
             if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
                 continue
-            trailing = [comments[n] for n in range(item.lineno, item.end_lineno + 1) if n in comments
+            trailing = [comments[n] for n in range(item.lineno, item.end_lineno + 1)
+                        if n in comments
                         and not lines[n - 1].lstrip().startswith("#")]
             above, n = [], item.lineno - 1
             while n in comments and lines[n - 1].lstrip().startswith("#"):
@@ -478,7 +518,8 @@ def config_keys() -> dict[str, list[tuple[str, object, str]]]:
     out = {}
     for section in dataclasses.fields(RunConfig):
         values = getattr(default, section.name)
-        out[section.name] = [(f.name, getattr(values, f.name), comments.get((type(values).__name__, f.name), ""))
+        out[section.name] = [(f.name, getattr(values, f.name), comments.get((type(values).__name__,
+                                                                             f.name), ""))
                              for f in dataclasses.fields(values)]
     return out
 
@@ -498,7 +539,8 @@ def _read_toml(path: str) -> dict:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()) -> RunConfig:
+def load_config(path: str | os.PathLike | None = None,
+                overrides: typing.Iterable[str] = ()) -> RunConfig:
     """Defaults, then the TOML file, then the overrides in order."""
     config = RunConfig()
     if path is not None:

@@ -75,7 +75,8 @@ def repeat_fraction(tokens, n: int) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-def filter_reason(text: str, token_ids, ended: bool, *, max_repeat_fraction: float, ngram: int) -> str | None:
+def filter_reason(text: str, token_ids, ended: bool, *, max_repeat_fraction: float,
+                  ngram: int) -> str | None:
     """Why an answer is unusable as a distilled exemplar, or None when it is kept."""
     if not text.strip():
         return "empty"
@@ -121,8 +122,8 @@ class DistillPaths:
 def resolve_paths(config: RunConfig) -> DistillPaths:
     d = config.distill
     if not d.instructions:
-        raise ConfigError("distill.instructions is empty: set it to the general instructions (JSONL chats "
-                          "ending with the user turn to answer)")
+        raise ConfigError("distill.instructions is empty: set it to the general instructions "
+                          "(JSONL chats ending with the user turn to answer)")
     if not os.path.isfile(d.instructions):
         raise ConfigError(f"distill.instructions = {d.instructions!r}: file not found")
     output = d.output or config.data.general
@@ -131,7 +132,8 @@ def resolve_paths(config: RunConfig) -> DistillPaths:
                           "exemplars go")
     model = d.model or config.model.path
     if not model:
-        raise ConfigError("neither distill.model nor model.path is set: give the base model's directory")
+        raise ConfigError("neither distill.model nor model.path is set: give the base model's "
+                          "directory")
     if not os.path.isfile(os.path.join(model, "config.json")):
         key = "distill.model" if d.model else "model.path"
         raise ConfigError(f"{key} = {model!r}: not a model directory (no config.json)")
@@ -161,7 +163,8 @@ def _read_jsonl_keys(path: str, key_of) -> set[str]:
         try:
             keys.add(key_of(json.loads(raw)))
         except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{path}:{line_no}: not a row this tool wrote ({type(e).__name__}: {e}); "
+            raise ConfigError(f"{path}:{line_no}: not a row this tool wrote ({type(e).__name__}: "
+                              f"{e}); "
                               "fix or remove the line, or choose another distill.output") from None
     return keys
 
@@ -265,7 +268,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     the vocabulary, the special token ids, its chat template and the encoding of a probe text."""
     return _canonical_sha256({
         "vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0])),
-        "special": [getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")],
+        "special": [getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad",
+                                                                              "unk")],
         "chat_template": getattr(tokenizer, "chat_template", None),
         "probe": list(tokenizer.encode(_PROBE_TEXT, add_special_tokens=True)),
     })
@@ -337,7 +341,8 @@ def _move_aside(paths: DistillPaths) -> None:
                 "over too)")
 
 
-def _check_provenance(config: RunConfig, paths: DistillPaths, tokenizer, central_prompt: str) -> str | None:
+def _check_provenance(config: RunConfig, paths: DistillPaths, tokenizer,
+                      central_prompt: str) -> str | None:
     """On rank 0: moves earlier files aside when asked to, compares what produced any earlier
     answers with this run, and writes this run's record. Returns the refusal, or None."""
     if config.distill.restart:
@@ -354,7 +359,8 @@ def _check_provenance(config: RunConfig, paths: DistillPaths, tokenizer, central
         else:
             from .files import read_json_object
             recorded = read_json_object(paths.provenance, error=ConfigError,
-                                        fix="remove it with the output, or set distill.restart = true")
+                                        fix="remove it with the output, or set distill.restart = "
+                                            "true")
             changes = provenance_changes(recorded, current)
             if changes:
                 return (f"distill: the answers in {', '.join(earlier)} were made with other "
@@ -396,7 +402,8 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
     d = config.distill
     roles = RoleTable.from_config(config.roles)
     stats = RowStats()
-    records = list(read_instructions(paths.instructions, bad_rows=config.data.bad_rows, stats=stats))
+    records = list(read_instructions(paths.instructions, bad_rows=config.data.bad_rows,
+                                     stats=stats))
     keyed, duplicates = [], 0
     seen: set[str] = set()
     for index, record in enumerate(records):
@@ -407,7 +414,8 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
         seen.add(key)
         keyed.append((index, key, record))
 
-    tokenizer = load_tokenizer(paths.tokenizer, "data.tokenizer" if paths.tokenizer != paths.model else "distill.model")
+    tokenizer = load_tokenizer(paths.tokenizer, "data.tokenizer" if paths.tokenizer != paths.model
+                               else "distill.model")
     decision = None
     if rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(paths.output)), exist_ok=True)
@@ -460,7 +468,8 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
         from tqdm import tqdm
 
         model = load_model(paths.model, device="auto", dtype=config.model.dtype)
-        bar = tqdm(total=len(prompts), desc="distill", unit="instr", disable=rank != 0 or not sys.stderr.isatty(),
+        bar = tqdm(total=len(prompts), desc="distill", unit="instr",
+                   disable=rank != 0 or not sys.stderr.isatty(),
                    file=sys.stderr)
         chunk = max(d.batch_size * 8, 1)
         with open(part_path, "a", encoding="utf-8") as part, bar:
@@ -470,9 +479,11 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
                 answers = generate(model, tokenizer, prompts[start:start + chunk],
                                    max_new_tokens=d.max_new_tokens, greedy=d.greedy,
                                    temperature=d.temperature, top_p=d.top_p, seed=d.seed,
-                                   keys=[key for _, key, _ in items], batch_size=d.batch_size, progress=bar)
+                                   keys=[key for _, key, _ in items], batch_size=d.batch_size,
+                                   progress=bar)
                 for (index, key, record), answer in zip(items, answers):
-                    part.write(json.dumps(_part_row(index, key, record, answer, d), ensure_ascii=False) + "\n")
+                    part.write(json.dumps(_part_row(index, key, record, answer, d),
+                                          ensure_ascii=False) + "\n")
                 part.flush()
     distributed.barrier()
 
@@ -489,7 +500,8 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
             "output": paths.output,
             "model": paths.model,
             "seed": d.seed,
-            "sampling": ("greedy" if d.greedy else {"temperature": d.temperature, "top_p": d.top_p}),
+            "sampling": ("greedy" if d.greedy else {"temperature": d.temperature,
+                                                    "top_p": d.top_p}),
             "max_new_tokens": d.max_new_tokens,
             "processes": world,
             "rows": stats.as_dict()["files"],
@@ -536,7 +548,8 @@ def _merge(paths: DistillPaths) -> Counter:
                     rows.setdefault(row["key"], row)   # a key twice (two crashed runs): once
     counts = Counter()
     ordered = sorted(rows.values(), key=lambda r: r["index"])
-    with open(paths.output, "a", encoding="utf-8") as out, open(paths.rejected, "a", encoding="utf-8") as rej:
+    with open(paths.output, "a", encoding="utf-8") as out, open(paths.rejected, "a",
+                                                                encoding="utf-8") as rej:
         for row in ordered:
             counts["answered"] += 1
             if "row" in row:
@@ -544,7 +557,8 @@ def _merge(paths: DistillPaths) -> Counter:
                 out.write(json.dumps(row["row"], ensure_ascii=False) + "\n")
             else:
                 counts[row["rejected"]] += 1
-                rej.write(json.dumps({"key": row["key"], "reason": row["rejected"], "origin": row["origin"],
+                rej.write(json.dumps({"key": row["key"], "reason": row["rejected"],
+                                      "origin": row["origin"],
                                       "messages": row["messages"], "answer": row["answer"]},
                                      ensure_ascii=False) + "\n")
     # Only now, with output and rejected file complete on disk, are the parts redundant.
@@ -567,6 +581,7 @@ def format_report(report: dict) -> str:
         f"({report['exemplars_in_output']} exemplars in it now; {report['seconds']:.1f} s)",
         "filtered: " + ", ".join(f"{reason} {filtered[reason]}" for reason in FILTER_REASONS),
         f"skipped: already done {report['already_done']}, duplicates {report['duplicates']}, "
-        f"bad rows {sum(report['rows_rejected'].values())}, unrenderable {sum(report['unrenderable'].values())}",
+        f"bad rows {sum(report['rows_rejected'].values())}, unrenderable "
+        f"{sum(report['unrenderable'].values())}",
     ]
     return "\n".join(lines)

@@ -24,8 +24,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 
@@ -95,7 +95,8 @@ def answer_losses(model, renderings: Sequence[tuple[list[int], list[int]]], *, p
         ids, attention, targets = ids.to(device), attention.to(device), targets.to(device)
         logits = model(input_ids=ids, attention_mask=attention).logits.float()
         # Position t predicts token t + 1.
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
+                                                reduction="none")
         weight = targets[:, 1:].float()
         sums = (nll * weight).sum(dim=1).tolist()
         counts = weight.sum(dim=1).long().tolist()
@@ -122,7 +123,8 @@ def _evaluate_set(model, tokenizer, renderer, items: Sequence, system: str, *, m
     for c in conversations:
         ids, mask = renderer.render(c, system)
         renderings.append((ids, _final_answer_mask(mask)))
-    pad_id = next((int(i) for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = next((int(i) for i in (tokenizer.pad_token_id, tokenizer.eos_token_id)
+                   if i is not None), 0)
     losses = answer_losses(model, renderings, pad_id=pad_id, batch_size=batch_size)
     total_nll = sum(s for s, _ in losses)
     total_tokens = sum(n for _, n in losses)
@@ -141,7 +143,8 @@ def _evaluate_set(model, tokenizer, renderer, items: Sequence, system: str, *, m
     if keep_predictions:
         result["predictions"] = [
             _prediction_row(item, c, system, a, ok, nll, tag)
-            for item, c, a, ok, nll, tag in zip(items, conversations, answers, correct, losses, tags)]
+            for item, c, a, ok, nll, tag in zip(items, conversations, answers, correct, losses,
+                                                tags)]
     return result
 
 
@@ -174,7 +177,8 @@ def _prediction_row(item, conversation: tuple, system: str, answer, correct: boo
     return row
 
 
-def evaluate_model(model_dir: str | os.PathLike, sets: Mapping[str, Sequence], *, central_prompt: str,
+def evaluate_model(model_dir: str | os.PathLike, sets: Mapping[str, Sequence], *,
+                   central_prompt: str,
                    role_prompts: Mapping[str, str] | None = None, tokenizer_dir: str = "",
                    chat_template: str = "auto", max_new_tokens: int = 64, batch_size: int = 16,
                    device: str = "auto", dtype: str = "auto", keep_predictions: bool = False,
@@ -194,7 +198,8 @@ def evaluate_model(model_dir: str | os.PathLike, sets: Mapping[str, Sequence], *
     from .generation import load_model, tokenizer_dir_for
 
     if not central_prompt or not central_prompt.strip():
-        raise ConfigError("the central prompt is empty: REGA serves under roles.central_prompt; set it")
+        raise ConfigError("the central prompt is empty: REGA serves under roles.central_prompt; "
+                          "set it")
     model_dir = os.fspath(model_dir)
     tokenizer_path = tokenizer_dir or tokenizer_dir_for(model_dir)
     tokenizer = load_tokenizer(tokenizer_path, "data.tokenizer")
@@ -207,15 +212,18 @@ def evaluate_model(model_dir: str | os.PathLike, sets: Mapping[str, Sequence], *
         total = sum(len(v) for v in sets.values())
         total += sum(len(v) for k, v in sets.items() if role_prompts and k in role_prompts)
         bar = tqdm(total=total, desc="eval", unit="sample", file=sys.stderr)
-    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, keep_predictions=keep_predictions,
+    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size,
+                  keep_predictions=keep_predictions,
                   progress=bar)
     result = {"checkpoint": model_dir, "central_prompt": central_prompt, "central": {}, "role": {}}
     try:
         for name, items in sets.items():
-            result["central"][name] = _evaluate_set(model, tokenizer, renderer, items, central_prompt, **kwargs)
+            result["central"][name] = _evaluate_set(model, tokenizer, renderer, items,
+                                                    central_prompt, **kwargs)
         for name, items in sets.items():
             if role_prompts and name in role_prompts:
-                result["role"][name] = _evaluate_set(model, tokenizer, renderer, items, role_prompts[name],
+                result["role"][name] = _evaluate_set(model, tokenizer, renderer, items,
+                                                     role_prompts[name],
                                                      **kwargs)
         for under in ("central", "role"):
             for name, metrics in result[under].items():
@@ -239,8 +247,8 @@ def format_table(result: dict) -> str:
         header += f"   {'role: exact':>11} {'loss':>7}"
     lines = [f"{result['checkpoint']} under the central prompt", header, "-" * len(header)]
     for name, m in central.items():
-        line = (f"{name:<16} {m['samples']:>5} {_fmt(m['exact_match'], '11.1%')} {_fmt(m['loss'], '7.3f')} "
-                f"{_fmt(m['perplexity'], '8.2f')}")
+        line = (f"{name:<16} {m['samples']:>5} {_fmt(m['exact_match'], '11.1%')} "
+                f"{_fmt(m['loss'], '7.3f')} {_fmt(m['perplexity'], '8.2f')}")
         if role:
             r = role.get(name)
             line += ("   " + (f"{_fmt(r['exact_match'], '11.1%')} {_fmt(r['loss'], '7.3f')}" if r
@@ -339,7 +347,8 @@ def predictions_path(output: str) -> str:
 
 
 def evaluate(config: RunConfig) -> dict:
-    """Evaluate `eval.checkpoint` (default <train.out_dir>/hf); prints the table, writes eval.output."""
+    """Evaluate `eval.checkpoint` (default <train.out_dir>/hf); prints the table, writes
+    eval.output."""
     from .data.roles import RoleTable
 
     started = time.time()
@@ -348,20 +357,22 @@ def evaluate(config: RunConfig) -> dict:
     checkpoint = e.checkpoint or os.path.join(config.train.out_dir, "hf")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         key = "eval.checkpoint" if e.checkpoint else "train.out_dir"
-        raise ConfigError(f"{key}: {checkpoint} is not a model directory (no config.json); train first or "
-                          "set eval.checkpoint")
+        raise ConfigError(f"{key}: {checkpoint} is not a model directory (no config.json); train "
+                          "first or set eval.checkpoint")
     roles = RoleTable.from_config(config.roles)
     sets = load_eval_sets(config)
     if e.role_prompts:
         missing = [d for d in sets if d != GENERAL_DOMAIN and d not in roles.role_prompts]
         if missing:
-            raise ConfigError(f"eval.role_prompts = true but {', '.join(missing)} has no role prompt: add "
+            raise ConfigError(f"eval.role_prompts = true but {', '.join(missing)} has no role "
+                              "prompt: add "
                               f"roles.prompts.{missing[0]} or set eval.role_prompts = false")
     from .generation import tokenizer_dir_for
     result = evaluate_model(checkpoint, sets, central_prompt=roles.central_prompt,
                             role_prompts=roles.role_prompts if e.role_prompts else None,
                             tokenizer_dir=tokenizer_dir_for(checkpoint, config.data.tokenizer),
-                            chat_template=config.data.chat_template, max_new_tokens=e.max_new_tokens,
+                            chat_template=config.data.chat_template,
+                            max_new_tokens=e.max_new_tokens,
                             batch_size=e.batch_size, dtype=config.model.dtype,
                             keep_predictions=True, progress=sys.stderr.isatty())
     result["seconds"] = round(time.time() - started, 3)

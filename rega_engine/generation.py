@@ -17,8 +17,8 @@ import glob
 import hashlib
 import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -51,7 +51,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dty
 
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json); point at a Hugging Face "
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json); point at a "
+                                "Hugging Face "
                                 "checkpoint, e.g. <train.out_dir>/hf written by rega-engine train")
     _check_checkpoint_files(path)
     if isinstance(device, str):
@@ -69,7 +70,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dty
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False,
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                     trust_remote_code=False,
                                                      local_files_only=True)
     finally:
         if bars:
@@ -93,7 +95,8 @@ def tokenizer_dir_for(model_dir: str | os.PathLike, fallback: str = "") -> str:
     """The model directory when it carries its tokenizer (our HF export copies it there), else
     `fallback` (data.tokenizer)."""
     model_dir = os.fspath(model_dir)
-    if any(os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer.model")):
+    if any(os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json",
+                                                                "tokenizer.model")):
         return model_dir
     return fallback or model_dir
 
@@ -104,10 +107,12 @@ def end_token_ids(model, tokenizer) -> set[int]:
         ids.add(int(tokenizer.eos_token_id))
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if config_eos is not None:
-        ids.update(int(i) for i in (config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]))
+        listed = config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]
+        ids.update(int(i) for i in listed)
     if not ids:
-        raise ValueError("neither the tokenizer nor the model names an EOS token, so generation could never "
-                         "stop on its own; set eos_token in the tokenizer or generation_config.json")
+        raise ValueError("neither the tokenizer nor the model names an EOS token, so generation "
+                         "could never stop on its own; set eos_token in the tokenizer or "
+                         "generation_config.json")
     return ids
 
 
@@ -117,8 +122,10 @@ def prompt_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row by inverse-CDF sampling over the nucleus, with the row's own uniform draw."""
+def _top_p_sample(logits: torch.Tensor, temperature: float, top_p: float,
+                  uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling over the nucleus, with the row's own uniform
+    draw."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     cumulative = sorted_probs.cumsum(dim=-1)
@@ -134,7 +141,8 @@ def _top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, unifor
 def _cache_keyword(model) -> str:
     """The name of the KV-cache argument: transformers 5.24 calls it `cache` (and warns that
     `past_key_values` goes in 5.40); earlier releases take `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    accepted = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in accepted else "past_key_values"
 
 
 @torch.no_grad()
@@ -182,7 +190,8 @@ def _generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, gre
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              greedy: bool = True, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
-             keys: Sequence[str] | None = None, batch_size: int = 16, progress=None) -> list[Generation]:
+             keys: Sequence[str] | None = None, batch_size: int = 16,
+             progress=None) -> list[Generation]:
     """Answers to token-id `prompts` (rendered up to the generation point), in their order.
 
     Sampling (greedy=False) draws prompt i's tokens from a stream seeded by (seed, keys[i]); keys
@@ -194,8 +203,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     if batch_size < 1:
         raise ValueError(f"batch_size = {batch_size}: must be >= 1")
     if not greedy and not (temperature > 0 and 0 < top_p <= 1):
-        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p}); "
-                         "or use greedy decoding")
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, "
+                         f"{top_p}); or use greedy decoding")
     prompts = [list(p) for p in prompts]
     if any(not p for p in prompts):
         raise ValueError("an empty prompt: render it with its chat template first")
@@ -204,12 +213,14 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     if len(keys) != len(prompts):
         raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
     end_ids = end_token_ids(model, tokenizer)
-    pad_id = next((int(i) for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = next((int(i) for i in (tokenizer.pad_token_id, tokenizer.eos_token_id)
+                   if i is not None), 0)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     answers: list[Generation | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        generators = [] if greedy else [torch.Generator().manual_seed(prompt_seed(seed, keys[i])) for i in rows]
+        generators = [] if greedy else [torch.Generator().manual_seed(prompt_seed(seed,
+            keys[i])) for i in rows]
         results = _generate_batch(model, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
                                   greedy=greedy, temperature=temperature, top_p=top_p,
                                   generators=generators, end_ids=end_ids, pad_id=pad_id)

@@ -32,7 +32,8 @@ def check_kind_weights(weights, where: str = "data.kind_weights", error=ConfigEr
     meta.json, a caller of PackedLoader): only kinds of KINDS, each of REQUIRED_KINDS given (the
     others weigh DEFAULT_KIND_WEIGHT when left out), each a finite number >= 0, not all of those
     given 0 (no token would carry a loss). Returns {kind: float} for every kind, in KINDS order;
-    raises `error` with a message starting with `where`, e.g. "data.kind_weights.role = -1.0: ..."."""
+    raises `error` with a message starting with `where`, e.g. "data.kind_weights.role = -1.0:
+    ..."."""
     if not isinstance(weights, dict):
         raise error(f"{where} = {weights!r}: expected a table of kind = weight, e.g. "
                     "{ distilled = 1.0, role = 1.0, integration = 1.0 }")

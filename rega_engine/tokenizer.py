@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from .errors import ConfigError
 from .files import read_json
@@ -59,7 +59,8 @@ def load_tokenizer(path: str | os.PathLike, key: str = "data.tokenizer"):
     raise ConfigError(f"{key} = {path!r}: cannot load a tokenizer from it ({cause})")
 
 
-def _train_sentencepiece(lines: list[str], vocab_size: int, special_tokens: Sequence[str], seed: int):
+def _train_sentencepiece(lines: list[str], vocab_size: int, special_tokens: Sequence[str],
+                         seed: int):
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -69,7 +70,8 @@ def _train_sentencepiece(lines: list[str], vocab_size: int, special_tokens: Sequ
             sentence_iterator=iter(lines), model_writer=model,
             model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False,
             character_coverage=1.0, byte_fallback=True, split_digits=True,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
             num_threads=1, shuffle_input_sentence=False, input_sentence_size=0,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3,
             unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
@@ -77,9 +79,9 @@ def _train_sentencepiece(lines: list[str], vocab_size: int, special_tokens: Sequ
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise ValueError(f"train_tokenizer: SentencePiece failed ({e}); with byte fallback the vocabulary "
-                         f"needs the 256 byte pieces, the special tokens and every character of the text: "
-                         f"raise vocab_size (now {vocab_size})") from None
+        raise ValueError(f"train_tokenizer: SentencePiece failed ({e}); with byte fallback the "
+                         "vocabulary needs the 256 byte pieces, the special tokens and every "
+                         f"character of the text: raise vocab_size (now {vocab_size})") from None
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
@@ -104,14 +106,17 @@ def _to_tokenizers(sp, special_tokens: Sequence[str]):
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     # Special and byte pieces are matched as added tokens or by byte fallback, never built from
     # text by merges (the literal text "<s>" inside a word must not become BOS).
-    atomic = {i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i)}
+    atomic = {i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_byte(i)
+              or sp.is_unknown(i)}
     merges = _bpe_merges(vocab, atomic)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, fuse_unk=True, byte_fallback=True))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, fuse_unk=True,
+                                     byte_fallback=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
         pre_tokenizers.Digits(individual_digits=True),
     ])
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                           decoders.Fuse()])
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t in (UNK, BOS, EOS, PAD, *special_tokens)])
     tokenizer.add_tokens([AddedToken(NEWLINE, special=False, normalized=False)])
@@ -161,14 +166,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m rega_engine.t
 
     parser = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False,
-        description="train a BPE tokenizer (SentencePiece pieces, saved for AutoTokenizer) on UTF-8 text "
-                    "files; the same files and options always give the same tokenizer")
-    parser.add_argument("texts", nargs="+", help="UTF-8 text files to train on (a JSONL file is text too)")
-    parser.add_argument("--out", required=True, help="output directory (AutoTokenizer.from_pretrained loads it)")
+        description="train a BPE tokenizer (SentencePiece pieces, saved for AutoTokenizer) on "
+                    "UTF-8 text files; the same files and options always give the same tokenizer")
+    parser.add_argument("texts", nargs="+",
+                        help="UTF-8 text files to train on (a JSONL file is text too)")
+    parser.add_argument("--out", required=True,
+                        help="output directory (AutoTokenizer.from_pretrained loads it)")
     parser.add_argument("--vocab-size", type=int, default=1000,
-                        help="upper bound on the vocabulary (default 1000; a small text gives fewer)")
-    parser.add_argument("--chat-template", help="a Jinja chat template file to store with the tokenizer")
-    parser.add_argument("--special-token", action="append", default=[], help="an extra control token (repeatable)")
+                        help="upper bound on the vocabulary (default 1000; a small text gives "
+                             "fewer)")
+    parser.add_argument("--chat-template",
+                        help="a Jinja chat template file to store with the tokenizer")
+    parser.add_argument("--special-token", action="append", default=[],
+                        help="an extra control token (repeatable)")
     args = parser.parse_args(argv)
     for name in [*args.texts, *([args.chat_template] if args.chat_template else [])]:
         if not os.path.isfile(name):
@@ -180,10 +190,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m rega_engine.t
     except ValueError as e:   # too small a vocabulary, no text: the user's to fix, in one line
         raise ConfigError(str(e)) from None
     tokenizer = load_tokenizer(out, "--out")
-    special = ", ".join(f"{name} {token} = {tokenizer.convert_tokens_to_ids(token)}" for name, token in
+    special = ", ".join(f"{name} {token} = {tokenizer.convert_tokens_to_ids(token)}"
+                        for name, token in
                         (("bos", tokenizer.bos_token), ("eos", tokenizer.eos_token),
                          ("pad", tokenizer.pad_token), ("unk", tokenizer.unk_token)) if token)
-    print(f"tokenizer written to {out}: vocabulary of {len(tokenizer)} tokens (vocab_size {len(tokenizer)})")
+    print(f"tokenizer written to {out}: vocabulary of {len(tokenizer)} tokens (vocab_size "
+          f"{len(tokenizer)})")
     print(f"special tokens: {special}")
     print(f"next: rega-engine model-config --preset tiny --tokenizer {out} --out model.json "
           "(a model config.json with this vocabulary and these ids)")

@@ -17,7 +17,8 @@ import torch
 UNLISTED_LOGIT = -30.0
 
 
-def make_bigram_checkpoint(path, vocab_size: int, table: dict, default: dict, *, eos_token_id: int = 2,
+def make_bigram_checkpoint(path, vocab_size: int, table: dict, default: dict, *,
+                           eos_token_id: int = 2,
                            pad_token_id: int = 3) -> str:
     """table: previous token -> {next token: probability}; default: the same for every other
     previous token. Saves a transformers LlamaForCausalLM (safetensors) to `path`."""
@@ -26,7 +27,8 @@ def make_bigram_checkpoint(path, vocab_size: int, table: dict, default: dict, *,
     hidden = 64
     if len(table) + 1 > hidden:
         raise ValueError("at most 63 listed tokens")
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64,
+                         num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, rms_norm_eps=1e-6)

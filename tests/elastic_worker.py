@@ -33,6 +33,7 @@ def record_rows(path: str):
 
 if __name__ == "__main__":
     rank = os.environ.get("RANK", "0")
-    record_rows(os.path.join(os.environ["REGA_ROWS_DIR"], f"rows_{os.environ['REGA_RUN_TAG']}_rank{rank}.jsonl"))
+    record_rows(os.path.join(os.environ["REGA_ROWS_DIR"],
+                             f"rows_{os.environ['REGA_RUN_TAG']}_rank{rank}.jsonl"))
     from rega_engine.cli import main
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -3,6 +3,7 @@
 from rega_engine.kernels.compile_check import (  # noqa: F401
     ARCHS,
     ATTENTION_KERNELS,
+    CROSS_ENTROPY_MODES,
     SHARED_MEMORY_PER_BLOCK,
     assert_all_fit,
     attention_configs,
@@ -11,7 +12,6 @@ from rega_engine.kernels.compile_check import (  # noqa: F401
     autotune_configs,
     compile_in_subprocess,
     cross_entropy_job,
-    CROSS_ENTROPY_MODES,
     parse_ptxas_log,
     spill_key,
     spill_problems,

@@ -22,7 +22,6 @@ import math  # noqa: E402
 import re  # noqa: E402
 
 import pytest  # noqa: E402
-
 from rega_engine.kernels import attention as attn  # noqa: E402
 
 DEVICE = "cpu" if attn.INTERPRETED else "cuda"
@@ -287,7 +286,8 @@ GROUPED_CASES = [([0, 3, 5, 0, 8, 1, 40, 2, 2, 0], 7, 16), ([16, 16, 1], 0, 16),
 def test_grouped_torch_path_matches_the_reference(lens, tail, group_tokens, heads, causal):
     q, k, v, cu = make_inputs(lens, *heads, 32, tail=tail, device="cpu", seed=len(lens))
     max_len = max(lens, default=0)
-    out = attn.varlen_attention_grouped(q, k, v, cu, max_len, causal=causal, group_tokens=group_tokens)
+    out = attn.varlen_attention_grouped(q, k, v, cu, max_len, causal=causal,
+                                        group_tokens=group_tokens)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     ref = attn.varlen_attention_reference(q, k, v, cu, max_len, causal=causal)

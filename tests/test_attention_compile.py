@@ -11,10 +11,18 @@ so that every config meets both dtypes across the two chips; both are 2-byte typ
 changes no tile or shared-memory size, only the conversion instructions.
 """
 import pytest
-
-from kernel_compile import (ARCHS, ATTENTION_KERNELS, assert_all_fit, attention_configs,
-                            attention_delta_job, attention_job, compile_in_subprocess,
-                            parse_ptxas_log, spill_key, spill_problems)
+from kernel_compile import (
+    ARCHS,
+    ATTENTION_KERNELS,
+    assert_all_fit,
+    attention_configs,
+    attention_delta_job,
+    attention_job,
+    compile_in_subprocess,
+    parse_ptxas_log,
+    spill_key,
+    spill_problems,
+)
 
 KERNELS = ("fwd", "dkdv", "dq")
 

@@ -9,7 +9,6 @@ and never above 5e-2.
 """
 import pytest
 import torch
-
 from rega_engine.kernels import attention as attn
 
 pytestmark = [

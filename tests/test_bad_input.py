@@ -15,9 +15,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -126,8 +126,8 @@ def model_dir(tmp: Path, weights: bytes | None = None, config: str | None = None
 
 
 def safetensors_bytes() -> bytes:
-    from safetensors.torch import save
     import torch
+    from safetensors.torch import save
     return save({"model.embed_tokens.weight": torch.zeros(1024, 128)})
 
 

@@ -1,5 +1,6 @@
 """Checkpoints: a run killed with SIGKILL and resumed is bit-identical to one never interrupted;
-SIGTERM saves and exits 143 (not finished: `train && eval` must stop); a NaN stops the run naming the step and leaves the last checkpoint
+SIGTERM saves and exits 143 (not finished: `train && eval` must stop); a NaN stops the run naming
+the step and leaves the last checkpoint
 intact. The killed and resumed runs go through the real CLI in subprocesses."""
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_helpers import one_torch_thread  # noqa: F401,E402 (autouse fixture)
-from train_helpers import cli_args, read_log, run_config  # noqa: E402
+from train_helpers import (  # noqa: E402
+    cli_args,
+    one_torch_thread,  # noqa: F401,E402 (autouse fixture)
+    read_log,
+    run_config,
+)
 
 from rega_engine.model.llama import CausalLM  # noqa: E402
 from rega_engine.train.checkpoint import checkpoint_root, complete_checkpoints  # noqa: E402
@@ -51,7 +56,8 @@ def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc {proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
+            pytest.fail(f"the run ended (rc {proc.returncode}) before "
+                        f"{what}:\n{proc.stderr.read()[-3000:]}")
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"timed out waiting for {what}")

@@ -26,7 +26,8 @@ def test_an_unknown_command_is_named_with_the_closest_one(capsys):
     assert "unknown command 'frobnicate'" in err and "did you mean" not in err
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("tokenizer", "model-config", "prepare", "train", "distill", "eval", "demo", "bench"):
+    for command in ("tokenizer", "model-config", "prepare", "train", "distill", "eval", "demo",
+                    "bench"):
         assert f"  {command} " in out
 
 
@@ -34,12 +35,14 @@ def test_tokenizer_command_prints_what_a_model_config_needs(tmp_path, capsys):
     assert main(["tokenizer", str(SAMPLE / "corpus.txt"), "--out", str(tmp_path / "tok"),
                  "--vocab-size", "600"]) == 0
     out = capsys.readouterr().out
-    assert f"tokenizer written to {tmp_path / 'tok'}: vocabulary of 600 tokens (vocab_size 600)" in out
+    assert (f"tokenizer written to {tmp_path / 'tok'}: vocabulary of 600 tokens "
+            "(vocab_size 600)") in out
     assert "special tokens: bos <s> = 1, eos </s> = 2, pad <pad> = 3, unk <unk> = 0" in out
     from transformers import AutoTokenizer
     assert len(AutoTokenizer.from_pretrained(tmp_path / "tok")) == 600
     # too small a vocabulary is the user's to fix: one line, exit 2, no traceback
-    assert main(["tokenizer", str(SAMPLE / "corpus.txt"), "--out", str(tmp_path / "t2"), "--vocab-size", "10"]) == 2
+    assert main(["tokenizer", str(SAMPLE / "corpus.txt"), "--out", str(tmp_path / "t2"),
+                 "--vocab-size", "10"]) == 2
     assert "raise vocab_size" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
         main(["tokenizer", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t3")])
@@ -47,14 +50,16 @@ def test_tokenizer_command_prints_what_a_model_config_needs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("preset, parameters", [("tiny", None), ("1b", 1.236e9), ("8b", 8.030e9)])
-def test_model_config_presets_load_in_rega_engine_and_transformers(tmp_path, capsys, preset, parameters):
+def test_model_config_presets_load_in_rega_engine_and_transformers(tmp_path, capsys, preset,
+                                                                   parameters):
     from transformers import AutoConfig
 
     from rega_engine.model import ModelArgs, from_config
     from rega_engine.model.presets import parameter_count
     out = tmp_path / "config.json"
     vocab = 128256 if parameters else 500
-    assert main(["model-config", "--preset", preset, "--vocab-size", str(vocab), "--out", str(out)]) == 0
+    assert main(["model-config", "--preset", preset, "--vocab-size", str(vocab), "--out",
+                 str(out)]) == 0
     assert f"wrote {out}: Llama, preset {preset}" in capsys.readouterr().out
     config = json.loads(out.read_text())
     assert AutoConfig.from_pretrained(tmp_path).vocab_size == vocab
@@ -70,12 +75,15 @@ def test_model_config_presets_load_in_rega_engine_and_transformers(tmp_path, cap
 def test_model_config_takes_vocabulary_and_ids_from_the_tokenizer(tmp_path, capsys):
     out = tmp_path / "model.json"
     tokenizer = SAMPLE / "tokenizer"
-    assert main(["model-config", "--preset", "tiny", "--tokenizer", str(tokenizer), "--out", str(out)]) == 0
+    assert main(["model-config", "--preset", "tiny", "--tokenizer", str(tokenizer), "--out",
+                 str(out)]) == 0
     assert "special token ids: bos 1, eos 2, pad 3" in capsys.readouterr().out
     config = json.loads(out.read_text())
-    assert (config["vocab_size"], config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == \
+    assert (config["vocab_size"], config["bos_token_id"], config["eos_token_id"],
+            config["pad_token_id"]) == \
         (1000, 1, 2, 3)
-    assert main(["model-config", "--preset", "tiny", "--tokenizer", str(tokenizer), "--vocab-size", "999",
+    assert main(["model-config", "--preset", "tiny", "--tokenizer", str(tokenizer), "--vocab-size",
+                 "999",
                  "--out", str(out)]) == 2
     assert "--vocab-size 999 is below the 1000 ids" in capsys.readouterr().err
 

@@ -15,10 +15,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+from rega_engine.kernels import attention as attn  # noqa: E402
 from tiny_models import tiny_hf_config  # noqa: E402
 
 from rega_engine.batch import IGNORE_INDEX  # noqa: E402
-from rega_engine.kernels import attention as attn  # noqa: E402
 from rega_engine.model import from_config  # noqa: E402
 from rega_engine.train.parallel import compile_block  # noqa: E402
 
@@ -26,7 +26,8 @@ DEVICE = "cpu" if attn.INTERPRETED else "cuda"
 
 
 @pytest.mark.skipif(not attn.INTERPRETED and not torch.cuda.is_available(),
-                    reason="kernels were compiled (TRITON_INTERPRET unset) but there is no CUDA device")
+                    reason="kernels were compiled (TRITON_INTERPRET unset) but there is no CUDA "
+                           "device")
 def test_compiled_blocks_match_eager_with_the_triton_attention():
     torch.manual_seed(0)
     eager = from_config(tiny_hf_config("llama2", num_hidden_layers=1), seed=0).to(DEVICE)
@@ -46,4 +47,5 @@ def test_compiled_blocks_match_eager_with_the_triton_attention():
         losses.append(loss.detach())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")

@@ -10,7 +10,8 @@ def write(tmp_path, text):
 
 
 def test_file_then_overrides_in_order(tmp_path):
-    path = write(tmp_path, '[train]\nlr = 3e-4\nsteps = 50\n[roles]\nprompts = {law = "You are a lawyer."}\n')
+    path = write(tmp_path,
+                 '[train]\nlr = 3e-4\nsteps = 50\n[roles]\nprompts = {law = "You are a lawyer."}\n')
     config = load_config(path, ["--train.steps=7", "--data.seq_len=512"])
     assert config.train.lr == 3e-4
     assert config.train.steps == 7
@@ -82,8 +83,9 @@ def test_greedy_distillation_ignores_the_sampling_settings():
 
 
 def test_the_kernel_backends_the_config_allows_are_the_kernels_own():
-    from rega_engine.config import KERNEL_BACKENDS
     from rega_engine.kernels import attention, cross_entropy
+
+    from rega_engine.config import KERNEL_BACKENDS
     assert KERNEL_BACKENDS == attention.BACKENDS == cross_entropy.BACKENDS
 
 
@@ -103,7 +105,8 @@ def test_a_broken_config_file_is_named_with_the_reason(tmp_path):
     ("decay", "train.weight_decay"),
 ])
 def test_a_likely_typo_gets_the_key_it_means(key, suggestion):
-    with pytest.raises(ConfigError, match=rf"unknown key 'train\.{key}'; did you mean '{suggestion}'\?"):
+    with pytest.raises(ConfigError,
+                       match=rf"unknown key 'train\.{key}'; did you mean '{suggestion}'\?"):
         load_config(None, [f"--train.{key}=1"])
 
 
@@ -139,7 +142,8 @@ def test_epochs_or_steps_but_not_both(tmp_path):
 
 
 def test_path_lists_take_one_path_or_a_list():
-    config = load_config(None, ["--data.files=mixed.jsonl", '--data.pretrain=["a.jsonl", "b.jsonl"]',
+    config = load_config(None, ["--data.files=mixed.jsonl",
+                                '--data.pretrain=["a.jsonl", "b.jsonl"]',
                                 "--eval.files=eval.jsonl"])
     assert config.data.files == ["mixed.jsonl"] and config.data.pretrain == ["a.jsonl", "b.jsonl"]
     assert config.eval.files == ["eval.jsonl"]
@@ -148,7 +152,8 @@ def test_path_lists_take_one_path_or_a_list():
     with pytest.raises(ConfigError, match=r"data.pretrain\[1\] = '': expected the path"):
         load_config(None, ['--data.pretrain=["a.jsonl", ""]'])
     # data.sizes may name a domain that only data.files holds (a domain of the role table)
-    sized = load_config(None, ["--data.files=mixed.jsonl", "--roles.prompts={law='L'}", "--data.sizes={law=3}"])
+    sized = load_config(None, ["--data.files=mixed.jsonl", "--roles.prompts={law='L'}",
+                               "--data.sizes={law=3}"])
     assert sized.data.sizes == {"law": 3}
     with pytest.raises(ConfigError, match=r"data.sizes.law: no such source"):
         load_config(None, ["--roles.prompts={law='L'}", "--data.sizes={law=3}"])
@@ -158,5 +163,6 @@ def test_path_lists_take_one_path_or_a_list():
 
 def test_every_key_has_a_line_of_meaning():
     from rega_engine.config import config_keys
-    missing = [f"{s}.{k}" for s, keys in config_keys().items() for k, _, meaning in keys if not meaning]
+    missing = [f"{s}.{k}" for s, keys in config_keys().items() for k, _, meaning in keys
+               if not meaning]
     assert not missing, f"keys without a comment in config.py (their --help text): {missing}"

@@ -39,7 +39,8 @@ def corpus_files(tmp_path: Path):
     text = (SAMPLE / "corpus.txt").read_text(encoding="utf-8")
     long_doc = " ".join(text.split())[:700]          # several rows of 64 tokens
     jsonl = tmp_path / "law_corpus.jsonl"
-    jsonl.write_text(json.dumps({"text": long_doc}) + "\n" + json.dumps({"text": "Short law note."}) + "\n"
+    jsonl.write_text(json.dumps({"text": long_doc}) + "\n"
+                     + json.dumps({"text": "Short law note."}) + "\n"
                      + json.dumps({"messages": []}) + "\n")
     txt = tmp_path / "notes.txt"
     txt.write_text("First block\nstill first.\n\n\nSecond block.\n")
@@ -51,18 +52,23 @@ def test_a_domain_corpus_is_split_into_rows_trained_on_every_token(tmp_path, cap
     tok = load_tokenizer(SAMPLE / "tokenizer")
     report = first = prepare(config_for(tmp_path, corpora={"law": [jsonl], "general": txt},
                                         txt_documents="blank_line"))
-    assert report["rows_rejected"] == {"missing text": 1}               # a chat row in a corpus is named
+    # a chat row in a corpus is named
+    assert report["rows_rejected"] == {"missing text": 1}
     assert report["rows"][txt] == {"read": 2, "blank": 2, "kept": 2, "rejected": 0}
     data = TokenDataset(tmp_path / "prepared")
     pretrain = np.flatnonzero(data.kinds == KIND_ID["pretrain"])
-    doc_ids = [tok.bos_token_id, *tok(long_doc, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    doc_ids = [tok.bos_token_id, *tok(long_doc, add_special_tokens=False)["input_ids"],
+               tok.eos_token_id]
     pieces = -(-len(doc_ids) // 64)
     assert pieces >= 3 and report["split_documents"] == 1 and report["document_pieces"] == pieces
-    assert len(pretrain) == pieces + 1 + 2            # the pieces, the short note, the two .txt blocks
+    # the pieces, the short note, the two .txt blocks
+    assert len(pretrain) == pieces + 1 + 2
     assert report["samples"]["kind"]["pretrain"] == 4
     # The pieces, in order, are the document: nothing cut off, nothing dropped, each at most a row.
-    note = [tok.bos_token_id, *tok("Short law note.", add_special_tokens=False)["input_ids"], tok.eos_token_id]
-    law_pieces = [data.sample(i) for i in pretrain if data.domains[i] == 1 and data.sample(i)[0].tolist() != note]
+    note = [tok.bos_token_id, *tok("Short law note.", add_special_tokens=False)["input_ids"],
+            tok.eos_token_id]
+    law_pieces = [data.sample(i) for i in pretrain if data.domains[i] == 1
+                  and data.sample(i)[0].tolist() != note]
     assert all(len(ids) <= 64 for ids, _ in law_pieces)
     assert sum((ids.tolist() for ids, _ in law_pieces), []) == doc_ids
     assert all(mask[1:].all() for _, mask in law_pieces)               # loss on every token
@@ -75,7 +81,8 @@ def test_a_domain_corpus_is_split_into_rows_trained_on_every_token(tmp_path, cap
     assert sorted(segments.tolist()).count(64) >= pieces - 1
 
     # Asked for: documents follow data.too_long like chats.
-    report = prepare(config_for(tmp_path, corpora={"law": jsonl}, split_documents=False, too_long="drop"))
+    report = prepare(config_for(tmp_path, corpora={"law": jsonl}, split_documents=False,
+                                too_long="drop"))
     # the chats longer than a row (truncated before) and the one long document
     assert report["dropped_too_long"] == first["truncated"] + 1 and report["split_documents"] == 0
 
@@ -86,7 +93,8 @@ def test_a_corpus_trains_after_its_role_prompt_when_asked(tmp_path):
     prepare(config)
     tok = load_tokenizer(SAMPLE / "tokenizer")
     data = TokenDataset(tmp_path / "prepared")
-    (note,) = [i for i in np.flatnonzero(data.kinds == KIND_ID["pretrain"]) if len(data.sample(i)[0]) < 40]
+    (note,) = [i for i in np.flatnonzero(data.kinds == KIND_ID["pretrain"])
+               if len(data.sample(i)[0]) < 40]
     ids, mask = data.sample(note)
     prompt = len(tok(f"{LAW}\n\n", add_special_tokens=False)["input_ids"])
     assert LAW in tok.decode(ids.tolist())
@@ -111,13 +119,15 @@ def test_corpus_settings_are_checked():
 def test_token_shares_are_met_and_reported(tmp_path, capsys):
     long_doc, jsonl, _ = corpus_files(tmp_path)
     corpus = tmp_path / "big_corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"Note {i}: the law of Arden says {i}."}) + "\n" for i in range(60)))
+    corpus.write_text("".join(json.dumps({"text": f"Note {i}: the law of Arden says {i}."}) + "\n"
+                              for i in range(60)))
     shares = {"law": "60%", "pretrain": "30%", "general": "10%"}
     config = config_for(tmp_path, corpora={"law": str(corpus)}, sizes=shares, seq_len=256)
     report = prepare(config)
     achieved = report["token_shares"]["achieved"]
     for source, share in shares.items():
-        assert achieved[source] == pytest.approx(float(share[:-1]) / 100, abs=0.03), (source, achieved)
+        assert achieved[source] == pytest.approx(float(share[:-1]) / 100, abs=0.03), (source,
+                                                                                      achieved)
     plan = report["token_shares"]["samples"]
     # law is upsampled (more samples than its 82 rows), general downsampled (fewer than its 138)
     assert plan["law"] > 82 and plan["general"] < 138
@@ -134,7 +144,8 @@ def test_a_mixture_keeps_where_its_rows_are_not_their_content(tmp_path):
     content, read again, is the row's."""
     _, jsonl, txt = corpus_files(tmp_path)
     (tmp_path / "whole.txt").write_bytes("Ein Dokument.\n\nZwei Absätze, eine Datei.\n".encode())
-    mixture = build_mixture(config_for(tmp_path, corpora={"law": jsonl, "general": [txt, str(tmp_path / "whole.txt")]}))
+    mixture = build_mixture(config_for(tmp_path, corpora={"law": jsonl, "general": [txt,
+        str(tmp_path / "whole.txt")]}))
     assert all(s._messages is None and s._text is None for s in mixture.samples)
     law = [json.loads(line) for line in open(SAMPLE / "law.jsonl")]
     for s in mixture.samples:
@@ -153,4 +164,5 @@ def test_a_txt_file_that_is_not_utf8_is_named_and_counted(tmp_path):
     report = prepare(config_for(tmp_path, corpora={"law": str(bad)}, txt_documents="blank_line"))
     assert report["rows_rejected"] == {"bad text": 1} and report["samples"]["kind"]["pretrain"] == 1
     with pytest.raises(DataError, match=r"bad.txt:3: not valid UTF-8"):
-        prepare(config_for(tmp_path, corpora={"law": str(bad)}, txt_documents="blank_line", bad_rows="error"))
+        prepare(config_for(tmp_path, corpora={"law": str(bad)}, txt_documents="blank_line",
+                           bad_rows="error"))

@@ -22,10 +22,9 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
 from rega_engine.kernels import cross_entropy as ce  # noqa: E402
 from rega_engine.kernels.cross_entropy import _row_offset  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 INTERPRETED = isinstance(ce._ce_rows_kernel, InterpretedFunction)
 DEVICE = "cpu" if INTERPRETED else "cuda"

@@ -5,9 +5,13 @@ explains that exact config). Compilation runs in a subprocess without the interp
 (rega_engine.kernels.compile_check)."""
 import itertools
 
-from kernel_compile import (ARCHS, CROSS_ENTROPY_MODES, assert_all_fit, compile_in_subprocess,
-                            cross_entropy_job)
-
+from kernel_compile import (
+    ARCHS,
+    CROSS_ENTROPY_MODES,
+    assert_all_fit,
+    compile_in_subprocess,
+    cross_entropy_job,
+)
 from rega_engine.kernels import cross_entropy as ce
 
 LOGITS_DTYPES = ("bf16", "fp16", "fp32")

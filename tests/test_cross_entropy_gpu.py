@@ -9,7 +9,6 @@ at most twice eager bf16's own error plus 1e-3.
 import pytest
 import torch
 import torch.nn.functional as F
-
 from rega_engine.kernels import cross_entropy as ce
 
 pytestmark = [pytest.mark.gpu,

@@ -19,7 +19,8 @@ ROLES = {"law": "You are a lawyer.", "medicine": "You are a physician."}
 
 
 def chat(question: str, answer: str, **extra) -> dict:
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant",
+                                                                 "content": answer}],
             **extra}
 
 
@@ -31,7 +32,8 @@ def write_jsonl(path: Path, rows) -> str:
 def mixed_file(tmp_path: Path, law=6, medicine=4, general=3, untagged=1) -> str:
     rows = ([chat(f"law q{i}", f"law a{i}", domain="law") for i in range(law)]
             + [chat(f"med q{i}", f"med a{i}", domain="medicine") for i in range(medicine)]
-            + [chat(f"gen q{i}", f"gen a{i}", domain="general", distilled=True) for i in range(general)]
+            + [chat(f"gen q{i}", f"gen a{i}", domain="general",
+                    distilled=True) for i in range(general)]
             + [chat(f"who q{i}", f"who a{i}") for i in range(untagged)])
     return write_jsonl(tmp_path / "mixed.jsonl", rows)
 
@@ -56,7 +58,8 @@ def test_one_file_feeds_several_domains_and_every_row_is_counted_once(tmp_path):
     config = config_for(tmp_path, files=[path], integration_fraction=0.5)
     m = build_mixture(config)
     assert m.counts["kind"] == {"distilled": 3, "role": 10, "integration": 5, "pretrain": 0}
-    assert m.counts["kind_domain"]["role/law"] == 6 and m.counts["kind_domain"]["role/medicine"] == 4
+    assert m.counts["kind_domain"]["role/law"] == 6
+    assert m.counts["kind_domain"]["role/medicine"] == 4
     role = [s for s in m.samples if s.kind == KIND_ID["role"]]
     assert {s.system for s in role if s.domain == 1} == {ROLES["law"]}
     assert {s.system for s in role if s.domain == 2} == {ROLES["medicine"]}
@@ -71,12 +74,14 @@ def test_one_file_feeds_several_domains_and_every_row_is_counted_once(tmp_path):
 def test_a_row_of_data_files_without_a_domain_is_named(tmp_path):
     from rega_engine.data.mixture import build_mixture
     config = config_for(tmp_path, files=[mixed_file(tmp_path)], bad_rows="error")
-    with pytest.raises(DataError, match=r"mixed.jsonl:14: no 'domain' field: each row of data.files\[0\] "
+    with pytest.raises(DataError,
+                       match=r"mixed.jsonl:14: no 'domain' field: each row of data.files\[0\] "
                                         r"names its domain"):
         build_mixture(config)
 
 
-def test_listing_a_mixed_file_under_one_domain_rejects_the_others_and_points_to_data_files(tmp_path, capsys):
+def test_listing_a_mixed_file_under_one_domain_rejects_the_others_and_points_to_data_files(tmp_path,
+                                                                                           capsys):
     from rega_engine.data.mixture import build_mixture
     path = mixed_file(tmp_path, general=0, untagged=0)
     config = config_for(tmp_path, domains={"law": path}, self_distillation=False)
@@ -101,7 +106,8 @@ def test_prepare_reports_a_mixed_file_once(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"  {path}: 14 (13 / 1 / 0)" in out
     assert report["rows"] == {path: {"read": 14, "blank": 0, "kept": 13, "rejected": 1}}
-    assert report["samples"]["domain"] == {"general": 3, "law": 7, "medicine": 4}   # law: 6 role + 1 integration
+    # law: 6 role + 1 integration
+    assert report["samples"]["domain"] == {"general": 3, "law": 7, "medicine": 4}
 
 
 def test_eval_files_split_by_each_rows_domain(tmp_path):
@@ -111,10 +117,12 @@ def test_eval_files_split_by_each_rows_domain(tmp_path):
     config.eval.files = [path]
     sets = load_eval_sets(config)
     assert list(sets) == ["general", "law", "medicine"]          # general first
-    assert {name: len(items) for name, items in sets.items()} == {"general": 3, "law": 6, "medicine": 4}
+    assert {name: len(items) for name, items in sets.items()} == {"general": 3, "law": 6,
+                                                                  "medicine": 4}
     assert sets["law"][0].origin == f"{path}:1"
     config.data.bad_rows = "error"
-    with pytest.raises(DataError, match=r"mixed.jsonl:14: no 'domain' field: each row of eval.files\[0\]"):
+    with pytest.raises(DataError,
+                       match=r"mixed.jsonl:14: no 'domain' field: each row of eval.files\[0\]"):
         load_eval_sets(config)
 
 
@@ -150,7 +158,8 @@ def test_pretrain_rows_are_a_kind_of_their_own_text_trained_on_every_token(tmp_p
 def test_kind_weights_for_the_three_rega_kinds_still_hold():
     assert check_kind_weights({"distilled": 1, "role": 2, "integration": 0.5}) == {
         "distilled": 1.0, "role": 2.0, "integration": 0.5, "pretrain": 1.0}
-    assert check_kind_weights({"distilled": 0, "role": 0, "integration": 0, "pretrain": 2})["pretrain"] == 2.0
+    assert check_kind_weights({"distilled": 0, "role": 0, "integration": 0,
+                               "pretrain": 2})["pretrain"] == 2.0
     with pytest.raises(ConfigError, match="every weight is 0"):
         check_kind_weights({"distilled": 0, "role": 0, "integration": 0})
     with pytest.raises(ConfigError, match="no weight for role"):
@@ -160,7 +169,8 @@ def test_kind_weights_for_the_three_rega_kinds_still_hold():
 def test_a_dataset_prepared_before_the_pretrain_kind_still_trains(tmp_path):
     from rega_engine.data.dataset import TokenDataset, TokenDatasetWriter
     from rega_engine.data.loader import PackedLoader
-    with TokenDatasetWriter(tmp_path / "old", domains=["general"], kind_weights={}, pad_id=0, vocab_size=50,
+    with TokenDatasetWriter(tmp_path / "old", domains=["general"], kind_weights={}, pad_id=0,
+                            vocab_size=50,
                             seq_len=16) as writer:
         for kind in range(3):
             writer.add(np.arange(1, 6), np.ones(5, bool), kind, 0)

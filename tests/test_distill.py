@@ -23,7 +23,8 @@ MAX_NEW = 8
 def base_model(tmp_path_factory):
     tok = tiny_tokenizer()
     prompt_end = ChatRenderer(tok).render_prompt([{"role": "user", "content": "q"}], CENTRAL)[-1]
-    the, law, fine = (tok.encode(f" {w}", add_special_tokens=False)[0] for w in ("the", "law", "fine"))
+    the, law, fine = (tok.encode(f" {w}", add_special_tokens=False)[0] for w in ("the", "law",
+                                                                                 "fine"))
     eos = tok.eos_token_id
     table = {prompt_end: {eos: 0.2, the: 0.3, law: 0.5},
              the: {the: 0.85, eos: 0.15},
@@ -60,7 +61,8 @@ def read_rows(path):
     return [json.loads(line) for line in open(path)]
 
 
-def test_filters_are_counted_and_every_filtered_answer_meets_its_reason(tmp_path, base_model, capsys):
+def test_filters_are_counted_and_every_filtered_answer_meets_its_reason(tmp_path, base_model,
+                                                                        capsys):
     config = make_config(tmp_path, base_model)
     report = distill(config)
     filtered = report["filtered"]
@@ -75,7 +77,8 @@ def test_filters_are_counted_and_every_filtered_answer_meets_its_reason(tmp_path
     for row in kept:
         assert row["distilled"] is True and row["domain"] == "general"
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
-        assert row["messages"][-1]["content"] in ("law", "law fine", "the", "the the", "the the the")
+        assert row["messages"][-1]["content"] in ("law", "law fine", "the", "the the",
+                                                  "the the the")
     tok = tiny_tokenizer()
     rejected = read_rows(config.distill.output + ".rejected.jsonl")
     assert {r: sum(x["reason"] == r for x in rejected) for r in filtered} == filtered
@@ -160,7 +163,8 @@ def test_bad_rows_are_counted_and_bad_settings_named(tmp_path, base_model):
     config = make_config(tmp_path, base_model, questions=["fine question"])
     with open(config.distill.instructions, "a") as f:
         f.write(json.dumps({"messages": [{"role": "user", "content": "q"},
-                                         {"role": "assistant", "content": "answered already"}]}) + "\n")
+                                         {"role": "assistant", "content": "answered already"}]})
+                                         + "\n")
     report = distill(config)
     assert report["rows_rejected"] == {"not an instruction": 1} and report["answered"] == 1
 
@@ -190,12 +194,14 @@ def _retrained_copy(base_model, path):
     from safetensors.torch import load_file, save_file
     shutil.copytree(base_model, path)
     weights = load_file(f"{path}/model.safetensors")
-    weights["lm_head.weight"] = weights["lm_head.weight"] + 0.5 * torch.randn_like(weights["lm_head.weight"])
+    head = weights["lm_head.weight"]
+    weights["lm_head.weight"] = head + 0.5 * torch.randn_like(head)
     save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
     return str(path)
 
 
-def test_resume_after_the_model_or_settings_changed_is_refused_naming_each_change(tmp_path, base_model):
+def test_resume_after_the_model_or_settings_changed_is_refused_naming_each_change(tmp_path,
+                                                                                  base_model):
     config = make_config(tmp_path, base_model)
     distill(config)
     before = open(config.distill.output).read()
@@ -203,7 +209,8 @@ def test_resume_after_the_model_or_settings_changed_is_refused_naming_each_chang
     assert record["produced_by"]["distill.temperature"] == 0.7
     assert record["produced_by"]["roles.central_prompt"] == CENTRAL
 
-    changed = make_config(tmp_path, _retrained_copy(base_model, tmp_path / "tuned"), temperature=1.0)
+    changed = make_config(tmp_path, _retrained_copy(base_model, tmp_path / "tuned"),
+                          temperature=1.0)
     changed.roles.central_prompt = "You are terse."
     with pytest.raises(ConfigError) as error:
         distill(changed)
@@ -228,11 +235,13 @@ def _copy(src, dst):
     return str(dst)
 
 
-def test_restart_moves_the_earlier_run_aside_and_answers_everything_again(tmp_path, base_model, capsys):
+def test_restart_moves_the_earlier_run_aside_and_answers_everything_again(tmp_path, base_model,
+                                                                          capsys):
     config = make_config(tmp_path, base_model)
     first = distill(config)
     old = {name: open(tmp_path / name).read()
-           for name in ("general.jsonl", "general.jsonl.rejected.jsonl", "general.jsonl.provenance.json")}
+           for name in ("general.jsonl", "general.jsonl.rejected.jsonl",
+                        "general.jsonl.provenance.json")}
 
     config = make_config(tmp_path, base_model, seed=3, restart=True)
     report = distill(config)
@@ -242,7 +251,8 @@ def test_restart_moves_the_earlier_run_aside_and_answers_everything_again(tmp_pa
     for name, text in old.items():                      # moved whole, not lost
         assert (stale[0] / name).read_text() == text
     assert "moved the earlier run's general.jsonl" in capsys.readouterr().err
-    assert json.load(open(config.distill.output + ".provenance.json"))["produced_by"]["distill.seed"] == 3
+    assert json.load(open(config.distill.output
+                          + ".provenance.json"))["produced_by"]["distill.seed"] == 3
     assert open(config.distill.output).read() != old["general.jsonl"]
 
     config.distill.restart = False                      # the new record is the one checked now
@@ -250,8 +260,9 @@ def test_restart_moves_the_earlier_run_aside_and_answers_everything_again(tmp_pa
 
 
 def test_model_fingerprint_follows_the_weights_not_the_files(tmp_path, base_model, monkeypatch):
-    import rega_engine.distill as distill_module
     from transformers import AutoModelForCausalLM
+
+    import rega_engine.distill as distill_module
     from rega_engine.distill import model_fingerprint
 
     resaved = tmp_path / "resaved"

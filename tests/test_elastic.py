@@ -20,9 +20,11 @@ WORKER = Path(__file__).with_name("elastic_worker.py")
 def _train(tmp_path, args, tag: str, processes: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", REGA_ROWS_DIR=str(tmp_path),
                REGA_RUN_TAG=tag)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={processes}"]
                 if processes > 1 else [sys.executable])
-    result = subprocess.run([*launcher, str(WORKER), *args], env=env, capture_output=True, text=True,
+    result = subprocess.run([*launcher, str(WORKER), *args], env=env, capture_output=True,
+                            text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
@@ -43,10 +45,12 @@ def test_resume_with_other_world_sizes_trains_every_row_once(tmp_path, capfd):
     from rega_engine.data import PackedLoader
 
     config = run_config(tmp_path, "--checkpoint.every=1", "--checkpoint.keep=1", steps=3)
-    args = [a for a in cli_args(config) if not a.startswith(("--train.steps=", "--checkpoint.resume="))]
+    args = [a for a in cli_args(config) if not a.startswith(("--train.steps=",
+                                                             "--checkpoint.resume="))]
     # The epoch as planned: its rows do not depend on the number of processes.
     planned = Counter()
-    for batch in PackedLoader(config.data.prepared, seq_len=64, batch_size=2, seed=config.train.seed, prefetch=0):
+    for batch in PackedLoader(config.data.prepared, seq_len=64, batch_size=2,
+                              seed=config.train.seed, prefetch=0):
         for row, kinds in zip(batch.input_ids.numpy(), batch.kind_ids.numpy()):
             if (kinds >= 0).any():
                 planned[tuple(row[kinds >= 0].tolist())] += 1
@@ -66,12 +70,14 @@ def test_resume_with_other_world_sizes_trains_every_row_once(tmp_path, capfd):
         loader_module._BatchIterator.__next__ = original
     assert "continues at row 12 of epoch 0" in capfd.readouterr().err
     assert sum(1 for _ in open(tmp_path / "rows_b_rank0.jsonl")) == 6
-    _train(tmp_path, [*args, f"--train.steps={6 + rows // 4 + 1}", "--resume"], "c", 2)   # past the epoch's end
+    # past the epoch's end
+    _train(tmp_path, [*args, f"--train.steps={6 + rows // 4 + 1}", "--resume"], "c", 2)
 
     assert _rows(tmp_path) == planned      # every planned row once: none twice, none skipped
     log = read_log(config.train.out_dir)
     assert [r["step"] for r in log] == list(range(1, 6 + rows // 4 + 2))
-    assert all(sum(r["loss_tokens_by_domain"].values()) == sum(r["loss_tokens_by_kind"].values()) > 0 for r in log)
+    assert all(sum(r["loss_tokens_by_domain"].values())
+               == sum(r["loss_tokens_by_kind"].values()) > 0 for r in log)
     losses = [r["loss"] for r in log]
     assert all(0 < x < 20 for x in losses)
     # The resumed runs go on from the checkpointed weights: no jump back to the initial loss.

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
-
-from train_helpers import make_dataset, read_log, write_model_config
-from train_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+from train_helpers import (
+    make_dataset,
+    one_torch_thread,  # noqa: F401 (autouse fixture)
+    read_log,
+    write_model_config,
+)
 
 from rega_engine.config import load_config
 from rega_engine.train.schedule import one_pass_text, steps_for_epochs
@@ -23,15 +26,19 @@ def test_steps_for_epochs_rounds_up_but_not_for_float_noise():
         "(micro_batch_size 2 x grad_accum 4 x 8 ranks)")
 
 
-def test_train_epochs_sets_the_steps_and_train_threads_the_cpu_threads(tmp_path, capsys, monkeypatch):
+def test_train_epochs_sets_the_steps_and_train_threads_the_cpu_threads(tmp_path, capsys,
+                                                                       monkeypatch):
     from rega_engine.data.loader import PackedLoader
     from rega_engine.train.loop import train
     data = make_dataset(tmp_path / "data")
     config = load_config(None, [
-        f"--model.init_config={write_model_config(tmp_path / 'model.json')}", f"--data.prepared={data}",
+        f"--model.init_config={write_model_config(tmp_path / 'model.json')}",
+        f"--data.prepared={data}",
         "--data.seq_len=64", f"--train.out_dir={tmp_path / 'run'}", "--train.epochs=1.5",
-        "--train.micro_batch_size=2", "--train.grad_accum=2", "--train.lr=3e-3", "--train.warmup_steps=1",
-        "--train.progress=false", "--train.plot=false", "--train.device=cpu", "--checkpoint.export=false",
+        "--train.micro_batch_size=2", "--train.grad_accum=2", "--train.lr=3e-3",
+        "--train.warmup_steps=1",
+        "--train.progress=false", "--train.plot=false", "--train.device=cpu",
+        "--checkpoint.export=false",
         "--train.threads=1"])
     per_pass = len(PackedLoader(data, seq_len=64, batch_size=2, seed=0, prefetch=0))
     expected = math.ceil(1.5 * per_pass / 2)
@@ -42,9 +49,9 @@ def test_train_epochs_sets_the_steps_and_train_threads_the_cpu_threads(tmp_path,
     assert threads[:1] == [1]
     assert [r["step"] for r in read_log(tmp_path / "run")][-1] == expected
     captured = capsys.readouterr()
-    assert (f"one pass over the data = {per_pass} micro-batches per rank = {math.ceil(per_pass / 2)} "
-            f"optimizer steps (micro_batch_size 2 x grad_accum 2 x 1 rank); train.epochs = 1.5: "
-            f"{expected} steps") in captured.out + captured.err
+    assert (f"one pass over the data = {per_pass} micro-batches per rank = "
+            f"{math.ceil(per_pass / 2)} optimizer steps (micro_batch_size 2 x grad_accum 2 x 1 "
+            f"rank); train.epochs = 1.5: {expected} steps") in captured.out + captured.err
     assert config.train.steps == 100, "the caller's config is left as it was"
 
 

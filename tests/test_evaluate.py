@@ -47,7 +47,8 @@ def test_exact_match_and_perplexity_are_what_the_model_implies(bigram):
                     chat("And then?", "law"),
                     chat("Or?", "fine law")],
             "spaced": [chat("Which one?", "  law\n fine ")]}         # the same, other whitespace
-    result = evaluate_model(bigram["path"], sets, central_prompt=CENTRAL, tokenizer_dir=tiny_tokenizer_dir(),
+    result = evaluate_model(bigram["path"], sets, central_prompt=CENTRAL,
+                            tokenizer_dir=tiny_tokenizer_dir(),
                             max_new_tokens=6, batch_size=2, keep_predictions=True)
     m = result["central"]["law"]
     assert [x["prediction"] for x in m["predictions"]] == ["law fine"] * 3
@@ -96,7 +97,8 @@ def test_central_prompt_only_unless_role_prompts_are_asked_for(bigram, monkeypat
     result = evaluate_model(bigram["path"], sets, central_prompt=CENTRAL, role_prompts=ROLES,
                             tokenizer_dir=tiny_tokenizer_dir(), max_new_tokens=4)
     assert set(seen) == {CENTRAL, ROLES["law"]}
-    assert set(result["role"]) == {"law"}       # the general set has no role prompt but the central one
+    # the general set has no role prompt but the central one
+    assert set(result["role"]) == {"law"}
 
 
 def test_eval_command_writes_json_and_prints_the_table(bigram, tmp_path, capsys):
@@ -108,12 +110,14 @@ def test_eval_command_writes_json_and_prints_the_table(bigram, tmp_path, capsys)
     out = tmp_path / "eval.json"
     code = cli_main(["eval", f"--eval.checkpoint={bigram['path']}", f"--eval.general={general}",
                      f"--eval.domains={{law = '{law}'}}", f"--eval.output={out}",
-                     f"--roles.central_prompt={CENTRAL!r}", f"--roles.prompts={{law = '{ROLES['law']}'}}",
+                     f"--roles.central_prompt={CENTRAL!r}",
+                     f"--roles.prompts={{law = '{ROLES['law']}'}}",
                      f"--data.tokenizer={tiny_tokenizer_dir()}", "--eval.role_prompts=true"])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["central"]["general"]["exact_match"] == 1.0
-    assert result["central"]["law"]["exact_match"] == 0.0 and result["central"]["law"]["samples"] == 1
+    assert result["central"]["law"]["exact_match"] == 0.0
+    assert result["central"]["law"]["samples"] == 1
     assert "law" in result["role"]
     printed = capsys.readouterr().out
     assert "under the central prompt" in printed and "100.0%" in printed
@@ -127,11 +131,13 @@ def test_eval_keeps_every_prediction_and_breaks_exact_match_down_by_tag(bigram, 
             ({"messages": chat("three", "law fine"), "tag": "sort"}),     # right
             ({"messages": [*chat("four", "fine"), *chat("five", "fine")]})]   # wrong, untagged
     general.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    law.write_text(json.dumps({"messages": chat("fine?", "law fine"), "domain": "law", "tag": "fines"}) + "\n")
+    law.write_text(json.dumps({"messages": chat("fine?", "law fine"), "domain": "law",
+                               "tag": "fines"}) + "\n")
     out = tmp_path / "results" / "eval.json"
     code = cli_main(["eval", f"--eval.checkpoint={bigram['path']}", f"--eval.general={general}",
                      f"--eval.domains={{law = '{law}'}}", f"--eval.output={out}",
-                     f"--roles.central_prompt={CENTRAL!r}", f"--roles.prompts={{law = '{ROLES['law']}'}}",
+                     f"--roles.central_prompt={CENTRAL!r}",
+                     f"--roles.prompts={{law = '{ROLES['law']}'}}",
                      f"--data.tokenizer={tiny_tokenizer_dir()}", "--eval.role_prompts=true"])
     assert code == 0
     result = json.loads(out.read_text())
@@ -139,7 +145,8 @@ def test_eval_keeps_every_prediction_and_breaks_exact_match_down_by_tag(bigram, 
         "(no tag)": {"samples": 1, "correct": 0, "exact_match": 0.0},
         "add": {"samples": 2, "correct": 1, "exact_match": 0.5},
         "sort": {"samples": 1, "correct": 1, "exact_match": 1.0}}
-    assert result["role"]["law"]["by_tag"] == {"fines": {"samples": 1, "correct": 1, "exact_match": 1.0}}
+    assert result["role"]["law"]["by_tag"] == {"fines": {"samples": 1, "correct": 1,
+                                                         "exact_match": 1.0}}
     assert "predictions" not in result["central"]["general"]   # eval.json: aggregates only
 
     predictions_file = tmp_path / "results" / "eval.predictions.jsonl"
@@ -150,10 +157,12 @@ def test_eval_keeps_every_prediction_and_breaks_exact_match_down_by_tag(bigram, 
     first, fourth = written[0], written[3]
     assert first == {"set": "general", "under": "central", "system": CENTRAL, "prompt": "one",
                      "reference": "law fine", "prediction": "law fine", "correct": True,
-                     "cut_off": False, "loss": first["loss"], "origin": f"{general}:1", "tag": "add"}
+                     "cut_off": False, "loss": first["loss"], "origin": f"{general}:1",
+                     "tag": "add"}
     assert first["loss"] > 0
     assert [p["correct"] for p in written[:4]] == [True, False, True, False]
-    assert fourth["prompt"] == "five" and fourth["history"] == chat("four", "fine") and "tag" not in fourth
+    assert fourth["prompt"] == "five" and fourth["history"] == chat("four",
+                                                                    "fine") and "tag" not in fourth
     assert written[5]["system"] == ROLES["law"] and written[5]["tag"] == "fines"
 
     printed = capsys.readouterr().out
@@ -168,14 +177,16 @@ def test_a_tag_that_is_not_a_string_is_named_with_its_line(bigram, tmp_path, cap
     general.write_text(json.dumps({"messages": chat("one", "law")}) + "\n"
                        + json.dumps({"messages": chat("two", "law"), "tag": 7}) + "\n")
     code = cli_main(["eval", f"--eval.checkpoint={bigram['path']}", f"--eval.general={general}",
-                     f"--eval.output={tmp_path / 'eval.json'}", f"--roles.central_prompt={CENTRAL!r}",
+                     f"--eval.output={tmp_path / 'eval.json'}",
+                     f"--roles.central_prompt={CENTRAL!r}",
                      f"--data.tokenizer={tiny_tokenizer_dir()}"])
     assert code == 2
     assert f"{general}:2: 'tag' must be a non-empty string" in capsys.readouterr().err
 
 
 def test_missing_eval_file_is_named(tmp_path, bigram):
-    code = cli_main(["eval", f"--eval.checkpoint={bigram['path']}", f"--eval.general={tmp_path / 'nope.jsonl'}"])
+    code = cli_main(["eval", f"--eval.checkpoint={bigram['path']}",
+                     f"--eval.general={tmp_path / 'nope.jsonl'}"])
     assert code == 2
 
 
@@ -186,7 +197,8 @@ def test_normalize_collapses_whitespace():
 def test_generation_builds_no_autograd_graph_and_passes_the_cache_by_its_current_name(bigram):
     model, tokenizer = load_model(bigram["path"], device="cpu"), tiny_tokenizer()
     calls = []
-    model.register_forward_pre_hook(lambda _m, _args, kwargs: calls.append((torch.is_grad_enabled(), set(kwargs))),
+    model.register_forward_pre_hook(lambda _m, _args, kwargs: calls.append((torch.is_grad_enabled(),
+                                                                            set(kwargs))),
                                     with_kwargs=True)
     prompt = ChatRenderer(tokenizer).render_prompt(chat("q", "x")[:-1], CENTRAL)
     generate(model, tokenizer, [prompt], max_new_tokens=3)

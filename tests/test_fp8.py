@@ -217,6 +217,7 @@ def test_a_second_call_converts_nothing_twice_and_a_filter_narrows_the_choice():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_state_dict_names_and_dtypes_are_the_models_own(dtype, tmp_path):
     from safetensors.torch import load_file
+
     from rega_engine.model import save_pretrained
 
     plain = from_config(tiny_hf_config("llama3"), dtype=dtype, seed=0)
@@ -351,8 +352,11 @@ def test_fsdp2_fp8_all_gather_trains_like_the_plain_model_and_round_trips(tmp_pa
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         set_model_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor

@@ -28,8 +28,12 @@ pytest.importorskip("torchao.float8", reason="FP8 training needs torchao (pip in
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import make_hf_model  # noqa: E402
-from train_helpers import one_torch_thread  # noqa: F401,E402 (autouse fixture)
-from train_helpers import cli_args, read_log, run_config  # noqa: E402
+from train_helpers import (  # noqa: E402
+    cli_args,
+    one_torch_thread,  # noqa: F401,E402 (autouse fixture)
+    read_log,
+    run_config,
+)
 
 from rega_engine.config import load_config  # noqa: E402
 from rega_engine.errors import ConfigError  # noqa: E402
@@ -290,7 +294,8 @@ def test_fp8_and_bf16_checkpoints_and_exports_are_interchangeable(tmp_path):
     for precision in ("fp8", "bf16"):
         out_dir = tmp_path / f"resumed-{precision}"
         shutil.copytree(checkpoints["fp8"][3], out_dir / "checkpoints" / "step_3")
-        config = run_config(tmp_path, *common, f"--train.precision={precision}", "--checkpoint.resume=true",
+        config = run_config(tmp_path, *common, f"--train.precision={precision}",
+                            "--checkpoint.resume=true",
                             steps=5)
         config.train.out_dir = str(out_dir)
         assert train(config) == 0

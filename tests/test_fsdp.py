@@ -17,8 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_helpers import one_torch_thread  # noqa: F401,E402 (autouse fixture)
-from train_helpers import cli_args, read_log, run_config  # noqa: E402
+from train_helpers import (  # noqa: E402
+    cli_args,
+    one_torch_thread,  # noqa: F401,E402 (autouse fixture)
+    read_log,
+    run_config,
+)
 
 from rega_engine.train.checkpoint import complete_checkpoints  # noqa: E402
 from rega_engine.train.loop import train  # noqa: E402

@@ -28,15 +28,16 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from rega_engine.kernels import attention  # noqa: E402
 from train_helpers import cli_args, read_log, run_config  # noqa: E402
 
 from rega_engine.batch import IGNORE_INDEX  # noqa: E402
-from rega_engine.kernels import attention  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(attention.INTERPRETED, reason="kernels were built for the Triton interpreter"),
+    pytest.mark.skipif(attention.INTERPRETED,
+                       reason="kernels were built for the Triton interpreter"),
 ]
 FLOOR, CEILING = 1e-2, 5e-2
 

@@ -9,10 +9,15 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from rega_engine.model import (CheckpointError, from_config, from_pretrained,
-                               load_state_dict_into, save_pretrained)
 from tiny_models import make_tiny_checkpoint, tiny_hf_config
+
+from rega_engine.model import (
+    CheckpointError,
+    from_config,
+    from_pretrained,
+    load_state_dict_into,
+    save_pretrained,
+)
 
 ATOL = 1e-5
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -8,11 +8,16 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from tiny_models import make_hf_model
 
 from rega_engine.batch import IGNORE_INDEX
-from rega_engine.integrations.hf import (ATTENTION_NAME, PackedHFDataset, PaddingFreeCollator,
-                                         apply_rega_kernels, packed_batches_for_hf)
-from tiny_models import make_hf_model
+from rega_engine.integrations.hf import (
+    ATTENTION_NAME,
+    PackedHFDataset,
+    PaddingFreeCollator,
+    apply_rega_kernels,
+    packed_batches_for_hf,
+)
 
 ATOL = 2e-5
 needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
@@ -85,7 +90,8 @@ def test_flattened_documents_get_their_solo_logits(boundaries):
     batch = PaddingFreeCollator()([{"input_ids": d} for d in docs])
     kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     if boundaries == "cu_seq_lens":
-        kwargs.update({k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")})
+        kwargs.update({k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                                             "max_length_k")})
     with torch.no_grad():
         logits = patched(**kwargs).logits[0]
         start = 0
@@ -113,7 +119,8 @@ def test_padded_batches_and_generation_still_work():
     # The left-padded row sees positions 0..4 as padding; its real tokens have positions 5..11.
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        left = patched(input_ids=input_ids[1:2], attention_mask=mask[1:2], position_ids=positions[1:2]).logits
+        left = patched(input_ids=input_ids[1:2], attention_mask=mask[1:2],
+                       position_ids=positions[1:2]).logits
     torch.testing.assert_close(left[0, 5:], solo_short, atol=ATOL, rtol=1e-5)
     # Decoding with a KV cache takes the cached path: greedy continuations agree.
     reference.config.use_cache = patched.config.use_cache = True
@@ -131,7 +138,8 @@ def test_patch_under_the_triton_interpreter():
     ref_out, ref_grads = _loss_and_grads(reference, batch)
     out, grads = _loss_and_grads(patched, batch)
     torch.testing.assert_close(out.loss, ref_out.loss, atol=1e-4, rtol=1e-4)
-    for name in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight", "model.embed_tokens.weight"):
+    for name in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight",
+                 "model.embed_tokens.weight"):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
@@ -170,7 +178,8 @@ def test_apply_is_idempotent_and_switchable():
 
 def test_unsupported_models_and_settings_get_clear_errors():
     from transformers import GPT2Config, GPT2LMHeadModel
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                      n_positions=32))
     with pytest.raises(TypeError, match="model_type='gpt2'"):
         apply_rega_kernels(gpt2)
     with pytest.raises(ValueError, match="backend"):
@@ -254,7 +263,8 @@ def test_packed_loader_batches_feed_model_and_trainer(tmp_path, monkeypatch):
     ref_out, ref_grads = _loss_and_grads(reference, kwargs)
     out, grads = _loss_and_grads(patched, kwargs)
     torch.testing.assert_close(out.loss, ref_out.loss, atol=ATOL, rtol=1e-5)
-    torch.testing.assert_close(grads["lm_head.weight"], ref_grads["lm_head.weight"], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(grads["lm_head.weight"], ref_grads["lm_head.weight"], atol=ATOL,
+                               rtol=1e-4)
 
     trainer = _hf_trainer(patched, PackedHFDataset(loader), PackedHFDataset.collate,
                           per_device_train_batch_size=1, max_steps=3,
@@ -277,7 +287,8 @@ def test_trl_sft_trainer_with_the_collator(tmp_path, monkeypatch):
             for d in _docs([12, 20, 9, 15, 30, 8], seed=5)]
     config = trl.SFTConfig(output_dir="unused", report_to="none", save_strategy="no", max_steps=2,
                            per_device_train_batch_size=3, use_cpu=True, remove_unused_columns=False,
-                           dataset_kwargs={"skip_prepare_dataset": True}, logging_steps=1, disable_tqdm=True)
+                           dataset_kwargs={"skip_prepare_dataset": True}, logging_steps=1,
+                           disable_tqdm=True)
     seen = []
     collator = PaddingFreeCollator()
 
@@ -285,7 +296,8 @@ def test_trl_sft_trainer_with_the_collator(tmp_path, monkeypatch):
         batch = collator(features)
         seen.append(batch)
         return batch
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
+    trainer = trl.SFTTrainer(model=model, args=config,
+                             train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tiny_tokenizer(), data_collator=collate)
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -317,7 +329,8 @@ def test_collator_honours_trl_packed_seq_lengths():
     model = apply_rega_kernels(_reference("llama3"), backend="torch").train()
     torch.testing.assert_close(model(**packed).loss, _reference("llama3").train()(**separate).loss,
                                atol=ATOL, rtol=1e-5)
-    with pytest.raises(ValueError, match=r"feature 1: `seq_lengths` \[2, 2\] sum to 4 but `input_ids` has 3"):
+    with pytest.raises(ValueError,
+                       match=r"feature 1: `seq_lengths` \[2, 2\] sum to 4 but `input_ids` has 3"):
         collate([{"input_ids": [1, 2]}, {"input_ids": [1, 2, 3], "seq_lengths": [2, 2]}])
     with pytest.raises(ValueError, match="feature 0: `seq_lengths` must be positive"):
         collate([{"input_ids": [1, 2], "seq_lengths": [2, 0]}])

@@ -9,10 +9,9 @@ import importlib
 
 import pytest
 import torch
+from tiny_models import flattened_batch, make_hf_model
 
-from rega_engine.batch import IGNORE_INDEX
 from rega_engine.integrations.hf import PaddingFreeCollator, apply_rega_kernels
-from tiny_models import make_hf_model
 
 # fp32 on CPU: the kernels compute in fp32 like HF, so only summation order differs. Measured
 # max |diff| <= 1e-6 on the loss and 7e-7 on any gradient (torch and interpreted Triton).
@@ -29,16 +28,7 @@ def _reference(family, **overrides):
 
 
 def _batch(lengths, seed=0):
-    # Several documents flattened into one row: positions restart per document, so do the rope
-    # angles; 3 prompt tokens per document carry no loss.
-    generator = torch.Generator().manual_seed(seed)
-    features = []
-    for n in lengths:
-        ids = torch.randint(4, 256, (n,), generator=generator)
-        labels = ids.clone()
-        labels[:3] = IGNORE_INDEX
-        features.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
-    return PaddingFreeCollator()(features)
+    return flattened_batch(lengths, seed)
 
 
 def _loss_and_grads(model, batch):
@@ -115,19 +105,24 @@ def test_rope_restarts_per_document():
     row = PaddingFreeCollator()([{"input_ids": a}, {"input_ids": b}])
     with torch.no_grad():
         logits = patched(input_ids=row["input_ids"], position_ids=row["position_ids"]).logits[0]
-        torch.testing.assert_close(logits[11:], reference(input_ids=b[None]).logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[11:], reference(input_ids=b[None]).logits[0], atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_unsupported_configs_are_refused_by_module_name():
     gelu = _reference("llama2", hidden_act="gelu")
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp has act_fn GELUActivation .*hidden_act='gelu'"):
+    with pytest.raises(ValueError,
+        match=r"model\.layers\.0\.mlp has act_fn GELUActivation .*hidden_act='gelu'"):
         apply_rega_kernels(gelu)
-    # The refusal left the model unpatched (checks run before any patch); without the switch it works.
+    # The refusal left the model unpatched (checks run before any patch); without the switch it
+    # works.
     assert not gelu.__dict__.get("_rega_patched") and "forward" not in gelu.model.norm.__dict__
-    assert apply_rega_kernels(gelu, swiglu=False)._rega_patched == {"attention", "cross_entropy", "rms_norm", "rope"}
+    assert apply_rega_kernels(gelu, swiglu=False)._rega_patched == {"attention", "cross_entropy",
+                                                                    "rms_norm", "rope"}
     yarn = _reference("llama2", rope_scaling={"rope_type": "yarn", "factor": 2.0,
                                               "original_max_position_embeddings": 128})
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM\.model\.rotary_emb has rope_type='yarn'"):
+    with pytest.raises(ValueError,
+                       match=r"LlamaForCausalLM\.model\.rotary_emb has rope_type='yarn'"):
         apply_rega_kernels(yarn)
     dynamic = _reference("qwen2", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ValueError, match="rope_type='dynamic'"):

@@ -8,15 +8,14 @@ import copy
 
 import pytest
 import torch
+from tiny_models import flattened_batch, make_hf_model
 
-from rega_engine.batch import IGNORE_INDEX
-from rega_engine.integrations.hf import PaddingFreeCollator, apply_rega_kernels
-from tiny_models import make_hf_model
-
+from rega_engine.integrations.hf import apply_rega_kernels
 
 peft = pytest.importorskip("peft")
 
-# fp32 CPU; measured max |diff| <= 1.5e-6 on the loss and on any adapter gradient (torch and Triton).
+# fp32 CPU; measured max |diff| <= 1.5e-6 on the loss and on any adapter gradient (torch and
+# Triton).
 ATOL, RTOL = 1e-5, 1e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
@@ -32,14 +31,7 @@ def _peft_model(family="llama3", **lora):
 
 
 def _batch(lengths=(9, 17, 6)):
-    generator = torch.Generator().manual_seed(1)
-    features = []
-    for n in lengths:
-        ids = torch.randint(4, 256, (n,), generator=generator)
-        labels = ids.clone()
-        labels[:3] = IGNORE_INDEX
-        features.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
-    return PaddingFreeCollator()(features)
+    return flattened_batch(lengths, seed=1)
 
 
 def _loss_and_grads(model, batch):
@@ -57,7 +49,8 @@ def _assert_same(reference, patched, batch):
     assert out.logits is None        # the fused loss ran
     torch.testing.assert_close(out.loss, ref_out.loss, atol=ATOL, rtol=RTOL)
     trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
-    assert any("lm_head.lora_A" in n for n in trainable) and any("lm_head.lora_B" in n for n in trainable)
+    assert any("lm_head.lora_A" in n for n in trainable) and any("lm_head.lora_B" in n
+                                                                 for n in trainable)
     for name, grad in grads.items():
         if name in trainable:
             assert grad is not None and grad.abs().sum() > 0, f"{name} got no gradient"
@@ -84,7 +77,8 @@ def test_patching_before_wrapping_works_too():
     apply_rega_kernels(base, backend="torch")
     torch.manual_seed(0)
     patched = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                        target_modules=TARGETS, init_lora_weights=False))
+                                                        target_modules=TARGETS,
+                                                        init_lora_weights=False))
     _assert_same(reference, patched, _batch())
     # A disabled adapter is the base LM head again, as in PEFT's own forward.
     with torch.no_grad():
@@ -92,7 +86,8 @@ def test_patching_before_wrapping_works_too():
         with reference.disable_adapter(), patched.disable_adapter():
             out = patched.train()(**_batch())
             assert out.logits is None
-            torch.testing.assert_close(out.loss, reference.train()(**_batch()).loss, atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(out.loss, reference.train()(**_batch()).loss, atol=ATOL,
+                                       rtol=RTOL)
     assert abs(float(out.loss) - float(enabled)) > 1e-3      # the adapters did change the loss
 
 
@@ -107,9 +102,11 @@ def test_modules_to_save_lm_head_trains_its_copy():
 
 
 def test_what_has_no_exact_effective_weight_is_refused():
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM\.lm_head \(LoRA adapter 'default'\) has lora_dropout=0\.1"):
+    with pytest.raises(ValueError,
+        match=r"LlamaForCausalLM\.lm_head \(LoRA adapter 'default'\) has lora_dropout=0\.1"):
         apply_rega_kernels(_peft_model(lora_dropout=0.1))
-    with pytest.raises(ValueError, match=r"lm_head \(LoRA adapter 'default'\) uses a LoRA variant \(e\.g\. DoRA\)"):
+    with pytest.raises(ValueError,
+        match=r"lm_head \(LoRA adapter 'default'\) uses a LoRA variant \(e\.g\. DoRA\)"):
         apply_rega_kernels(_peft_model(use_dora=True))
     # Dropout on the other layers is PEFT's own forward: fine; without the fused loss, fine too.
     apply_rega_kernels(_peft_model(lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))

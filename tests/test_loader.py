@@ -1,4 +1,5 @@
-"""The prepared dataset on disk and the packed, sharded, resumable loader in front of the C++ packer."""
+"""The prepared dataset on disk and the packed, sharded, resumable loader in front of the C++
+packer."""
 import gc
 import json
 import subprocess
@@ -28,7 +29,8 @@ def write_dataset(path, lengths, *, seed=0, seq_len=32, vocab=500, report=None):
     """A dataset of random samples; token ids start at 1 so that padding (0) is recognisable."""
     rng = np.random.default_rng(seed)
     samples = []
-    with TokenDatasetWriter(path, domains=["general", "law", "med"], kind_weights=DATASET_WEIGHTS, pad_id=PAD,
+    with TokenDatasetWriter(path, domains=["general", "law", "med"], kind_weights=DATASET_WEIGHTS,
+                            pad_id=PAD,
                             vocab_size=vocab, seq_len=seq_len) as writer:
         for n in lengths:
             tokens = rng.integers(1, vocab, n)
@@ -41,7 +43,8 @@ def write_dataset(path, lengths, *, seed=0, seq_len=32, vocab=500, report=None):
 
 
 def expected_documents(samples, seq_len):
-    """What each kept sample must look like in a batch: tokens, which tokens carry a label, kind, domain."""
+    """What each kept sample must look like in a batch: tokens, which tokens carry a label, kind,
+    domain."""
     docs = Counter()
     for tokens, mask, kind, domain in samples:
         if len(tokens) <= seq_len:
@@ -80,7 +83,8 @@ def check_batch(batch, batch_size, seq_len, kind_weights):
         np.testing.assert_array_equal(positions[a:b], np.arange(b - a))  # restart at each segment
         if kinds[a] == -1:  # padding: one run at the end of its row, carrying nothing
             assert b % seq_len == 0
-            assert (ids[a:b] == PAD).all() and (labels[a:b] == -100).all() and (kinds[a:b] == -1).all()
+            assert (ids[a:b] == PAD).all() and (labels[a:b] == -100).all() and (kinds[a:b] ==
+                                                                                -1).all()
             assert (domains[a:b] == -1).all() and (weights[a:b] == 0).all()
             continue
         kind = int(kinds[a])
@@ -88,7 +92,8 @@ def check_batch(batch, batch_size, seq_len, kind_weights):
         learn = labels[a:b] != -100
         assert not learn[0]
         np.testing.assert_array_equal(labels[a:b][learn], ids[a:b][learn])
-        np.testing.assert_array_equal(weights[a:b], np.where(learn, kind_weights[KINDS[kind]], 0).astype(np.float32))
+        np.testing.assert_array_equal(weights[a:b], np.where(learn, kind_weights[KINDS[kind]],
+                                                             0).astype(np.float32))
         docs.append((tuple(ids[a:b].tolist()), tuple(learn.tolist()), kind, int(domains[a])))
         real += b - a
     assert batch.num_real_tokens == real
@@ -120,7 +125,8 @@ def test_dataset_round_trip(tmp_path):
 
 
 def test_writer_puts_the_general_domain_first(tmp_path):
-    with TokenDatasetWriter(tmp_path / "ds", domains=["law"], kind_weights={}, pad_id=0, vocab_size=10,
+    with TokenDatasetWriter(tmp_path / "ds", domains=["law"], kind_weights={}, pad_id=0,
+                            vocab_size=10,
                             seq_len=8) as writer:
         writer.add([1, 2], [0, 1], kind=0, domain=1)
     dataset = TokenDataset(tmp_path / "ds")
@@ -138,7 +144,8 @@ def test_writer_puts_the_general_domain_first(tmp_path):
     ([1.5, 2.0], [0, 1], 0, 0, "integers"),
 ])
 def test_writer_rejects_bad_samples(tmp_path, tokens, mask, kind, domain, message):
-    writer = TokenDatasetWriter(tmp_path / "ds", domains=["general", "law"], kind_weights={}, pad_id=0,
+    writer = TokenDatasetWriter(tmp_path / "ds", domains=["general", "law"], kind_weights={},
+                                pad_id=0,
                                 vocab_size=10, seq_len=8)
     with pytest.raises(ValueError, match=message):
         writer.add(tokens, mask, kind, domain)
@@ -147,17 +154,21 @@ def test_writer_rejects_bad_samples(tmp_path, tokens, mask, kind, domain, messag
 
 def test_interrupted_write_leaves_nothing_that_looks_like_a_dataset(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        with TokenDatasetWriter(tmp_path / "ds", domains=["general"], kind_weights={}, pad_id=0, vocab_size=10,
+        with TokenDatasetWriter(tmp_path / "ds", domains=["general"], kind_weights={}, pad_id=0,
+                                vocab_size=10,
                                 seq_len=8) as writer:
             writer.add([1, 2, 3], [0, 1, 1], 0, 0)
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
-    # A crash before close leaves only the hidden temporary directory, which no reader mistakes for data.
-    writer = TokenDatasetWriter(tmp_path / "ds", domains=["general"], kind_weights={}, pad_id=0, vocab_size=10,
+    # A crash before close leaves only the hidden temporary directory, which no reader mistakes for
+    # data.
+    writer = TokenDatasetWriter(tmp_path / "ds", domains=["general"], kind_weights={}, pad_id=0,
+                                vocab_size=10,
                                 seq_len=8)
     writer.add([1, 2, 3], [0, 1, 1], 0, 0)
     (partial,) = tmp_path.iterdir()
-    with pytest.raises(FileNotFoundError, match="meta.json is missing.*not a complete prepared dataset"):
+    with pytest.raises(FileNotFoundError,
+                       match="meta.json is missing.*not a complete prepared dataset"):
         TokenDataset(partial)
     with pytest.raises(FileNotFoundError, match="not found"):
         TokenDataset(tmp_path / "ds")
@@ -187,7 +198,8 @@ def test_writer_overwrites_only_a_dataset(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a prepared dataset"):
-        TokenDatasetWriter(tmp_path / "notes", domains=["general"], kind_weights={}, pad_id=0, vocab_size=10,
+        TokenDatasetWriter(tmp_path / "notes", domains=["general"], kind_weights={}, pad_id=0,
+                           vocab_size=10,
                            seq_len=8)
     write_dataset(tmp_path / "ds", [3])
     dataset, _ = write_dataset(tmp_path / "ds", [5, 6])
@@ -200,7 +212,8 @@ def test_writer_overwrites_only_a_dataset(tmp_path):
 @given(lengths=st.lists(st.integers(1, 40), min_size=0, max_size=80), seq_len=st.integers(8, 48),
        world_size=st.integers(1, 3), batch_size=st.integers(1, 3), shuffle=st.booleans(),
        seed=st.integers(0, 1000), window=st.integers(1, 64))
-def test_an_epoch_across_ranks_holds_every_kept_sample_exactly_once(lengths, seq_len, world_size, batch_size,
+def test_an_epoch_across_ranks_holds_every_kept_sample_exactly_once(lengths, seq_len, world_size,
+                                                                    batch_size,
                                                                      shuffle, seed, window):
     with tempfile.TemporaryDirectory() as tmp:
         dataset, samples = write_dataset(Path(tmp) / "ds", lengths, seed=seed)
@@ -224,7 +237,8 @@ def test_an_epoch_across_ranks_holds_every_kept_sample_exactly_once(lengths, seq
 
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_resume_from_state_dict_matches_an_uninterrupted_run(tmp_path, prefetch):
-    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(1).integers(1, 30, 120).tolist())
+    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(1).integers(1, 30,
+                                                                                  120).tolist())
     options = dict(seq_len=32, batch_size=2, world_size=2, rank=1, seed=7, prefetch=prefetch)
     reference = PackedLoader(dataset, **options)
     per_epoch = len(reference)
@@ -247,17 +261,20 @@ def test_resume_from_state_dict_matches_an_uninterrupted_run(tmp_path, prefetch)
         while len(taken) + len(rest) < 2 * per_epoch:
             rest += list(resumed)  # the rest of the current epoch, then the next
         for got, want in zip(taken + rest, uninterrupted, strict=True):
-            for name in ("input_ids", "labels", "position_ids", "cu_seqlens", "loss_weights", "domain_ids"):
+            for name in ("input_ids", "labels", "position_ids", "cu_seqlens", "loss_weights",
+                         "domain_ids"):
                 assert torch.equal(getattr(got, name), getattr(want, name)), (stop, name)
 
 
 def test_an_abandoned_iterator_resumes_where_the_caller_stopped(tmp_path):
-    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(2).integers(1, 30, 60).tolist())
+    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(2).integers(1, 30,
+                                                                                  60).tolist())
     reference = list(PackedLoader(dataset, seq_len=32, seed=3))
     loader = PackedLoader(dataset, seq_len=32, seed=3, prefetch=4)
     first = next(iter(loader))
     rest = list(loader)  # a new iterator picks up after the one batch taken
-    assert [b.input_ids.tolist() for b in [first, *rest]] == [b.input_ids.tolist() for b in reference]
+    assert [b.input_ids.tolist() for b in [first, *rest]] == [b.input_ids.tolist()
+                                                              for b in reference]
 
 
 def test_a_replaced_iterator_refuses_to_go_on(tmp_path):
@@ -294,9 +311,11 @@ def _rows_of(batch) -> list[tuple]:
 def test_elastic_resume_trains_every_row_of_the_epoch_exactly_once(tmp_path):
     """2 ranks, then 1, then 3, then 2: the rows handed out over the epoch are one uninterrupted
     epoch's, none twice, none skipped, whatever the world sizes in between."""
-    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(4).integers(1, 30, 300).tolist())
+    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(4).integers(1, 30,
+                                                                                  300).tolist())
     options = dict(seq_len=32, batch_size=2, seed=11, prefetch=2)
-    uninterrupted = Counter(r for b in PackedLoader(dataset, world_size=1, **options) for r in _rows_of(b))
+    uninterrupted = Counter(r for b in PackedLoader(dataset, world_size=1,
+                                                    **options) for r in _rows_of(b))
     state, seen = None, Counter()
     for world, steps in ((2, 3), (1, 5), (3, 2), (2, None)):
         loaders = [PackedLoader(dataset, world_size=world, rank=r, **options) for r in range(world)]
@@ -316,7 +335,8 @@ def test_elastic_resume_trains_every_row_of_the_epoch_exactly_once(tmp_path):
 
 
 def test_a_state_without_rows_consumed_resumes_at_its_cursor(tmp_path):
-    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(5).integers(1, 30, 80).tolist())
+    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(5).integers(1, 30,
+                                                                                  80).tolist())
     options = dict(seq_len=32, batch_size=2, world_size=2, rank=0, seed=1, prefetch=0)
     reference = [b.input_ids.tolist() for b in PackedLoader(dataset, **options)]
     loader = PackedLoader(dataset, **options)
@@ -326,7 +346,8 @@ def test_a_state_without_rows_consumed_resumes_at_its_cursor(tmp_path):
 
 
 def test_epochs_and_seeds_reshuffle_deterministically(tmp_path):
-    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(3).integers(1, 30, 80).tolist())
+    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(3).integers(1, 30,
+                                                                                  80).tolist())
 
     def epoch_ids(seed, epochs=1):
         loader = PackedLoader(dataset, seq_len=32, seed=seed, prefetch=0)
@@ -352,14 +373,16 @@ def test_last_global_batch_is_completed_with_padding_rows(tmp_path):
 
 
 def test_kind_weights_can_be_overridden(tmp_path):
-    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(4).integers(2, 20, 40).tolist())
+    dataset, _ = write_dataset(tmp_path / "ds", np.random.default_rng(4).integers(2, 20,
+                                                                                  40).tolist())
     weights = {**DATASET_WEIGHTS, "role": 3.0}
     loader = PackedLoader(dataset, seq_len=32, kind_weights={"role": 3.0})
     assert loader.kind_weights == weights
     batches = list(loader)
     for batch in batches:
         check_batch(batch, 1, 32, weights)
-    role = torch.cat([b.loss_weights[(b.kind_ids == KINDS.index("role")) & (b.labels != -100)] for b in batches])
+    role = torch.cat([b.loss_weights[(b.kind_ids == KINDS.index("role")) & (b.labels != -100)]
+                      for b in batches])
     assert role.numel() > 0 and (role == 3.0).all()
     with pytest.raises(ValueError, match="unknown kind"):
         PackedLoader(dataset, kind_weights={"chitchat": 1.0})
@@ -419,5 +442,6 @@ def test_interpreter_exits_with_a_live_iterator(tmp_path):
         next(ITERATOR)
         print("ok")
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -12,14 +12,14 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import one_torch_thread, run_config  # noqa: F401  (fixture)
 
 from rega_engine.config import ConfigError, load_config
 from rega_engine.model import lora
 from rega_engine.train import loop
-from train_helpers import one_torch_thread, run_config  # noqa: F401  (fixture)
 
-
-LORA = ("--lora.rank=4", "--lora.alpha=8", "--lora.target_modules=['q_proj', 'v_proj', 'gate_proj', 'down_proj']")
+LORA = ("--lora.rank=4", "--lora.alpha=8",
+        "--lora.target_modules=['q_proj', 'v_proj', 'gate_proj', 'down_proj']")
 # fp32 on CPU: our kernels' reference backend against transformers' SDPA layers (measured: PEFT 0.0,
 # merged export 5e-7; the trained adapters move the logits by 0.11 from the base).
 LOGITS_ATOL = 1e-4
@@ -56,12 +56,14 @@ def test_lora_run_trains_adapters_resumes_and_exports_for_peft(tmp_path, monkeyp
     assert loop.train(config) == 0
     run = tmp_path / "run"
     optimized = sorted(seen["names"][i] for i in seen["optimized"])
-    assert optimized == seen["trainable"] and len(optimized) == 2 * 4 * 2      # A and B x 4 targets x 2 layers
+    # A and B x 4 targets x 2 layers
+    assert optimized == seen["trainable"] and len(optimized) == 2 * 4 * 2
     assert all(".lora_A." in n or ".lora_B." in n for n in optimized)
 
     # The base weights stayed frozen: hf_base is the random init itself.
     from rega_engine.model import from_config
-    init = from_config(tmp_path / "model.json", dtype=torch.float32, device="cpu", seed=0).state_dict()
+    init = from_config(tmp_path / "model.json", dtype=torch.float32, device="cpu",
+                       seed=0).state_dict()
     base = load_file(run / "hf_base" / "model.safetensors")
     assert base.keys() == {k for k in init if not k.endswith("inv_freq")}
     for name, tensor in base.items():
@@ -79,7 +81,8 @@ def test_lora_run_trains_adapters_resumes_and_exports_for_peft(tmp_path, monkeyp
         base_logits = base_model.eval()(_probe()).logits
         peft_model = peft.PeftModel.from_pretrained(base_model, run / "hf_adapter").eval()
         peft_logits = peft_model(_probe()).logits
-        merged_logits = AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32).eval()(_probe()).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(run / "hf",
+            dtype=torch.float32).eval()(_probe()).logits
     assert (base_logits - seen["logits"]).abs().max() > 100 * LOGITS_ATOL     # the adapters matter
     torch.testing.assert_close(peft_logits, seen["logits"], atol=LOGITS_ATOL, rtol=1e-4)
     torch.testing.assert_close(merged_logits, seen["logits"], atol=LOGITS_ATOL, rtol=1e-4)
@@ -95,10 +98,12 @@ def test_lora_run_trains_adapters_resumes_and_exports_for_peft(tmp_path, monkeyp
         return result
     monkeypatch.setattr(loop, "optimizer_step", terminated_after_step_2)
     resumed = tmp_path / "resumed"
-    assert loop.train(run_config(tmp_path, *LORA, "--checkpoint.export=true", f"--train.out_dir={resumed}",
+    assert loop.train(run_config(tmp_path, *LORA, "--checkpoint.export=true",
+                                 f"--train.out_dir={resumed}",
                                  steps=4)) == loop.PREEMPTED_EXIT_CODE
     monkeypatch.setattr(loop, "optimizer_step", step)
-    assert loop.train(run_config(tmp_path, *LORA, "--checkpoint.export=true", f"--train.out_dir={resumed}",
+    assert loop.train(run_config(tmp_path, *LORA, "--checkpoint.export=true",
+                                 f"--train.out_dir={resumed}",
                                  "--checkpoint.resume=true", steps=4)) == 0
     again = load_file(resumed / "hf_adapter" / "adapter_model.safetensors")
     assert again.keys() == adapters.keys()
@@ -112,7 +117,8 @@ def test_lora_config_rules():
     assert load().lora.rank == 0                          # off by default
     assert load("--lora.rank=8").lora.target_modules[0] == "q_proj"
     for override, key in (("--lora.rank=-1", "lora.rank"), ("--lora.alpha=0", "lora.alpha"),
-                          ("--lora.dropout=1.0", "lora.dropout"), ("--lora.target_modules=[]", "lora.target_modules")):
+                          ("--lora.dropout=1.0", "lora.dropout"), ("--lora.target_modules=[]",
+                                                                   "lora.target_modules")):
         with pytest.raises(ConfigError, match=key):
             load("--lora.rank=4", override)
     with pytest.raises(ConfigError, match="'lm_head' cannot take an adapter"):
@@ -128,6 +134,7 @@ def test_lora_under_fsdp2_bf16(tmp_path, monkeypatch):
     # the meta device, the base broadcast from rank 0's init, the adapters initialised after it.
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
+
     from rega_engine.model import from_config
     seen = {}
     export = lora.export_lora
@@ -136,15 +143,19 @@ def test_lora_under_fsdp2_bf16(tmp_path, monkeypatch):
         seen["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
         return export(model, out_dir, **kwargs)
     monkeypatch.setattr(lora, "export_lora", capture_export)
-    assert loop.train(run_config(tmp_path, *LORA, "--model.dtype=bf16", "--checkpoint.export=true", steps=2)) == 0
+    assert loop.train(run_config(tmp_path, *LORA, "--model.dtype=bf16", "--checkpoint.export=true",
+                                 steps=2)) == 0
     assert seen["trainable"] and all(".lora_A." in n or ".lora_B." in n for n in seen["trainable"])
     run = tmp_path / "run"
-    init = from_config(tmp_path / "model.json", dtype=torch.float32, device="cpu", seed=0).state_dict()
+    init = from_config(tmp_path / "model.json", dtype=torch.float32, device="cpu",
+                       seed=0).state_dict()
     for name, tensor in load_file(run / "hf_base" / "model.safetensors").items():
         assert torch.equal(tensor, init[name].to(torch.bfloat16)), name
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(run / "hf_base", dtype=torch.float32)
-        peft_logits = peft.PeftModel.from_pretrained(base, run / "hf_adapter").eval()(_probe()).logits
-        merged = AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32).eval()(_probe()).logits
+        peft_logits = peft.PeftModel.from_pretrained(base,
+                                                     run / "hf_adapter").eval()(_probe()).logits
+        merged = AutoModelForCausalLM.from_pretrained(run / "hf",
+                                                      dtype=torch.float32).eval()(_probe()).logits
     # The merged weights are rounded to bf16 once more than W + BA computed by PEFT.
     torch.testing.assert_close(merged, peft_logits, atol=1e-2, rtol=1e-2)     # measured 2.6e-3

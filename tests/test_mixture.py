@@ -1,4 +1,5 @@
-"""The role table and the REGA mixture: kinds, prompts, integration, sizes, ablations, determinism."""
+"""The role table and the REGA mixture: kinds, prompts, integration, sizes, ablations,
+determinism."""
 import json
 from collections import Counter
 
@@ -33,7 +34,8 @@ def config(tmp_path):
     c.roles.central_prompt = CENTRAL
     c.roles.prompts = dict(ROLE)
     c.data.general = write_source(tmp_path / "general.jsonl", SIZES["general"], distilled=True)
-    c.data.domains = {d: write_source(tmp_path / f"{d}.jsonl", SIZES[d], d) for d in ("law", "medicine")}
+    c.data.domains = {d: write_source(tmp_path / f"{d}.jsonl", SIZES[d], d) for d in ("law",
+                                                                                      "medicine")}
     c.data.integration_fraction = 0.25
     return c
 
@@ -49,7 +51,8 @@ def test_role_table_ids_prompts_and_errors():
     assert table.domains == ["general", "law", "medicine"]
     assert [table.domain_id(d) for d in table.domains] == [0, 1, 2]
     assert table.prompt("general") == c.central_prompt and table.prompt("medicine") == "M"
-    with pytest.raises(ConfigError, match=r"data.domains.finance has no role prompt: add roles.prompts.finance"):
+    with pytest.raises(ConfigError,
+                       match=r"data.domains.finance has no role prompt: add roles.prompts.finance"):
         table.check_domains(["law", "finance"])
     c.prompts["law"] = " "
     with pytest.raises(ConfigError, match=r"roles.prompts.law is empty"):
@@ -66,7 +69,8 @@ def test_kinds_prompts_domains_and_integration_fraction(config):
     m = build_mixture(config)
     assert m.domains == ["general", "law", "medicine"]
     distilled, role, integration = (by_kind(m, k) for k in ("distilled", "role", "integration"))
-    assert len(distilled) == 15 and {s.system for s in distilled} == {CENTRAL} and {s.domain for s in distilled} == {0}
+    assert len(distilled) == 15 and {s.system for s in distilled} == {CENTRAL} and {s.domain
+        for s in distilled} == {0}
     assert Counter(s.domain for s in role) == {1: 20, 2: 10}
     assert {(s.domain, s.system) for s in role} == {(1, ROLE["law"]), (2, ROLE["medicine"])}
     # round(0.25 * 20) = 5 law and round(0.25 * 10) = 3 (2.5 rounds up) medicine samples reused...
@@ -103,7 +107,8 @@ def test_ablations_by_configuration_alone(config):
     assert not by_kind(m, "distilled") and by_kind(m, "role") and by_kind(m, "integration")
 
     config.data.self_distillation = True
-    config.data.general = write_source(config.data.domains["law"].replace("law", "g2"), 4, distilled=True)
+    config.data.general = write_source(config.data.domains["law"].replace("law", "g2"), 4,
+                                       distilled=True)
     config.data.role_prompts = False
     m = build_mixture(config)
     assert {s.system for s in m.samples} == {CENTRAL}
@@ -122,7 +127,8 @@ def test_sizes_subsample_repeat_and_zero(config):
     law = Counter(s.origin for s in m.samples if s.domain == 1)
     med = Counter(s.origin for s in m.samples if s.domain == 2)
     assert sum(law.values()) == 7 and set(law.values()) == {1}                 # without replacement
-    assert sum(med.values()) == 25 and len(med) == 10 and set(med.values()) <= {2, 3}   # 2 passes + 5
+    # 2 passes + 5
+    assert sum(med.values()) == 25 and len(med) == 10 and set(med.values()) <= {2, 3}
     assert sorted(med.values()).count(3) == 5
     assert not by_kind(m, "distilled")
 
@@ -140,7 +146,8 @@ def test_select_is_deterministic_and_whole_passes_first():
      r"data.kind_weights: no weight for integration"),
     ({"kind_weights": {"distilled": 1.0, "role": 1.0, "integration": 1.0, "extra": 1.0}},
      r"data.kind_weights: unknown kind\(s\) extra"),
-    ({"kind_weights": {"distilled": -1.0, "role": 1.0, "integration": 1.0}}, r"data.kind_weights.distilled = -1.0"),
+    ({"kind_weights": {"distilled": -1.0, "role": 1.0, "integration": 1.0}},
+     r"data.kind_weights.distilled = -1.0"),
     ({"kind_weights": {"distilled": 0, "role": 0.0, "integration": 0}}, r"every weight is 0"),
     ({"sizes": {"finance": 3}}, r"data.sizes.finance: no such source"),
     ({"sizes": {"law": -1}}, r"data.sizes.law = -1"),

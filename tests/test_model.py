@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import FAMILIES, make_tiny_checkpoint, tiny_hf_config
 
 from rega_engine.batch import IGNORE_INDEX
 from rega_engine.model import ConfigError, ModelArgs, from_config, from_pretrained
-from tiny_models import FAMILIES, make_tiny_checkpoint, tiny_hf_config
 
 ATOL = 1e-5
 

@@ -96,8 +96,10 @@ def test_plan_bins_rejects_bad_input(bad, message):
 
 
 @FAST
-@given(tokens=st.lists(st.integers(0, 50), max_size=60), world_size=st.integers(1, 5), batch_size=st.integers(1, 4))
-def test_deal_rows_gives_every_rank_batch_size_rows_balanced_by_tokens(tokens, world_size, batch_size):
+@given(tokens=st.lists(st.integers(0, 50), max_size=60), world_size=st.integers(1, 5),
+       batch_size=st.integers(1, 4))
+def test_deal_rows_gives_every_rank_batch_size_rows_balanced_by_tokens(tokens, world_size,
+                                                                       batch_size):
     row_tokens = np.asarray(tokens, dtype=np.int64)
     dealt = _C.deal_rows(row_tokens, world_size, batch_size)
     per_global = world_size * batch_size
@@ -105,7 +107,8 @@ def test_deal_rows_gives_every_rank_batch_size_rows_balanced_by_tokens(tokens, w
     real = dealt[dealt >= 0]
     assert sorted(real.tolist()) == list(range(len(tokens)))  # every row exactly once
     for g, batch in enumerate(dealt):
-        assert set(batch[batch >= 0].tolist()) == set(range(g * per_global, min((g + 1) * per_global, len(tokens))))
+        assert set(batch[batch >= 0].tolist()) == set(range(g * per_global,
+                                                            min((g + 1) * per_global, len(tokens))))
         loads = [row_tokens[r[r >= 0]].sum() for r in batch]
         biggest = row_tokens[batch[batch >= 0]].max(initial=0)
         assert max(loads) - min(loads) <= biggest
@@ -136,8 +139,10 @@ def make_store(lengths, rng, num_kinds=3, weights=(1.0, 0.5, 2.0)):
 def reference_batch(data, rows, seq_len, pad_id):
     """Straightforward per-token build of a batch as rega_engine/batch.py documents it."""
     B, L = len(rows), seq_len
-    out = dict(input_ids=np.full((B, L), pad_id), labels=np.full((B, L), -100), position_ids=np.zeros((B, L), int),
-               kind_ids=np.full((B, L), -1), domain_ids=np.full((B, L), -1), loss_weights=np.zeros((B, L), np.float32))
+    out = dict(input_ids=np.full((B, L), pad_id), labels=np.full((B, L), -100),
+               position_ids=np.zeros((B, L), int),
+               kind_ids=np.full((B, L), -1), domain_ids=np.full((B, L), -1),
+               loss_weights=np.zeros((B, L), np.float32))
     cu, real = [0], 0
     for r, samples in enumerate(rows):
         p = 0
@@ -169,7 +174,8 @@ def run_fill(store, bin_splits, bin_samples, rows, seq_len, pad_id, cu_size=None
            for name in ("input_ids", "labels", "position_ids", "kind_ids", "domain_ids")}
     out["loss_weights"] = np.full((B, seq_len), 7.0, dtype=np.float32)
     cu = np.full(cu_size or B * seq_len + 1, -1, dtype=np.int32)
-    segments, max_seqlen, real = store.fill_batch(bin_splits, bin_samples, np.asarray(rows, dtype=np.int64), pad_id,
+    segments, max_seqlen, real = store.fill_batch(bin_splits, bin_samples, np.asarray(rows,
+        dtype=np.int64), pad_id,
                                                   cu_seqlens=cu, **out)
     return out, cu[: segments + 1], max_seqlen, real
 
@@ -186,10 +192,12 @@ def test_fill_batch_matches_the_reference(lengths, seq_len, batch_size, seed, pa
     order = kept[np.argsort(bins[kept], kind="stable")]
     bin_splits = np.zeros(num_bins + 1, dtype=np.int64)
     np.cumsum(np.bincount(bins[kept], minlength=num_bins), out=bin_splits[1:])
-    rows = rng.integers(-1, num_bins, batch_size).astype(np.int64) if num_bins else np.full(batch_size, -1)
+    rows = rng.integers(-1, num_bins,
+                        batch_size).astype(np.int64) if num_bins else np.full(batch_size, -1)
     members = [[] if b < 0 else order[bin_splits[b]:bin_splits[b + 1]].tolist() for b in rows]
 
-    out, cu, max_seqlen, real = run_fill(store, bin_splits, order.astype(np.int64), rows, seq_len, pad_id)
+    out, cu, max_seqlen, real = run_fill(store, bin_splits, order.astype(np.int64), rows, seq_len,
+                                         pad_id)
     expected, expected_cu, expected_real = reference_batch(data, members, seq_len, pad_id)
     for name, value in expected.items():
         np.testing.assert_array_equal(out[name], value, err_msg=name)
@@ -250,7 +258,8 @@ def test_token_store_checks_the_dataset_once():
     rng = np.random.default_rng(0)
     _, data = make_store([2, 3], rng)
     with pytest.raises(ValueError, match="kind id 2 but only 2 kind weights"):
-        _C.TokenStore(**{**data, "kinds": np.array([0, 2], np.uint8), "kind_weights": np.ones(2, np.float32)})
+        _C.TokenStore(**{**data, "kinds": np.array([0, 2], np.uint8), "kind_weights": np.ones(2,
+            np.float32)})
     with pytest.raises(ValueError, match="offsets decrease"):
         _C.TokenStore(**{**data, "offsets": np.array([0, 3, 2], np.int64)})
     with pytest.raises(ValueError, match="tokens has only 5"):

@@ -43,13 +43,15 @@ def target_runs(tokenizer, ids, mask):
 # -- tokenizer -----------------------------------------------------------------------------------
 def test_trained_tokenizer_is_deterministic_round_trips_and_splits_digits(tmp_path):
     text = (SAMPLE_DIR / "corpus.txt").read_text(encoding="utf-8")
-    train_tokenizer([text], tmp_path / "again", vocab_size=1000, special_tokens=("<|im_start|>", "<|im_end|>"))
+    train_tokenizer([text], tmp_path / "again", vocab_size=1000, special_tokens=("<|im_start|>",
+                                                                                 "<|im_end|>"))
     cached = open(tiny_tokenizer_dir() + "/tokenizer.json", "rb").read()
     assert (tmp_path / "again" / "tokenizer.json").read_bytes() == cached
     tok = tiny_tokenizer()
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 3)
     assert 300 < len(tok) <= 1000
-    for s in ["What is 123 + 45?\nThe fine is 40 crowns.", "  two  spaces ", "héllo wörld 🙂\n\n\tx", "<0x41> x<s>"]:
+    for s in ["What is 123 + 45?\nThe fine is 40 crowns.", "  two  spaces ",
+              "héllo wörld 🙂\n\n\tx", "<0x41> x<s>"]:
         assert tok.decode(tok.encode(s, add_special_tokens=False)) == s
     pieces = tok.convert_ids_to_tokens(tok.encode("fine 2024", add_special_tokens=False))
     assert pieces[-4:] == ["2", "0", "2", "4"]
@@ -62,12 +64,14 @@ def test_tokenizer_command_line_and_too_small_vocabulary(tmp_path, capsys):
 
     template = tmp_path / "chatml.jinja"
     template.write_text(CHATML)
-    assert main([str(SAMPLE_DIR / "corpus.txt"), "--out", str(tmp_path / "tok"), "--vocab-size", "600",
+    assert main([str(SAMPLE_DIR / "corpus.txt"), "--out", str(tmp_path / "tok"), "--vocab-size",
+                 "600",
                  "--chat-template", str(template), "--special-token", "<|im_start|>",
                  "--special-token", "<|im_end|>"]) == 0
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
-    assert len(tok) == 600 and tok.chat_template == CHATML and tok.convert_tokens_to_ids("<|im_end|>") == 5
+    assert len(tok) == 600 and tok.chat_template == CHATML
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 5
     with pytest.raises(ValueError, match=r"raise vocab_size \(now 100\)"):
         train_tokenizer(["hello world"], tmp_path / "small", vocab_size=100)
 
@@ -77,19 +81,24 @@ def test_plain_template_masks_exactly_the_answers_and_their_eos():
     tok = tiny_tokenizer()
     ids, mask = render(tok, CHAT, ROLE)
     text = (f"<s>System: {ROLE}\n\nBe brief.\nUser: What is 12 + 30?\nAssistant: 12 + 30 = 42.</s>"
-            "User: And the capital of Arden?\nAssistant: The capital of Arden is Lowmere.\nIt lies on a river.</s>")
+            "User: And the capital of Arden?\nAssistant: The capital of Arden is Lowmere.\nIt lies "
+            "on a river.</s>")
     assert tok.decode(ids) == text
-    assert ids == tok(text, add_special_tokens=False)["input_ids"]   # the same tokens as the tokenizer's own call
+    # the same tokens as the tokenizer's own call
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
     assert target_runs(tok, ids, mask) == [" 12 + 30 = 42.</s>",
-                                           " The capital of Arden is Lowmere.\nIt lies on a river.</s>"]
+                                           " The capital of Arden is Lowmere.\nIt lies on a "
+                                           "river.</s>"]
 
 
 def test_chat_template_masks_exactly_the_answers_and_the_end_of_turn_token():
     tok = tiny_tokenizer(CHATML)
     ids, mask = render(tok, CHAT, ROLE)
-    assert tok.decode(ids).startswith(f"<|im_start|>system\n{ROLE}\n\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert tok.decode(ids).startswith(f"<|im_start|>system\n{ROLE}\n\nBe "
+                                      "brief.<|im_end|>\n<|im_start|>user\n")
     assert target_runs(tok, ids, mask) == ["12 + 30 = 42.<|im_end|>",
-                                           "The capital of Arden is Lowmere.\nIt lies on a river.<|im_end|>"]
+                                           "The capital of Arden is Lowmere.\nIt lies on a "
+                                           "river.<|im_end|>"]
     # "plain" overrides the tokenizer's template
     ids, mask = render(tok, CHAT, ROLE, template="plain")
     assert tok.decode(ids).startswith("<s>System: ")
@@ -117,16 +126,19 @@ def test_tokenizers_without_offsets_are_rendered_piece_by_piece(monkeypatch):
     monkeypatch.setattr(renderer, "_offsets", lambda text: None)   # as for a Python tokenizer
     ids, mask = renderer.render(CHAT, ROLE)
     assert target_runs(tok, ids, mask) == ["12 + 30 = 42.<|im_end|>",
-                                           "The capital of Arden is Lowmere.\nIt lies on a river.<|im_end|>"]
+                                           "The capital of Arden is Lowmere.\nIt lies on a "
+                                           "river.<|im_end|>"]
     assert ids == render(tok, CHAT, ROLE)[0]   # cuts at "\n" and special tokens change nothing here
 
 
 def test_unrenderable_conversations_raise_render_errors():
     tok = tiny_tokenizer()
     with pytest.raises(RenderError, match=r"a user turn contains the special token '</s>'") as info:
-        render(tok, [{"role": "user", "content": "end</s>"}, {"role": "assistant", "content": "ok"}], ROLE)
+        render(tok, [{"role": "user", "content": "end</s>"}, {"role": "assistant",
+                                                              "content": "ok"}], ROLE)
     assert info.value.reason == "special token in text"
-    unstable = CHATML.replace("{{ m['content'] }}", "{{ m['content'] }}{% if loop.last %}!{% endif %}")
+    unstable = CHATML.replace("{{ m['content'] }}",
+                              "{{ m['content'] }}{% if loop.last %}!{% endif %}")
     tok.chat_template = unstable
     with pytest.raises(RenderError, match=r"assistant turn 1 differently"):
         render(tok, CHAT, ROLE)
@@ -138,10 +150,12 @@ def test_unrenderable_conversations_raise_render_errors():
 def sample_config(tmp_path, **data) -> RunConfig:
     c = RunConfig()
     c.roles.central_prompt = "You are a helpful assistant."
-    c.roles.prompts = {"law": ROLE, "medicine": "You are a physician who knows the pharmacopoeia of Arden."}
+    c.roles.prompts = {"law": ROLE,
+                       "medicine": "You are a physician who knows the pharmacopoeia of Arden."}
     c.data.tokenizer = tiny_tokenizer_dir()
     c.data.general = str(SAMPLE_DIR / "general.jsonl")
-    c.data.domains = {"law": str(SAMPLE_DIR / "law.jsonl"), "medicine": str(SAMPLE_DIR / "medicine.jsonl")}
+    c.data.domains = {"law": str(SAMPLE_DIR / "law.jsonl"), "medicine": str(SAMPLE_DIR
+                                                                            / "medicine.jsonl")}
     c.data.seq_len = 256
     c.data.workers = 2
     c.data.prepared = str(tmp_path / "prepared")
@@ -167,12 +181,15 @@ def test_prepare_two_workers_writes_the_rendered_mixture(tmp_path, capsys, templ
     assert data.kinds.tolist() == [s.kind for s in mixture.samples]
     assert data.domains.tolist() == [s.domain for s in mixture.samples]
     first = tok.decode(data.sample(0)[0])
-    assert mixture.samples[0].messages[-1]["content"] in first and mixture.samples[0].system in first
+    assert mixture.samples[0].messages[-1]["content"] in first
+    assert mixture.samples[0].system in first
     assert (data.domain_names, data.pad_id, data.vocab_size, data.seq_len) == (
         ["general", "law", "medicine"], tok.pad_token_id, len(tok), 256)
 
-    assert report["rows"][config.data.domains["law"]] == {"read": 82, "blank": 0, "kept": 82, "rejected": 0}
-    assert report["samples"]["kind"] == {"distilled": 138, "role": 160, "integration": 16, "pretrain": 0}
+    assert report["rows"][config.data.domains["law"]] == {"read": 82, "blank": 0, "kept": 82,
+                                                          "rejected": 0}
+    assert report["samples"]["kind"] == {"distilled": 138, "role": 160, "integration": 16,
+                                         "pretrain": 0}
     assert report["samples"]["domain"] == {"general": 138, "law": 90, "medicine": 86}
     assert report["tokens"] == data.num_tokens
     assert report["loss_tokens"] == sum(int(s.loss_mask.sum()) for s in data.shards)
@@ -189,12 +206,14 @@ def test_output_does_not_depend_on_the_number_of_workers(tmp_path, capsys):
 
 def tree_bytes(root) -> dict:
     """{relative path: contents} of every file under `root`."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 def test_too_long_truncate_drop_and_error(tmp_path, capsys):
     renderer = ChatRenderer(tiny_tokenizer())
-    lengths = [len(renderer.render(s.messages, s.system)[0]) for s in build_mixture(sample_config(tmp_path)).samples]
+    lengths = [len(renderer.render(s.messages,
+        s.system)[0]) for s in build_mixture(sample_config(tmp_path)).samples]
     seq_len = int(np.percentile(lengths, 60))
     longer = sum(n > seq_len for n in lengths)
     assert 0 < longer < len(lengths)
@@ -208,8 +227,10 @@ def test_too_long_truncate_drop_and_error(tmp_path, capsys):
     assert report["dropped_too_long"] == longer and report["truncated"] == 0
     assert len(TokenDataset(tmp_path / "prepared")) == len(lengths) - longer
 
-    with pytest.raises(DataError, match=r"\.jsonl:\d+: the rendered sample has \d+ tokens, more than data.seq_len"):
-        prepare(sample_config(tmp_path, seq_len=seq_len, too_long="error", prepared=str(tmp_path / "err")))
+    with pytest.raises(DataError,
+        match=r"\.jsonl:\d+: the rendered sample has \d+ tokens, more than data.seq_len"):
+        prepare(sample_config(tmp_path, seq_len=seq_len, too_long="error", prepared=str(tmp_path
+                                                                                        / "err")))
     assert not (tmp_path / "err").exists()   # nothing half-written is left behind
 
 
@@ -228,7 +249,8 @@ def test_bad_rows_and_unrenderable_samples_are_reported(tmp_path, capsys):
     shutil.copy(SAMPLE_DIR / "law.jsonl", law)
     with open(law, "a") as f:
         f.write("not json\n\n")
-        f.write(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a</s>"}],
+        f.write(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant",
+                                                                            "content": "a</s>"}],
                             "domain": "law"}) + "\n")
     config = sample_config(tmp_path, domains={"law": str(law)}, integration_fraction=0.0)
     config.roles.prompts.pop("medicine")
@@ -269,7 +291,8 @@ prepared = "{tmp_path / 'out'}"
 [data.domains]
 law = "{SAMPLE_DIR / 'law.jsonl'}"
 """)
-    assert cli_main(["prepare", "--config", str(toml), "--data.workers=1", "--data.role_integration=false"]) == 0
+    assert cli_main(["prepare", "--config", str(toml), "--data.workers=1",
+                     "--data.role_integration=false"]) == 0
     data = TokenDataset(tmp_path / "out")
     assert len(data) == 82 and set(data.kinds.tolist()) == {KIND_ID["role"]}
     assert "prepared" in capsys.readouterr().out
@@ -277,7 +300,8 @@ law = "{SAMPLE_DIR / 'law.jsonl'}"
 
 @pytest.mark.parametrize("template", [None, CHATML], ids=["plain", "chatml"])
 def test_masks_from_span_edges_equal_masks_from_every_offset(tmp_path, template):
-    """The fast path (char_to_token at each span's edges) marks exactly the tokens the offsets do."""
+    """The fast path (char_to_token at each span's edges) marks exactly the tokens the offsets
+    do."""
     tok = tiny_tokenizer(template)
     fast, slow = ChatRenderer(tok), ChatRenderer(tok)
     slow._fast_masks = False

@@ -10,12 +10,12 @@ import subprocess
 import sys
 
 import pytest
+from test_prepare import sample_config, tree_bytes
 from tiny_tokenizer import SAMPLE_DIR
 
 from rega_engine.data import prepare as prepare_module
 from rega_engine.data.dataset import TokenDataset
 from rega_engine.data.prepare import prepare
-from test_prepare import sample_config, tree_bytes
 
 SHARD = 40    # 314 samples -> 8 shards
 
@@ -23,7 +23,8 @@ SHARD = 40    # 314 samples -> 8 shards
 def with_bad_rows(tmp_path):
     """law.jsonl plus a row of bad JSON and a sample the tokenizer cannot render."""
     law = tmp_path / "law.jsonl"
-    if law.exists():   # written once: a rewritten source is a new input (its mtime is in the fingerprint)
+    # written once: a rewritten source is a new input (its mtime is in the fingerprint)
+    if law.exists():
         return {"law": str(law), "medicine": str(SAMPLE_DIR / "medicine.jsonl")}
     shutil.copy(SAMPLE_DIR / "law.jsonl", law)
     with open(law, "a") as f:
@@ -46,10 +47,12 @@ def test_a_job_array_writes_the_single_process_bytes_and_the_index_comes_last(tm
     assert [s["name"] for s in meta["shards"]] == [f"shard_{k:05d}" for k in range(8)]
     assert meta["report"]["rows_rejected"] == {"bad JSON": 1}
     assert meta["report"]["samples_unrenderable"] == {"special token in text": 1}
-    assert meta["report"]["tokens_by_domain"]["law"] > 0 and meta["config"]["data"]["shard_samples"] == SHARD
+    assert meta["report"]["tokens_by_domain"]["law"] > 0
+    assert meta["config"]["data"]["shard_samples"] == SHARD
     data.verify()   # every file matches the sha256 the index holds
     # The loader reads every shard through its memory maps: each sample once per epoch, intact.
     from collections import Counter
+
     from rega_engine.data.loader import PackedLoader
     want = Counter(tuple(data.sample(i)[0].tolist()) for i in range(len(data)))
     got = Counter()
@@ -63,7 +66,8 @@ def test_a_job_array_writes_the_single_process_bytes_and_the_index_comes_last(tm
     assert part["shards_written"] == 4 and not (tmp_path / "array" / "meta.json").exists()
     assert "4 of 8 complete" in capsys.readouterr().out
     done = prepare(config(tmp_path, "array"), shard="0/2")
-    assert done["samples"] == single["samples"] and done["samples_unrenderable"] == {"special token in text": 1}
+    assert done["samples"] == single["samples"]
+    assert done["samples_unrenderable"] == {"special token in text": 1}
     assert tree_bytes(tmp_path / "array") == tree_bytes(tmp_path / "one")
 
 
@@ -84,13 +88,15 @@ def test_an_interrupted_prepare_resumes_from_its_complete_shards(tmp_path, monke
         prepare(config(tmp_path, "resumed"))
     out = tmp_path / "resumed"
     assert not (out / "meta.json").exists()
-    assert sorted(p.name for p in out.iterdir()) == written == ["shard_00000", "shard_00001", "shard_00002"]
+    assert sorted(p.name for p in out.iterdir()) == written == ["shard_00000", "shard_00001",
+                                                                "shard_00002"]
     with pytest.raises(FileNotFoundError, match="not a complete prepared dataset"):
         TokenDataset(out)
     kept = {name: (out / name / "tokens.bin").stat().st_ino for name in written}
 
     written.clear()
-    monkeypatch.setattr(prepare_module, "_write_shard", lambda d, *a, **k: (written.append(d.name), real(d, *a, **k))[1])
+    monkeypatch.setattr(prepare_module, "_write_shard", lambda d, *a, **k: (written.append(d.name),
+                                                                            real(d, *a, **k))[1])
     prepare(config(tmp_path, "resumed"))
     assert written == [f"shard_{k:05d}" for k in range(3, 8)]   # only the missing ones
     assert {name: (out / name / "tokens.bin").stat().st_ino for name in kept} == kept
@@ -105,11 +111,13 @@ def test_an_interrupted_prepare_resumes_from_its_complete_shards(tmp_path, monke
 
 def test_a_format_1_dataset_and_foreign_files_in_the_output(tmp_path):
     from rega_engine.data.dataset import TokenDatasetWriter
-    with TokenDatasetWriter(tmp_path / "old", domains=["general"], kind_weights={}, pad_id=0, vocab_size=10,
+    with TokenDatasetWriter(tmp_path / "old", domains=["general"], kind_weights={}, pad_id=0,
+                            vocab_size=10,
                             seq_len=8) as writer:
         writer.add([1, 2], [0, 1], 0, 0)
     prepare(config(tmp_path, "old"))
-    assert not (tmp_path / "old" / "tokens.bin").exists() and len(TokenDataset(tmp_path / "old").shards) == 8
+    assert not (tmp_path / "old" / "tokens.bin").exists() and len(TokenDataset(tmp_path
+                                                                               / "old").shards) == 8
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a prepared dataset"):
@@ -125,14 +133,17 @@ def test_torchrun_processes_share_the_prepare_and_write_the_single_process_bytes
     toml.write_text("\n".join([
         "[roles]", f'central_prompt = "{single.roles.central_prompt}"',
         "[roles.prompts]", *(f'{k} = "{v}"' for k, v in single.roles.prompts.items()),
-        "[data]", f'tokenizer = "{c.tokenizer}"', f'general = "{c.general}"', f"seq_len = {c.seq_len}",
+        "[data]", f'tokenizer = "{c.tokenizer}"', f'general = "{c.general}"',
+        f"seq_len = {c.seq_len}",
         f"shard_samples = {SHARD}", "workers = 1", f'prepared = "{tmp_path / "two"}"',
         "[data.domains]", *(f'{k} = "{v}"' for k, v in c.domains.items()), ""]))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2",
                              "-m", "rega_engine.cli", "prepare", "--config", str(toml)],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
-    assert "(process 0 of 2): 315 samples in 8 shard(s) of 40, 4 of them this process's" in result.stderr
+    assert ("(process 0 of 2): 315 samples in 8 shard(s) of 40, 4 of them this process's"
+            in result.stderr)
     assert result.stdout.count("prepared ") == 1   # one report, from rank 0
     assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")

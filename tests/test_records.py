@@ -3,10 +3,17 @@ import json
 
 import pytest
 
-from rega_engine.data.records import WARN_FIRST, DataError, RowStats, read_instructions, read_samples
+from rega_engine.data.records import (
+    WARN_FIRST,
+    DataError,
+    RowStats,
+    read_instructions,
+    read_samples,
+)
 
 KNOWN = ["general", "law", "medicine"]
-GOOD = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "domain": "law"}
+GOOD = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "domain": "law"}
 
 
 def user(text="q"):
@@ -34,24 +41,31 @@ BAD_ROWS = [
     ("missing messages", {"messages": "hi"}, "'messages' must be a list"),
     ("missing messages", {"messages": []}, "'messages' is empty"),
     ("wrong type", {"messages": ["hi"]}, "messages[0] must be an object"),
-    ("wrong type", {"messages": [{"role": 1, "content": "q"}, assistant()]}, "messages[0].role must be a string"),
+    ("wrong type", {"messages": [{"role": 1, "content": "q"}, assistant()]},
+     "messages[0].role must be a string"),
     ("wrong type", {"messages": [user(), {"role": "assistant", "content": ["a"]}]},
      "messages[1].content must be a string"),
-    ("unknown role", {"messages": [{"role": "tool", "content": "x"}, assistant()]}, "messages[0].role 'tool'"),
+    ("unknown role", {"messages": [{"role": "tool", "content": "x"}, assistant()]},
+     "messages[0].role 'tool'"),
     ("missing assistant turn", {"messages": [user()]}, "no assistant turn"),
-    ("missing assistant turn", {"messages": [user(), assistant(), user()]}, "the last turn is 'user'"),
-    ("empty assistant turn", {"messages": [user(), assistant("  ")]}, "messages[1] is an empty assistant turn"),
-    ("empty assistant turn", {"messages": [user(), assistant(""), user(), assistant()]}, "messages[1]"),
+    ("missing assistant turn", {"messages": [user(), assistant(), user()]},
+     "the last turn is 'user'"),
+    ("empty assistant turn", {"messages": [user(), assistant("  ")]},
+     "messages[1] is an empty assistant turn"),
+    ("empty assistant turn", {"messages": [user(), assistant(""), user(), assistant()]},
+     "messages[1]"),
     ("unknown domain", {**GOOD, "domain": "finance"}, "domain 'finance' has no role prompt"),
-    ("domain mismatch", {**GOOD, "domain": "medicine"}, "disagrees with the source this file is listed under "
-                                                        "(data.domains.law)"),
-    ("domain mismatch", {**GOOD, "domain": None, "distilled": True}, "distilled (general) exemplar listed under"),
+    ("domain mismatch", {**GOOD, "domain": "medicine"},
+     "disagrees with the source this file is listed under (data.domains.law)"),
+    ("domain mismatch", {**GOOD, "domain": None, "distilled": True},
+     "distilled (general) exemplar listed under"),
     ("wrong type", {**GOOD, "distilled": "yes"}, "'distilled' must be true or false"),
     ("wrong type", {**GOOD, "domain": 3}, "'domain' must be a string"),
 ]
 
 
-@pytest.mark.parametrize("reason,row,message", BAD_ROWS, ids=[f"{r}-{m[:24]}" for r, _, m in BAD_ROWS])
+@pytest.mark.parametrize("reason,row,message", BAD_ROWS, ids=[f"{r}-{m[:24]}"
+                                                              for r, _, m in BAD_ROWS])
 def test_each_bad_row_raises_its_named_error_with_path_and_line(tmp_path, reason, row, message):
     path = write(tmp_path, [GOOD, "", row, GOOD])
     with pytest.raises(DataError) as info:
@@ -81,15 +95,18 @@ def test_skip_policy_keeps_good_rows_counts_bad_ones_by_reason_and_warns_first_f
 
 def test_good_rows_multi_turn_with_system_and_general_domain(tmp_path):
     rows = [
-        {"messages": [{"role": "system", "content": "Be brief."}, user("q1"), assistant("a1"), user("q2"),
+        {"messages": [{"role": "system", "content": "Be brief."}, user("q1"), assistant("a1"),
+                      user("q2"),
                       assistant("a2")], "domain": "law", "extra": {"ignored": True}},
         {"messages": [{**user(), "name": "x"}, assistant()]},
     ]
     records = list(read_samples(write(tmp_path, rows), source="law", known_domains=KNOWN))
-    assert [m["role"] for m in records[0].messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in records[0].messages] == ["system", "user", "assistant", "user",
+                                                        "assistant"]
     assert records[1].messages == (user(), assistant())   # only role and content are kept
     assert records[1].domain is None and not records[1].distilled
-    general = write(tmp_path, [{**GOOD, "domain": "general", "distilled": True}, {**GOOD, "domain": None}], "g.jsonl")
+    general = write(tmp_path, [{**GOOD, "domain": "general", "distilled": True}, {**GOOD,
+        "domain": None}], "g.jsonl")
     records = list(read_samples(general, source="general", known_domains=KNOWN, bad_rows="error"))
     assert [r.distilled for r in records] == [True, False]
 
@@ -106,7 +123,8 @@ def test_read_instructions_wants_rows_ending_with_the_user_turn(tmp_path):
 
 
 def test_missing_file_and_bad_policy_fail_before_reading(tmp_path):
-    with pytest.raises(DataError, match=r"nope.jsonl: file not found \(listed as data.domains.law\)"):
+    with pytest.raises(DataError,
+                       match=r"nope.jsonl: file not found \(listed as data.domains.law\)"):
         read_samples(tmp_path / "nope.jsonl", source="law", known_domains=KNOWN)
     with pytest.raises(ValueError, match="data.bad_rows = 'ignore'"):
         read_samples(write(tmp_path, [GOOD]), source="law", bad_rows="ignore")

@@ -30,7 +30,6 @@ if not torch.cuda.is_available():
 import importlib  # noqa: E402
 
 import pytest  # noqa: E402
-
 from rega_engine.kernels import rms_norm, rms_norm_reference  # noqa: E402
 
 rn = importlib.import_module("rega_engine.kernels.rms_norm")

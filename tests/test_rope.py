@@ -26,8 +26,8 @@ if not torch.cuda.is_available():
 import importlib  # noqa: E402
 
 import pytest  # noqa: E402
-
 from rega_engine.kernels import rotary_embedding, rotary_embedding_reference  # noqa: E402
+
 from rega_engine.model.args import RopeArgs  # noqa: E402
 from rega_engine.model.llama import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: E402
 

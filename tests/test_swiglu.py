@@ -27,7 +27,6 @@ import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from rega_engine.kernels import swiglu, swiglu_reference  # noqa: E402
 
 sw = importlib.import_module("rega_engine.kernels.swiglu")

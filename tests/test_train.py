@@ -14,9 +14,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_helpers import one_torch_thread  # noqa: F401,E402 (autouse fixture)
-from train_helpers import (DOMAINS, make_dataset, read_log, run_config,  # noqa: E402
-                           write_model_config)
+from train_helpers import (  # noqa: E402
+    DOMAINS,
+    make_dataset,
+    one_torch_thread,  # noqa: F401,E402 (autouse fixture)
+    read_log,
+    run_config,
+    write_model_config,
+)
 
 from rega_engine.batch import IGNORE_INDEX, KINDS  # noqa: E402
 from rega_engine.config import load_config  # noqa: E402
@@ -55,7 +60,8 @@ def test_smoke_config_learns(tmp_path, sample_tokenizer, monkeypatch):
     assert (tmp_path / "train" / "loss_curves.png").stat().st_size > 10_000
     # Every kind of REGA and both specific domains were trained and seen by the metrics; the
     # smoke data has no pretraining rows, so that kind has no loss (None, not 0).
-    for group, names in (("loss_by_kind", KINDS), ("loss_by_domain", ["general", "law", "medicine"])):
+    for group, names in (("loss_by_kind", KINDS), ("loss_by_domain", ["general", "law",
+                                                                      "medicine"])):
         assert list(log[0][group]) == list(names)
         for name in names:
             seen = any(r[group][name] is not None for r in log)
@@ -101,7 +107,8 @@ def test_step_loss_is_the_global_weighted_mean_over_micro_batches(tmp_path):
 
     torch.testing.assert_close(loss, hand.detach(), rtol=1e-6, atol=1e-6)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7,
+                                   msg=lambda m: f"{name}: {m}")
     # Not the mean of per-micro-batch means, which packing would skew.
     per_batch = [_hand_loss(copy.deepcopy(reference), [b])[0].item() for b in batches]
     assert abs(sum(per_batch) / 3 - hand.item()) > 1e-4
@@ -130,8 +137,10 @@ def test_log_has_per_kind_and_per_domain_fields(tmp_path):
         assert list(r["loss_by_kind"]) == list(KINDS)
         assert list(r["loss_by_domain"]) == DOMAINS
         # the label tokens behind those losses: the same tokens counted by kind and by domain
-        assert sum(r["loss_tokens_by_kind"].values()) == sum(r["loss_tokens_by_domain"].values()) > 0
-        assert all((r["loss_tokens_by_kind"][k] == 0) == (r["loss_by_kind"][k] is None) for k in KINDS)
+        by_kind, by_domain = r["loss_tokens_by_kind"], r["loss_tokens_by_domain"]
+        assert sum(by_kind.values()) == sum(by_domain.values()) > 0
+        assert all((r["loss_tokens_by_kind"][k] == 0) == (r["loss_by_kind"][k] is None)
+                   for k in KINDS)
         assert all(v is None or 0 < v < 10 for v in [*r["loss_by_kind"].values(),
                                                      *r["loss_by_domain"].values()])
         assert 0 < r["loss"] < 10 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0
@@ -155,10 +164,12 @@ def test_mfu_by_hand():
     # Two documents of 3 and 5 tokens and a padding run of 2 (kind -1), in one row of 10.
     from rega_engine.batch import PackedBatch
     kind_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, -1, -1]])
-    batch = PackedBatch(input_ids=torch.zeros(1, 10, dtype=torch.long), labels=torch.zeros(1, 10, dtype=torch.long),
+    batch = PackedBatch(input_ids=torch.zeros(1, 10, dtype=torch.long), labels=torch.zeros(1, 10,
+        dtype=torch.long),
                         position_ids=torch.zeros(1, 10, dtype=torch.long),
                         cu_seqlens=torch.tensor([0, 3, 8, 10], dtype=torch.int32), max_seqlen=5,
-                        kind_ids=kind_ids, domain_ids=kind_ids.clone(), loss_weights=torch.zeros(1, 10),
+                        kind_ids=kind_ids, domain_ids=kind_ids.clone(), loss_weights=torch.zeros(1,
+                            10),
                         num_real_tokens=8)
     lengths = metrics.document_lengths(batch)
     assert lengths.tolist() == [3, 5]
@@ -181,9 +192,11 @@ def test_device_peaks(monkeypatch):
 
 def test_export_loads_in_transformers(tmp_path, sample_tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from rega_engine.model import from_pretrained
     write_model_config(tmp_path / "model.json", vocab_size=1000)
-    config = run_config(tmp_path, "--checkpoint.export=true", f"--data.tokenizer={sample_tokenizer}",
+    config = run_config(tmp_path, "--checkpoint.export=true",
+                        f"--data.tokenizer={sample_tokenizer}",
                         "--model.activation_checkpointing=block", steps=3)
     train(config)
     hf_dir = tmp_path / "run" / "hf"
@@ -196,7 +209,8 @@ def test_export_loads_in_transformers(tmp_path, sample_tokenizer):
     ours = from_pretrained(hf_dir)(ids).logits
     torch.testing.assert_close(hf_model(ids).logits, ours, atol=1e-4, rtol=1e-4)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    assert tokenizer.decode(tokenizer("The capital of Eskel")["input_ids"]).endswith("The capital of Eskel")
+    assert tokenizer.decode(tokenizer("The capital of Eskel")["input_ids"]).endswith("The capital "
+                                                                                     "of Eskel")
 
 
 @pytest.mark.parametrize("key, value, fragment", [
@@ -284,7 +298,8 @@ def test_bf16_trains_under_fsdp_in_one_process(tmp_path):
     bf16_log, fp32_log = read_log(tmp_path / "run"), read_log(tmp_path / "fp32")
     for a, b in zip(bf16_log, fp32_log):
         assert a["loss"] == pytest.approx(b["loss"], abs=0.05)   # same data and init, bf16 rounding
-    assert {t.dtype for t in load_file(tmp_path / "run" / "hf" / "model.safetensors").values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(tmp_path / "run" / "hf"
+                                       / "model.safetensors").values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "run" / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
 
 

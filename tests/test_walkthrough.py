@@ -19,8 +19,10 @@ HELD_OUT = 8     # rows of each set kept out of training, for eval.jsonl
 
 def walkthrough_block() -> str:
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    found = re.search(r"<!-- walkthrough -->\s*```bash\n(.*?)```\s*<!-- /walkthrough -->", text, re.S)
-    assert found, "README.md has no ```bash block between <!-- walkthrough --> and <!-- /walkthrough -->"
+    found = re.search(r"<!-- walkthrough -->\s*```bash\n(.*?)```\s*<!-- /walkthrough -->", text,
+                      re.S)
+    assert found, ("README.md has no ```bash block between <!-- walkthrough --> and "
+                   "<!-- /walkthrough -->")
     return found.group(1)
 
 
@@ -40,7 +42,8 @@ def commands(block: str) -> list[str]:
 
 
 def _rows(name: str) -> list[dict]:
-    return [json.loads(line) for line in (SAMPLE / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in (SAMPLE / name).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
 def _dump(path: Path, rows) -> int:
@@ -63,12 +66,14 @@ def write_user_files(tmp: Path) -> dict:
                                 + [chat(r) for r in general[:-HELD_OUT]]),
               "instructions": _dump(tmp / "instructions.jsonl",
                                     [{"messages": r["messages"][:-1]} for r in general[:40]])}
-    mixed = [chat(r, "law") for r in law[:-HELD_OUT]] + [chat(r, "medicine") for r in medicine[:-HELD_OUT]]
+    mixed = [chat(r, "law") for r in law[:-HELD_OUT]] + [chat(r,
+        "medicine") for r in medicine[:-HELD_OUT]]
     random.Random(0).shuffle(mixed)
     counts["chats"] = _dump(tmp / "chats.jsonl", mixed)
     counts["law"], counts["medicine"] = len(law) - HELD_OUT, len(medicine) - HELD_OUT
     _dump(tmp / "eval.jsonl", [chat(r, "general") for r in general[-HELD_OUT:]]
-          + [chat(r, "law") for r in law[-HELD_OUT:]] + [chat(r, "medicine") for r in medicine[-HELD_OUT:]])
+          + [chat(r, "law") for r in law[-HELD_OUT:]] + [chat(r,
+              "medicine") for r in medicine[-HELD_OUT:]])
     return counts
 
 
@@ -97,10 +102,13 @@ def test_the_readme_walkthrough_runs_on_a_tiny_world(tmp_path):
     assert "tokenizer written to tok: vocabulary of 1000 tokens" in output
     assert "bos <s> = 1, eos </s> = 2, pad <pad> = 3" in output
     model_json = json.loads((tmp_path / "model.json").read_text())
-    assert (model_json["vocab_size"], model_json["bos_token_id"], model_json["eos_token_id"]) == (1000, 1, 2)
+    assert (model_json["vocab_size"], model_json["bos_token_id"],
+            model_json["eos_token_id"]) == (1000, 1, 2)
     # 3: the base model, pretrained from scratch on data of its own kind
-    assert f"samples per kind:   distilled 0, role 0, integration 0, pretrain {counts['pretrain']}" in output
-    assert re.search(r"one pass over the data = \d+ micro-batches per rank = \d+ optimizer steps", output)
+    kinds = f"distilled 0, role 0, integration 0, pretrain {counts['pretrain']}"
+    assert f"samples per kind:   {kinds}" in output
+    assert re.search(r"one pass over the data = \d+ micro-batches per rank = \d+ optimizer steps",
+                     output)
     assert re.search(r"train\.epochs = 4: \d+ steps", output)
     assert (tmp_path / "runs/base/hf/model.safetensors").is_file()
     # 4: self-distillation, the REGA mixture from one file of two domains (each row counted
@@ -109,7 +117,8 @@ def test_the_readme_walkthrough_runs_on_a_tiny_world(tmp_path):
     assert 0 < len(distilled) <= 40
     meta = json.loads((tmp_path / "runs/rega/data/meta.json").read_text())
     rows = {Path(p).name: c for p, c in meta["report"]["rows"].items()}
-    assert rows["chats.jsonl"] == {"read": counts["chats"], "blank": 0, "kept": counts["chats"], "rejected": 0}
+    assert rows["chats.jsonl"] == {"read": counts["chats"], "blank": 0, "kept": counts["chats"],
+                                   "rejected": 0}
     assert meta["report"]["samples"]["domain"]["law"] > counts["law"]   # role + integration
     assert meta["report"]["samples"]["kind"]["role"] == counts["chats"]
     assert (tmp_path / "runs/rega/hf/model.safetensors").is_file()

@@ -90,3 +90,19 @@ def make_tiny_checkpoint(path: str | os.PathLike, family: str, seed: int = 0,
     path = os.fspath(path)
     make_hf_model(family, seed=seed, dtype=dtype, **overrides).save_pretrained(path)
     return path
+
+
+def flattened_batch(lengths, seed=0):
+    """Documents of `lengths` random tokens flattened into one row by PaddingFreeCollator:
+    positions restart per document (so do the rope angles); 3 prompt tokens per document carry
+    no loss."""
+    from rega_engine.batch import IGNORE_INDEX
+    from rega_engine.integrations.hf import PaddingFreeCollator
+    generator = torch.Generator().manual_seed(seed)
+    features = []
+    for n in lengths:
+        ids = torch.randint(4, 256, (n,), generator=generator)
+        labels = ids.clone()
+        labels[:3] = IGNORE_INDEX
+        features.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    return PaddingFreeCollator()(features)

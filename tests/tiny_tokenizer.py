@@ -3,7 +3,8 @@
 (Not named tokenizers.py: tests/ is on sys.path, and that name would shadow the `tokenizers`
 package transformers imports.)
 
-`tiny_tokenizer_dir()` has no chat template (the plain template applies); `tiny_tokenizer_dir(CHATML)`
+`tiny_tokenizer_dir()` has no chat template (the plain template applies);
+`tiny_tokenizer_dir(CHATML)`
 is the same vocabulary with a ChatML template. Both reserve <|im_start|> and <|im_end|>.
 """
 from __future__ import annotations
@@ -18,11 +19,11 @@ import rega_engine.demo
 
 SAMPLE_DIR = Path(rega_engine.demo.__file__).parent / "sample"
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% "
+          "endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_tokenizer_dir(chat_template: str | None = None) -> str:
     from rega_engine.tokenizer import train_tokenizer
 

@@ -73,15 +73,20 @@ class TokenDatasetWriter:
         if not domains or domains[0] != GENERAL_DOMAIN:
             domains.insert(0, GENERAL_DOMAIN)
         if len(set(domains)) != len(domains):
-            raise ValueError(f"TokenDatasetWriter({self.out_dir}): domain names must be unique, got {domains}")
+            raise ValueError(f"TokenDatasetWriter({self.out_dir}): domain names must be unique, "
+                             f"got {domains}")
         if len(domains) > _DOMAIN_MAX + 1:
-            raise ValueError(f"TokenDatasetWriter({self.out_dir}): at most {_DOMAIN_MAX + 1} domains fit int16 ids")
+            raise ValueError(f"TokenDatasetWriter({self.out_dir}): at most {_DOMAIN_MAX + 1} "
+                             "domains fit int16 ids")
         if int(vocab_size) < 1 or int(vocab_size) > _INT32_MAX:
-            raise ValueError(f"TokenDatasetWriter({self.out_dir}): vocab_size = {vocab_size} must be in 1..{_INT32_MAX}")
+            raise ValueError(f"TokenDatasetWriter({self.out_dir}): vocab_size = {vocab_size} must "
+                             f"be in 1..{_INT32_MAX}")
         if int(seq_len) < 1:
-            raise ValueError(f"TokenDatasetWriter({self.out_dir}): seq_len = {seq_len} must be >= 1")
+            raise ValueError(f"TokenDatasetWriter({self.out_dir}): seq_len = {seq_len} must be "
+                             ">= 1")
         if not 0 <= int(pad_id) < int(vocab_size):
-            raise ValueError(f"TokenDatasetWriter({self.out_dir}): pad_id = {pad_id} must be in 0..vocab_size-1")
+            raise ValueError(f"TokenDatasetWriter({self.out_dir}): pad_id = {pad_id} must be in "
+                             "0..vocab_size-1")
         self.domains = domains
         self.kind_weights = _kind_weights_for_writer(kind_weights,
                                                      f"TokenDatasetWriter({self.out_dir})")
@@ -91,8 +96,10 @@ class TokenDatasetWriter:
 
         if self.out_dir.exists() and not _replaceable(self.out_dir):
             raise FileExistsError(
-                f"{self.out_dir} exists and is not a prepared dataset; choose another output directory or remove it")
-        # Unique per process, hidden, next to the target so that the final rename stays on one filesystem.
+                f"{self.out_dir} exists and is not a prepared dataset; choose another output "
+                "directory or remove it")
+        # Unique per process, hidden, next to the target so that the final rename stays on one
+        # filesystem.
         target = self.out_dir.resolve()
         self._tmp_dir = target.parent / f".{target.name}.incomplete-{os.getpid()}"
         if self._tmp_dir.exists():
@@ -117,17 +124,21 @@ class TokenDatasetWriter:
         tokens = np.asarray(tokens)
         loss_mask = np.asarray(loss_mask)
         if tokens.ndim != 1 or tokens.shape[0] < 1:
-            raise ValueError(f"{where}: tokens must be a non-empty 1-D sequence, got shape {tokens.shape}")
+            raise ValueError(f"{where}: tokens must be a non-empty 1-D sequence, got shape "
+                             f"{tokens.shape}")
         if tokens.dtype.kind not in "iu":
             raise ValueError(f"{where}: tokens must be integers, got dtype {tokens.dtype}")
         if loss_mask.shape != tokens.shape:
-            raise ValueError(f"{where}: loss_mask has shape {loss_mask.shape} but tokens has {tokens.shape}")
+            raise ValueError(f"{where}: loss_mask has shape {loss_mask.shape} but tokens has "
+                             f"{tokens.shape}")
         if loss_mask.dtype != np.bool_:
-            if loss_mask.dtype.kind not in "iu" or int(loss_mask.min()) < 0 or int(loss_mask.max()) > 1:
+            if (loss_mask.dtype.kind not in "iu" or int(loss_mask.min()) < 0
+                    or int(loss_mask.max()) > 1):
                 raise ValueError(f"{where}: loss_mask must be booleans or 0/1 integers")
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.vocab_size:
-            raise ValueError(f"{where}: token ids must be in 0..{self.vocab_size - 1} (vocab_size), got {low}..{high}")
+            raise ValueError(f"{where}: token ids must be in 0..{self.vocab_size - 1} "
+                             f"(vocab_size), got {low}..{high}")
         kind, domain = int(kind), int(domain)
         if not 0 <= kind < len(KINDS):
             raise ValueError(f"{where}: kind = {kind} must index {list(KINDS)}")
@@ -140,7 +151,7 @@ class TokenDatasetWriter:
         self._kinds.append(kind)
         self._domains.append(domain)
 
-    def close(self, report: dict | None = None) -> "TokenDataset":
+    def close(self, report: dict | None = None) -> TokenDataset:
         if self._closed:
             raise RuntimeError(f"TokenDatasetWriter({self.out_dir}): close() called twice")
         self._closed = True
@@ -191,7 +202,7 @@ class TokenDatasetWriter:
                 f.close()
         shutil.rmtree(self._tmp_dir, ignore_errors=True)
 
-    def __enter__(self) -> "TokenDatasetWriter":
+    def __enter__(self) -> TokenDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -272,11 +283,13 @@ class ShardWriter:
             np.save(self._tmp / "offsets.npy", offsets)
             np.save(self._tmp / "kinds.npy", np.frombuffer(self._kinds, dtype=np.uint8))
             np.save(self._tmp / "domains.npy", np.frombuffer(self._domains, dtype=np.int16))
-            sha = {"tokens.bin": self._tokens_sha.hexdigest(), "loss_mask.bin": self._mask_sha.hexdigest()}
+            sha = {"tokens.bin": self._tokens_sha.hexdigest(),
+                   "loss_mask.bin": self._mask_sha.hexdigest()}
             for name in ("offsets.npy", "kinds.npy", "domains.npy"):
                 _fsync_file(self._tmp / name)
                 sha[name] = file_sha256(self._tmp / name)
-            record = {"num_samples": len(self._ends), "num_tokens": self._num_tokens, "sha256": sha, **info}
+            record = {"num_samples": len(self._ends), "num_tokens": self._num_tokens, "sha256": sha,
+                      **info}
             with open(self._tmp / SHARD_FILE, "w") as f:
                 json.dump(record, f, indent=1, sort_keys=True)
                 f.flush()
@@ -316,7 +329,8 @@ def read_shard_record(directory) -> dict | None:
 
 def write_index(out_dir, meta: dict) -> None:
     """meta.json of a sharded dataset, atomically (a temporary file renamed): the mark that every
-    shard is complete. Several processes may write the same index at once; the contents are equal."""
+    shard is complete. Several processes may write the same index at once; the contents are
+    equal."""
     out_dir = Path(out_dir)
     tmp = out_dir / f".{META_FILE}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -335,8 +349,8 @@ def _read_meta(meta_path: Path) -> dict:
     meta = read_json_object(meta_path, error=DataError, fix=_PREPARE_AGAIN)
     if meta.get("format") not in (FORMAT, SHARDED_FORMAT):
         raise DataError(f"{meta_path}: unknown dataset format {meta.get('format')!r} (this "
-                        f"rega-engine reads formats {FORMAT} and {SHARDED_FORMAT}; prepared by another "
-                        f"version?); {_PREPARE_AGAIN} with this version")
+                        f"rega-engine reads formats {FORMAT} and {SHARDED_FORMAT}; prepared by "
+                        f"another version?); {_PREPARE_AGAIN} with this version")
     missing = [k for k in (*_META_INTS, "domains", "kinds", "kind_weights") if k not in meta]
     if meta["format"] == SHARDED_FORMAT and "shards" not in meta:
         missing.append("shards")
@@ -382,7 +396,8 @@ class _Shard:
         self.domains = self._load_npy("domains.npy", np.int16, num_samples)
         self.tokens = self._map("tokens.bin", _TOKEN_DTYPE, num_tokens)
         self.loss_mask = self._map("loss_mask.bin", _MASK_DTYPE, num_tokens)
-        if self.offsets[0] != 0 or self.offsets[-1] != num_tokens or (np.diff(self.offsets) < 0).any():
+        if (self.offsets[0] != 0 or self.offsets[-1] != num_tokens
+                or (np.diff(self.offsets) < 0).any()):
             raise DataError(f"{path / 'offsets.npy'} does not partition {num_tokens} tokens; "
                             f"{_PREPARE_AGAIN}")
 
@@ -421,7 +436,8 @@ class TokenDataset:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise FileNotFoundError(f"prepared dataset {self.path} not found (run `rega-engine prepare` first)")
+            raise FileNotFoundError(f"prepared dataset {self.path} not found (run `rega-engine "
+                                    "prepare` first)")
         meta_path = self.path / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(
@@ -442,7 +458,8 @@ class TokenDataset:
             self.kinds, self.domains = only.kinds, only.domains
             self.lengths = np.diff(only.offsets)
         else:
-            self.kinds = np.concatenate([s.kinds for s in self.shards]) if self.shards else np.zeros(0, np.uint8)
+            self.kinds = np.concatenate([s.kinds
+                for s in self.shards]) if self.shards else np.zeros(0, np.uint8)
             self.domains = (np.concatenate([s.domains for s in self.shards]) if self.shards
                             else np.zeros(0, np.int16))
             self.lengths = (np.concatenate([np.diff(s.offsets) for s in self.shards]) if self.shards
@@ -483,7 +500,8 @@ class TokenDataset:
         for entry, shard in zip(self.meta.get("shards", []), self.shards):
             for name, digest in entry.get("sha256", {}).items():
                 if file_sha256(shard.path / name) != digest:
-                    raise DataError(f"{shard.path / name}: sha256 differs from {self.path / META_FILE}; "
+                    raise DataError(f"{shard.path / name}: sha256 differs from "
+                                    f"{self.path / META_FILE}; "
                                     f"the shard is damaged; {_PREPARE_AGAIN}")
 
     def __len__(self) -> int:
@@ -506,4 +524,5 @@ class TokenDataset:
         return shard.tokens[begin:end], shard.loss_mask[begin:end]
 
     def __repr__(self) -> str:
-        return f"TokenDataset({str(self.path)!r}, samples={len(self)}, tokens={self.num_tokens}, shards={len(self.shards)})"
+        return (f"TokenDataset({str(self.path)!r}, samples={len(self)}, "
+                f"tokens={self.num_tokens}, shards={len(self.shards)})")

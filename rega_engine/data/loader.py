@@ -70,9 +70,11 @@ class _EpochRows:
     epoch: int
     bin_splits: np.ndarray    # int64 (num_bins + 1,)
     bin_samples: np.ndarray   # int64 dataset sample ids
-    bin_segments: np.ndarray  # int64 cu_seqlens segments a row of this bin adds (documents + padding run)
+    # int64 cu_seqlens segments a row of this bin adds (documents + padding run)
+    bin_segments: np.ndarray
     bin_tokens: np.ndarray    # int64 real tokens per bin
-    row_bins: np.ndarray      # int64 the bins in consumption order: row r of the epoch is bin row_bins[r]
+    # int64 the bins in consumption order: row r of the epoch is bin row_bins[r]
+    row_bins: np.ndarray
 
     @property
     def num_rows(self) -> int:
@@ -81,13 +83,15 @@ class _EpochRows:
 
 @dataclass(frozen=True)
 class _EpochPlan:
-    """One epoch as this rank sees it, from global row `start_row` on (0 unless resumed elastically)."""
+    """One epoch as this rank sees it, from global row `start_row` on (0 unless resumed
+    elastically)."""
     epoch: int
     start_row: int
     bin_splits: np.ndarray
     bin_samples: np.ndarray
     bin_segments: np.ndarray
-    batches: np.ndarray       # int64 (micro-batches, batch_size) bin ids of this rank; -1 = all-padding row
+    # int64 (micro-batches, batch_size) bin ids of this rank; -1 = all-padding row
+    batches: np.ndarray
     num_rows: int             # rows of the whole epoch, all ranks
 
 
@@ -104,15 +108,18 @@ class PackedLoader:
     """
 
     def __init__(self, dataset: TokenDataset | str | os.PathLike, *, seq_len: int | None = None,
-                 batch_size: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 batch_size: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True,
                  window: int = 65536, prefetch: int = 4, pin_memory: bool | None = None,
                  kind_weights: dict | None = None):
         if not isinstance(dataset, TokenDataset):
             if not isinstance(dataset, (str, os.PathLike)):
-                raise TypeError(f"PackedLoader: dataset must be a TokenDataset or a path, got {type(dataset).__name__}")
+                raise TypeError("PackedLoader: dataset must be a TokenDataset or a path, got "
+                                f"{type(dataset).__name__}")
             dataset = TokenDataset(dataset)
         self.dataset = dataset
-        self.seq_len = _int_at_least(dataset.seq_len if seq_len is None else seq_len, "PackedLoader: seq_len")
+        self.seq_len = _int_at_least(dataset.seq_len if seq_len is None else seq_len,
+                                     "PackedLoader: seq_len")
         self.batch_size = _int_at_least(batch_size, "PackedLoader: batch_size")
         self.world_size = _int_at_least(world_size, "PackedLoader: world_size")
         self.rank = _int_at_least(rank, "PackedLoader: rank", minimum=0)
@@ -123,17 +130,20 @@ class PackedLoader:
         self.window = _int_at_least(window, "PackedLoader: window")
         self.prefetch = _int_at_least(prefetch, "PackedLoader: prefetch", minimum=0)
         if self.batch_size * self.seq_len > np.iinfo(np.int32).max:
-            raise ValueError(f"PackedLoader: batch_size * seq_len = {self.batch_size * self.seq_len} overflows the "
+            raise ValueError("PackedLoader: batch_size * seq_len = "
+                             f"{self.batch_size * self.seq_len} overflows the "
                              "int32 cu_seqlens; use fewer rows per micro-batch")
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
         elif pin_memory and not torch.cuda.is_available():
-            raise ValueError("PackedLoader: pin_memory=True needs CUDA; pass pin_memory=None or False on this machine")
+            raise ValueError("PackedLoader: pin_memory=True needs CUDA; pass pin_memory=None or "
+                             "False on this machine")
         self.pin_memory = bool(pin_memory)
         weights = dict(dataset.kind_weights)
         if kind_weights is not None:
             if not isinstance(kind_weights, dict):
-                raise TypeError(f"PackedLoader: kind_weights must be a dict {{kind: weight}}, got {kind_weights!r}")
+                raise TypeError(f"PackedLoader: kind_weights must be a dict {{kind: weight}}, got "
+                                f"{kind_weights!r}")
             weights.update(kind_weights)  # kinds it leaves out keep the dataset's weight
         self.kind_weights = check_kind_weights(weights, "PackedLoader: kind_weights",
                                                error=ValueError)
@@ -145,9 +155,12 @@ class PackedLoader:
         self.dropped_samples = int(too_long.sum())
         self.tokens_per_epoch = int(lengths[~too_long].sum())
         if self.dropped_samples:
-            log.warning("PackedLoader: %d of %d samples in %s are longer than seq_len=%d and are dropped "
-                        "(%d tokens); truncate them in prepare to keep them", self.dropped_samples, len(lengths),
-                        getattr(dataset, "path", "the dataset"), self.seq_len, int(lengths[too_long].sum()))
+            log.warning("PackedLoader: %d of %d samples in %s are longer than seq_len=%d and are "
+                        "dropped "
+                        "(%d tokens); truncate them in prepare to keep them", self.dropped_samples,
+                        len(lengths),
+                        getattr(dataset, "path", "the dataset"), self.seq_len,
+                        int(lengths[too_long].sum()))
         self._store = _C.TokenStore.from_shards(
             [(s.tokens, s.loss_mask, s.offsets, s.kinds, s.domains) for s in dataset.shards],
             np.array([self.kind_weights[k] for k in KINDS], np.float32))
@@ -156,7 +169,8 @@ class PackedLoader:
         self._start_row = 0
         self._rows: _EpochRows | None = None
         self._plan: _EpochPlan | None = None
-        self._active = None  # weak reference to the live iterator, so that an abandoned one can be collected
+        # weak reference to the live iterator, so that an abandoned one can be collected
+        self._active = None
 
     # -- epoch planning ------------------------------------------------------------------------
     @property
@@ -164,7 +178,8 @@ class PackedLoader:
         return self._epoch
 
     def _epoch_plan(self) -> _EpochPlan:
-        if self._plan is None or self._plan.epoch != self._epoch or self._plan.start_row != self._start_row:
+        plan = self._plan
+        if plan is None or plan.epoch != self._epoch or plan.start_row != self._start_row:
             self._plan = self._make_plan(self._epoch, self._start_row)
         return self._plan
 
@@ -173,7 +188,8 @@ class PackedLoader:
             return self._rows
         lengths = self._lengths
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(lengths)) if self.shuffle else np.arange(len(lengths), dtype=np.int64)
+        order = rng.permutation(len(lengths)) if self.shuffle else np.arange(len(lengths),
+                                                                             dtype=np.int64)
         bin_of = _C.plan_bins(np.ascontiguousarray(lengths[order]), self.seq_len, self.window)
         kept = bin_of >= 0
         samples, bins = order[kept], bin_of[kept]
@@ -186,10 +202,13 @@ class PackedLoader:
         np.cumsum(np.bincount(bins, minlength=num_bins), out=bin_splits[1:])
         sample_lengths = lengths[samples]
         bin_tokens = np.bincount(bins, weights=sample_lengths, minlength=num_bins).astype(np.int64)
-        documents = np.bincount(bins, weights=sample_lengths > 0, minlength=num_bins).astype(np.int64)
+        documents = np.bincount(bins, weights=sample_lengths > 0,
+                                minlength=num_bins).astype(np.int64)
         bin_segments = documents + (bin_tokens < self.seq_len)
-        row_bins = rng.permutation(num_bins) if self.shuffle else np.arange(num_bins, dtype=np.int64)
-        self._rows = _EpochRows(epoch, bin_splits, bin_samples, bin_segments.astype(np.int64), bin_tokens,
+        row_bins = rng.permutation(num_bins) if self.shuffle else np.arange(num_bins,
+                                                                            dtype=np.int64)
+        self._rows = _EpochRows(epoch, bin_splits, bin_samples, bin_segments.astype(np.int64),
+                                bin_tokens,
                                 np.ascontiguousarray(row_bins, dtype=np.int64))
         return self._rows
 
@@ -199,7 +218,8 @@ class PackedLoader:
         # are dealt to this world size. From start_row 0, or from a multiple of world_size *
         # batch_size, the deal is the uninterrupted run's, batch for batch.
         row_bins = rows.row_bins[start_row:]
-        dealt = _C.deal_rows(np.ascontiguousarray(rows.bin_tokens[row_bins]), self.world_size, self.batch_size)
+        dealt = _C.deal_rows(np.ascontiguousarray(rows.bin_tokens[row_bins]), self.world_size,
+                             self.batch_size)
         mine = dealt[:, self.rank, :]
         batches = np.where(mine >= 0, row_bins[np.maximum(mine, 0)], -1)
         return _EpochPlan(epoch, start_row, rows.bin_splits, rows.bin_samples, rows.bin_segments,
@@ -235,16 +255,19 @@ class PackedLoader:
         def empty(size, dtype):
             return torch.empty(size, dtype=dtype, pin_memory=pin)
 
-        input_ids, labels, position_ids, kind_ids, domain_ids = (empty(shape, torch.int64) for _ in range(5))
+        input_ids, labels, position_ids, kind_ids, domain_ids = (empty(shape,
+            torch.int64) for _ in range(5))
         loss_weights = empty(shape, torch.float32)
         cu_seqlens = empty((num_segments + 1,), torch.int32)
         segments, max_seqlen, real_tokens = self._store.fill_batch(
             plan.bin_splits, plan.bin_samples, rows, self.pad_id, input_ids.numpy(), labels.numpy(),
-            position_ids.numpy(), kind_ids.numpy(), domain_ids.numpy(), loss_weights.numpy(), cu_seqlens.numpy())
+            position_ids.numpy(), kind_ids.numpy(), domain_ids.numpy(), loss_weights.numpy(),
+            cu_seqlens.numpy())
         if segments != num_segments:
-            raise RuntimeError(f"PackedLoader: batch {k} of epoch {plan.epoch} has {segments} segments, "
-                               f"the plan expected {num_segments}")
-        return PackedBatch(input_ids=input_ids, labels=labels, position_ids=position_ids, cu_seqlens=cu_seqlens,
+            raise RuntimeError(f"PackedLoader: batch {k} of epoch {plan.epoch} has {segments} "
+                               f"segments, the plan expected {num_segments}")
+        return PackedBatch(input_ids=input_ids, labels=labels, position_ids=position_ids,
+                           cu_seqlens=cu_seqlens,
                            max_seqlen=int(max_seqlen), kind_ids=kind_ids, domain_ids=domain_ids,
                            loss_weights=loss_weights, num_real_tokens=int(real_tokens))
 
@@ -254,7 +277,7 @@ class PackedLoader:
             previous.close(invalidate=True)
         self._active = None
 
-    def __iter__(self) -> "_BatchIterator":
+    def __iter__(self) -> _BatchIterator:
         self._retire_active_iterator()
         iterator = _BatchIterator(self, self._epoch_plan(), start=self._cursor)
         self._active = weakref.ref(iterator)
@@ -281,7 +304,8 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continues at the saved position. The epoch's plan (seed, shuffle, seq_len, window,
         dataset) must be the saved run's; world_size and batch_size may differ: the rows not yet
-        consumed are dealt to this loader's ranks, so over the epoch every row is handed out once."""
+        consumed are dealt to this loader's ranks, so over the epoch every row is handed out
+        once."""
         missing = [k for k in ("epoch", "seed") if k not in state]
         if "rows_consumed" not in state and "cursor" not in state:
             missing.append("rows_consumed")
@@ -291,28 +315,32 @@ class PackedLoader:
         current = self.state_dict()
         for key in ("shuffle", "seq_len", "window", "num_samples"):
             if key in state and state[key] != current[key]:
-                raise ValueError(f"PackedLoader.load_state_dict: state has {key}={state[key]!r} but this loader has "
-                                 f"{current[key]!r}; build the loader with the settings of the saved run")
+                raise ValueError(f"PackedLoader.load_state_dict: state has {key}={state[key]!r} "
+                                 f"but this loader has {current[key]!r}; build the loader with the "
+                                 "settings of the saved run")
         epoch = _int_at_least(state["epoch"], "state['epoch']", minimum=0)
         if "rows_consumed" in state:
             rows = _int_at_least(state["rows_consumed"], "state['rows_consumed']", minimum=0)
         else:   # a state saved before rows_consumed existed: its world size's batches
             cursor = _int_at_least(state["cursor"], "state['cursor']", minimum=0)
-            rows = cursor * int(state.get("world_size", self.world_size)) * int(state.get("batch_size",
+            rows = cursor * int(state.get("world_size",
+                                          self.world_size)) * int(state.get("batch_size",
                                                                                           self.batch_size))
         self._retire_active_iterator()
         self.seed = _int_at_least(state["seed"], "state['seed']", minimum=0)
         self._plan = self._rows = None
         num_rows = self._epoch_rows(epoch).num_rows
         if rows > num_rows and not ("cursor" in state and "rows_consumed" not in state
-                                    and rows - num_rows < int(state.get("world_size", 1)) * int(state.get("batch_size", 1))):
-            raise ValueError(f"PackedLoader.load_state_dict: rows_consumed {rows} is past the {num_rows} rows of "
-                             f"epoch {epoch}")
+                                    and rows - num_rows < int(state.get("world_size",
+                                        1)) * int(state.get("batch_size", 1))):
+            raise ValueError(f"PackedLoader.load_state_dict: rows_consumed {rows} is past the "
+                             f"{num_rows} rows of epoch {epoch}")
         if rows >= num_rows:
             self._epoch, self._start_row, self._cursor = epoch + 1, 0, 0
         elif rows % (self.world_size * self.batch_size) == 0:
             # On a global-batch boundary of this world size: the uninterrupted plan, at its batch.
-            self._epoch, self._start_row, self._cursor = epoch, 0, rows // (self.world_size * self.batch_size)
+            self._epoch, self._start_row, self._cursor = epoch, 0, rows // (self.world_size
+                                                                            * self.batch_size)
         else:
             self._epoch, self._start_row, self._cursor = epoch, rows, 0
 
@@ -322,7 +350,7 @@ class _Failure:
         self.error = error
 
 
-_LIVE_ITERATORS: "weakref.WeakSet[_BatchIterator]" = weakref.WeakSet()
+_LIVE_ITERATORS: weakref.WeakSet[_BatchIterator] = weakref.WeakSet()
 
 
 @atexit.register
@@ -333,7 +361,8 @@ def _stop_all_iterators() -> None:
 
 
 class _BatchIterator:
-    """The rest of the loader's current epoch; a background thread keeps `prefetch` batches ready."""
+    """The rest of the loader's current epoch; a background thread keeps `prefetch` batches
+    ready."""
 
     def __init__(self, loader: PackedLoader, plan: _EpochPlan, start: int):
         self._loader = loader
@@ -350,25 +379,27 @@ class _BatchIterator:
             # The thread gets the loader, plan and queue, never `self`: an abandoned iterator can be
             # collected, and its __del__ stops the thread.
             self._thread = threading.Thread(
-                target=_produce, args=(loader, plan, self._next, self._end, self._queue, self._stop),
+                target=_produce, args=(loader, plan, self._next, self._end, self._queue,
+                                       self._stop),
                 name=f"rega-packed-loader-rank{loader.rank}", daemon=True)
             self._thread.start()
             _LIVE_ITERATORS.add(self)
 
-    def __iter__(self) -> "_BatchIterator":
+    def __iter__(self) -> _BatchIterator:
         return self
 
     def __next__(self) -> PackedBatch:
         loader = self._loader
         if self._invalidated:
-            raise RuntimeError("PackedLoader: this iterator was replaced by load_state_dict() or a newer "
-                               "iter(loader); iterate the loader again")
+            raise RuntimeError("PackedLoader: this iterator was replaced by load_state_dict() or "
+                               "a newer iter(loader); iterate the loader again")
         if self._done:
             raise StopIteration
         if self._next >= self._end:  # an empty epoch still counts as one
             self._finish_epoch()
             raise StopIteration
-        batch = self._take() if self._queue is not None else loader._make_batch(self._plan, self._next)
+        batch = self._take() if self._queue is not None else loader._make_batch(self._plan,
+                                                                                self._next)
         self._next += 1
         if self._next == self._end:
             self._finish_epoch()
@@ -382,7 +413,8 @@ class _BatchIterator:
                 item = self._queue.get(timeout=0.1)
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError("PackedLoader: the prefetch thread stopped without a batch") from None
+                    raise RuntimeError("PackedLoader: the prefetch thread stopped without a "
+                                       "batch") from None
                 continue
             if isinstance(item, _Failure):
                 self.close()
@@ -395,7 +427,8 @@ class _BatchIterator:
         self.close()
 
     def close(self, invalidate: bool = False) -> None:
-        """Stops the prefetch thread and drops the batches it made ahead; the loader keeps its position."""
+        """Stops the prefetch thread and drops the batches it made ahead; the loader keeps its
+        position."""
         self._done = True
         self._invalidated = self._invalidated or invalidate
         self._stop.set()

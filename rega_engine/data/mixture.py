@@ -38,8 +38,15 @@ from dataclasses import dataclass, field
 from ..config import ConfigError, RunConfig, size_share, validate_config
 from ..kinds import GENERAL_DOMAIN, KIND_ID, KINDS, check_kind_weights
 from ..log import get_logger
-from .records import (Record, RowStats, load_content, read_documents, read_pretrain, read_samples,
-                      read_tagged_samples)
+from .records import (
+    Record,
+    RowStats,
+    load_content,
+    read_documents,
+    read_pretrain,
+    read_samples,
+    read_tagged_samples,
+)
 from .roles import RoleTable
 
 log = get_logger(__name__)
@@ -51,7 +58,8 @@ class Sample:
     offset, length) and read the content again when `messages` or `text` is asked for, so a
     mixture holds about 200 bytes a sample, whatever its rows hold; built in code with content,
     a Sample keeps that content."""
-    __slots__ = ("system", "kind", "domain", "path", "line", "offset", "length", "is_text", "_messages", "_text")
+    __slots__ = ("system", "kind", "domain", "path", "line", "offset", "length", "is_text",
+                 "_messages", "_text")
 
     def __init__(self, messages: tuple, system: str, kind: int, domain: int, origin: str = "",
                  text: str | None = None):
@@ -63,8 +71,9 @@ class Sample:
         self._messages, self._text = tuple(messages), text
 
     @classmethod
-    def of_row(cls, row: tuple, system: str, kind: int, domain: int) -> "Sample":
-        """From a row reference (path, line, offset, length, is_text): the content stays in the file."""
+    def of_row(cls, row: tuple, system: str, kind: int, domain: int) -> Sample:
+        """From a row reference (path, line, offset, length, is_text): the content stays in the
+        file."""
         sample = cls.__new__(cls)
         sample.system, sample.kind, sample.domain = system, kind, domain
         sample.path, sample.line, sample.offset, sample.length, sample.is_text = row
@@ -90,7 +99,8 @@ class Sample:
         return f"{self.path}:{self.line}"
 
     def _key(self) -> tuple:
-        return (self.system, self.kind, self.domain, self.path, self.line, self.offset, self.is_text,
+        return (self.system, self.kind, self.domain, self.path, self.line, self.offset,
+                self.is_text,
                 self._messages, self._text)
 
     def __eq__(self, other) -> bool:
@@ -100,7 +110,8 @@ class Sample:
         return hash(self._key()[:7])
 
     def __repr__(self) -> str:
-        return f"Sample({self.origin}, kind={self.kind}, domain={self.domain}, system={self.system!r})"
+        return (f"Sample({self.origin}, kind={self.kind}, domain={self.domain}, "
+                f"system={self.system!r})")
 
 
 def _row(record: Record) -> tuple:
@@ -114,8 +125,10 @@ class Mixture:
     domains: list                  # domain names by id
     kind_weights: dict             # kind name -> loss weight
     rows: RowStats                 # what was read and rejected
-    counts: dict = field(default_factory=dict)   # {"kind": {...}, "domain": {...}, "kind_domain": {...}}
-    shares: dict = field(default_factory=dict)   # data.sizes as token shares: target, measured lengths, counts
+    # {"kind": {...}, "domain": {...}, "kind_domain": {...}}
+    counts: dict = field(default_factory=dict)
+    # data.sizes as token shares: target, measured lengths, counts
+    shares: dict = field(default_factory=dict)
 
 
 SHARE_PROBE = 256       # rows per source rendered to measure its mean length for token shares
@@ -154,8 +167,9 @@ def build_mixture(config: RunConfig, *, tokenizer=None, template: str | None = N
     sizes = _sizes(data)
     shares = {k: size_share(v) for k, v in data.sizes.items() if isinstance(v, str)}
     if data.self_distillation and not (data.general or data.files or data.pretrain or data.corpora):
-        raise ConfigError("data.general is empty but data.self_distillation = true: set data.general to the "
-                          "distilled exemplars (rega-engine distill), or data.self_distillation = false")
+        raise ConfigError("data.general is empty but data.self_distillation = true: set "
+                          "data.general to the distilled exemplars (rega-engine distill), or "
+                          "data.self_distillation = false")
     sources = {f"data.domains.{d}": p for d, p in data.domains.items()}
     if data.self_distillation and data.general:
         sources["data.general"] = data.general
@@ -183,7 +197,8 @@ def build_mixture(config: RunConfig, *, tokenizer=None, template: str | None = N
     pooled: dict[str, list[tuple]] = {GENERAL_DOMAIN: [], **{d: [] for d in data.domains}}
     if data.self_distillation and data.general:
         pooled[GENERAL_DOMAIN] += usable([_row(r) for r in read_samples(
-            data.general, source=GENERAL_DOMAIN, known_domains=known, bad_rows=data.bad_rows, stats=rows)],
+            data.general, source=GENERAL_DOMAIN, known_domains=known, bad_rows=data.bad_rows,
+            stats=rows)],
             "data.general", data.general, sizes.get(GENERAL_DOMAIN, 1) > 0)
     for domain, path in data.domains.items():
         pooled[domain] += usable([_row(r) for r in read_samples(
@@ -192,8 +207,10 @@ def build_mixture(config: RunConfig, *, tokenizer=None, template: str | None = N
     left_out = 0
     for i, path in enumerate(data.files):
         key = f"data.files[{i}]"
-        tagged = [(r.domain, _row(r)) for r in read_tagged_samples(path, source_key=key, known_domains=known,
-                                                                   bad_rows=data.bad_rows, stats=rows)]
+        tagged = [(r.domain, _row(r)) for r in read_tagged_samples(path, source_key=key,
+                                                                   known_domains=known,
+                                                                   bad_rows=data.bad_rows,
+                                                                   stats=rows)]
         for domain, r in usable(tagged, key, path):
             if domain == GENERAL_DOMAIN and not data.self_distillation:
                 left_out += 1
@@ -204,16 +221,18 @@ def build_mixture(config: RunConfig, *, tokenizer=None, template: str | None = N
                  left_out)
     domain_rows = sum(len(v) for d, v in pooled.items() if d != GENERAL_DOMAIN)
     if data.self_distillation and not pooled[GENERAL_DOMAIN] and domain_rows:
-        raise ConfigError("data.self_distillation = true but there are no general exemplars: set data.general to "
-                          "the distilled exemplars (rega-engine distill), give data.files rows with "
-                          "\"domain\": \"general\", or set data.self_distillation = false")
+        raise ConfigError("data.self_distillation = true but there are no general exemplars: set "
+                          "data.general to the distilled exemplars (rega-engine distill), give "
+                          "data.files rows with \"domain\": \"general\", or set "
+                          "data.self_distillation = false")
 
     # The pretrain source: data.pretrain (general domain, central prompt for chats, none for
     # text), then data.corpora (each document in its corpus's domain).
     text_pool: list[Sample] = []
     for i, path in enumerate(data.pretrain):
         key = f"data.pretrain[{i}]"
-        reader = (read_documents(path, source_key=key, txt_documents=data.txt_documents, bad_rows=data.bad_rows,
+        reader = (read_documents(path, source_key=key, txt_documents=data.txt_documents,
+                                 bad_rows=data.bad_rows,
                                  stats=rows) if str(path).endswith(".txt")
                   else read_pretrain(path, bad_rows=data.bad_rows, stats=rows, source_key=key))
         records = usable([_row(r) for r in reader], key, path)
@@ -224,22 +243,28 @@ def build_mixture(config: RunConfig, *, tokenizer=None, template: str | None = N
                   if data.corpus_prompt else "")
         for i, path in enumerate(paths):
             key = f"data.corpora.{domain}[{i}]"
-            records = usable([_row(r) for r in read_documents(path, source_key=key, txt_documents=data.txt_documents,
-                                                              bad_rows=data.bad_rows, stats=rows)], key, path)
-            text_pool += [Sample.of_row(r, prompt, KIND_ID["pretrain"], roles.domain_id(domain)) for r in records]
+            records = usable([_row(r) for r in read_documents(path, source_key=key,
+                                                              txt_documents=data.txt_documents,
+                                                              bad_rows=data.bad_rows, stats=rows)],
+                                                              key, path)
+            text_pool += [Sample.of_row(r, prompt, KIND_ID["pretrain"], roles.domain_id(domain))
+                          for r in records]
 
     # Domains in data.domains order, then those only data.files holds, in role-table order.
-    order = [*data.domains, *(d for d in roles.role_prompts if d not in data.domains and d in pooled)]
+    order = [*data.domains, *(d for d in roles.role_prompts if d not in data.domains
+                              and d in pooled)]
     share_info = {}
     if shares:
-        sizes, share_info = _sizes_for_shares(config, roles, shares, pooled, order, text_pool, tokenizer, template)
+        sizes, share_info = _sizes_for_shares(config, roles, shares, pooled, order, text_pool,
+                                              tokenizer, template)
 
     samples: list[Sample] = []
     if text_pool:
         samples += select(text_pool, sizes.get("pretrain"), _rng(data.seed, "select", "pretrain"))
 
     if pooled[GENERAL_DOMAIN]:
-        chosen = select(pooled[GENERAL_DOMAIN], sizes.get(GENERAL_DOMAIN), _rng(data.seed, "select", GENERAL_DOMAIN))
+        chosen = select(pooled[GENERAL_DOMAIN], sizes.get(GENERAL_DOMAIN), _rng(data.seed, "select",
+                                                                                GENERAL_DOMAIN))
         samples += [Sample.of_row(r, roles.central_prompt, KIND_ID["distilled"], 0) for r in chosen]
 
     for domain in order:
@@ -254,13 +279,15 @@ def build_mixture(config: RunConfig, *, tokenizer=None, template: str | None = N
                         for r in reused]
 
     if not samples:
-        raise ConfigError("the mixture is empty: give data.domains, data.files, data.pretrain, data.corpora and/or "
+        raise ConfigError("the mixture is empty: give data.domains, data.files, data.pretrain, "
+                          "data.corpora and/or "
                           "data.general (with self_distillation), and data.sizes above 0")
     _rng(data.seed, "shuffle").shuffle(samples)
     return Mixture(samples, known, kind_weights, rows, count_samples(samples, known), share_info)
 
 
-def _sizes_for_shares(config, roles: RoleTable, shares: dict, pooled: dict, order: list, text_pool: list,
+def _sizes_for_shares(config, roles: RoleTable, shares: dict, pooled: dict, order: list,
+                      text_pool: list,
                       tokenizer, template) -> tuple[dict, dict]:
     """Sample counts per source that make the token shares of data.sizes (see the module notes)."""
     from ..tokenizer import load_tokenizer
@@ -275,7 +302,8 @@ def _sizes_for_shares(config, roles: RoleTable, shares: dict, pooled: dict, orde
     # (a domain's row also brings integration_fraction of an integration sample).
     rendered: dict[str, list] = {}
     if pooled[GENERAL_DOMAIN]:
-        rendered[GENERAL_DOMAIN] = [Sample.of_row(r, roles.central_prompt, 0, 0) for r in pooled[GENERAL_DOMAIN]]
+        rendered[GENERAL_DOMAIN] = [Sample.of_row(r, roles.central_prompt, 0,
+                                                  0) for r in pooled[GENERAL_DOMAIN]]
     for domain in order:
         if pooled[domain]:
             prompt = roles.prompt(domain) if data.role_prompts else roles.central_prompt
@@ -284,15 +312,17 @@ def _sizes_for_shares(config, roles: RoleTable, shares: dict, pooled: dict, orde
         rendered["pretrain"] = text_pool
     missing = [s for s in rendered if s not in shares]
     if missing:
-        raise ConfigError(f"data.sizes gives token shares, but not for {', '.join(missing)}, which has rows; "
-                          f"give it a share (\"0%\" leaves it out)")
+        raise ConfigError(f"data.sizes gives token shares, but not for {', '.join(missing)}, which "
+                          "has rows; give it a share (\"0%\" leaves it out)")
     empty = [s for s, share in shares.items() if share > 0 and s not in rendered]
     if empty:
-        raise ConfigError(f"data.sizes.{empty[0]} = {data.sizes[empty[0]]!r}: the source has no rows")
+        raise ConfigError(f"data.sizes.{empty[0]} = {data.sizes[empty[0]]!r}: the source has no "
+                          "rows")
     mean, per_row = {}, {}
     for source, items in rendered.items():
         rng = _rng(data.seed, "share-probe", source)
-        probe = [items[i] for i in sorted(rng.sample(range(len(items)), min(SHARE_PROBE, len(items))))]
+        probe = [items[i] for i in sorted(rng.sample(range(len(items)), min(SHARE_PROBE,
+                                                                            len(items))))]
         lengths = []
         for messages, system, text in ((s.messages, s.system, s.text) for s in probe):
             try:
@@ -307,11 +337,13 @@ def _sizes_for_shares(config, roles: RoleTable, shares: dict, pooled: dict, orde
         per_row[source] = mean[source] * (1.0 + extra)
     total = sum(per_row[s] * len(items) for s, items in rendered.items())
     counts = {s: int(round(shares[s] * total / per_row[s])) for s in rendered}
-    info = {"target": {s: shares[s] for s in rendered}, "mean_tokens": {s: round(m, 2) for s, m in mean.items()},
+    info = {"target": {s: shares[s] for s in rendered}, "mean_tokens": {s: round(m,
+        2) for s, m in mean.items()},
             "samples": counts, "rows": {s: len(items) for s, items in rendered.items()},
             "planned_tokens": int(round(total))}
     log.info("data.sizes as token shares: %s", ", ".join(
-        f"{s} {shares[s]:.1%} = {counts[s]} samples of {len(rendered[s])} rows (~{mean[s]:.0f} tokens each)"
+        f"{s} {shares[s]:.1%} = {counts[s]} samples of {len(rendered[s])} rows (~{mean[s]:.0f} "
+        "tokens each)"
         for s in rendered))
     return counts, info
 
@@ -319,7 +351,9 @@ def _sizes_for_shares(config, roles: RoleTable, shares: dict, pooled: dict, orde
 def count_samples(samples, domains: list[str]) -> dict:
     """Samples per kind, per domain and per kind/domain pair, by name."""
     pairs = Counter((s.kind, s.domain) for s in samples)
-    by_kind = {name: sum(n for (k, _), n in pairs.items() if k == i) for i, name in enumerate(KINDS)}
-    by_domain = {name: sum(n for (_, d), n in pairs.items() if d == i) for i, name in enumerate(domains)}
+    by_kind = {name: sum(n for (k, _), n in pairs.items() if k == i)
+               for i, name in enumerate(KINDS)}
+    by_domain = {name: sum(n for (_, d), n in pairs.items() if d == i)
+                 for i, name in enumerate(domains)}
     by_pair = {f"{KINDS[k]}/{domains[d]}": n for (k, d), n in sorted(pairs.items())}
     return {"kind": by_kind, "domain": by_domain, "kind_domain": by_pair}

@@ -1,4 +1,5 @@
-"""`rega-engine prepare`: the REGA mixture, rendered and tokenized into a sharded, memory-mapped dataset.
+"""`rega-engine prepare`: the REGA mixture, rendered and tokenized into a sharded, memory-mapped
+dataset.
 
 Reads the sources, builds the mixture (rega_engine.data.mixture), renders each sample under its
 system prompt with an assistant-only loss mask (rega_engine.data.render) and writes
@@ -34,13 +35,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
-
 from .. import __version__, distributed
 from ..config import ConfigError, RunConfig, validate_config
 from ..kinds import KINDS
 from ..log import get_logger
 from ..tokenizer import load_tokenizer
-from .dataset import (DATA_FILES, META_FILE, ShardWriter, dataset_file, read_shard_record, write_index)
+from .dataset import (
+    DATA_FILES,
+    META_FILE,
+    ShardWriter,
+    dataset_file,
+    read_shard_record,
+    write_index,
+)
 from .mixture import Mixture, build_mixture
 from .records import WARN_FIRST, DataError, load_content
 from .render import ChatRenderer, RenderError
@@ -58,7 +65,8 @@ def tokenizer_path(config: RunConfig) -> tuple[str, str]:
         return config.data.tokenizer, "data.tokenizer"
     if config.model.path:
         return config.model.path, "model.path"
-    raise ConfigError("no tokenizer: set data.tokenizer (or model.path) to a directory with the tokenizer files")
+    raise ConfigError("no tokenizer: set data.tokenizer (or model.path) to a directory with the "
+                      "tokenizer files")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -66,7 +74,8 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in str(text).split("/"))
     except ValueError:
-        raise ConfigError(f"--shard {text!r}: expected i/n, e.g. --shard 0/4 for the first of 4 processes") from None
+        raise ConfigError(f"--shard {text!r}: expected i/n, e.g. --shard 0/4 for the first of 4 "
+                          "processes") from None
     if not 0 <= index < count:
         raise ConfigError(f"--shard {text!r}: expected 0 <= i < n")
     return index, count
@@ -106,9 +115,11 @@ class _Renderers:
         if workers <= 1:
             _init_worker(path, template)
             return
-        # fork where there is one: workers start in milliseconds instead of re-importing transformers.
+        # fork where there is one: workers start in milliseconds instead of re-importing
+        # transformers.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        self.pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (path, template))
+        self.pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (path,
+                                                                                     template))
 
     def __call__(self, samples: list):
         chunks = [[(s.path, s.offset, s.length, s.is_text, s.system, s._messages, s._text)
@@ -198,7 +209,8 @@ def _write_shard(directory: Path, samples: list, renderers: _Renderers, data, fi
         for sample, result in zip(samples, rendered):
             if isinstance(result, RenderError):
                 if data.bad_rows == "error":
-                    raise DataError(f"{sample.origin}: {result}", result.reason, *_where(sample.origin))
+                    raise DataError(f"{sample.origin}: {result}", result.reason,
+                                    *_where(sample.origin))
                 unrenderable[result.reason] += 1
                 warn("%s: %s; sample skipped", sample.origin, result)
                 continue
@@ -207,13 +219,15 @@ def _write_shard(directory: Path, samples: list, renderers: _Renderers, data, fi
             if len(ids) > seq_len:
                 if sample.text is not None and data.split_documents:
                     # Each piece fills a row and attends only to itself; none is lost.
-                    pieces = [(ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+                    pieces = [(ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids),
+                                                                                       seq_len)]
                     counts["split_documents"] += 1
                     counts["document_pieces"] += len(pieces)
                 elif data.too_long == "error":
-                    raise DataError(f"{sample.origin}: the rendered sample has {len(ids)} tokens, more than "
-                                    f"data.seq_len = {seq_len}; raise data.seq_len, or set data.too_long "
-                                    "to \"truncate\" or \"drop\"", "too long", *_where(sample.origin))
+                    raise DataError(f"{sample.origin}: the rendered sample has {len(ids)} tokens, "
+                                    f"more than data.seq_len = {seq_len}; raise data.seq_len, or "
+                                    "set data.too_long to \"truncate\" or \"drop\"", "too long",
+                                    *_where(sample.origin))
                 elif data.too_long == "drop":
                     counts["dropped_too_long"] += 1
                     continue
@@ -222,7 +236,8 @@ def _write_shard(directory: Path, samples: list, renderers: _Renderers, data, fi
                     counts["truncated"] += 1
             wrote = False
             for piece_ids, piece_mask in pieces:
-                loss_tokens = int(piece_mask[1:].sum()) if sample.text is not None else int(piece_mask.sum())
+                trained = piece_mask[1:] if sample.text is not None else piece_mask
+                loss_tokens = int(trained.sum())
                 if loss_tokens == 0:
                     if sample.text is None or len(pieces) == 1:
                         counts["dropped_no_loss"] += 1
@@ -242,7 +257,8 @@ def _write_shard(directory: Path, samples: list, renderers: _Renderers, data, fi
                 by_domain[sample.domain] += 1
                 by_pair[f"{sample.kind}/{sample.domain}"] += 1
         info = {"fingerprint": fingerprint, "first_sample": first, "mixture_samples": len(samples),
-                "counts": dict(sorted(counts.items())), "unrenderable": dict(sorted(unrenderable.items())),
+                "counts": dict(sorted(counts.items())),
+                "unrenderable": dict(sorted(unrenderable.items())),
                 "samples_by_kind": {str(k): v for k, v in sorted(by_kind.items())},
                 "samples_by_domain": {str(k): v for k, v in sorted(by_domain.items())},
                 "samples_by_pair": dict(sorted(by_pair.items())),
@@ -274,11 +290,13 @@ def _clear_stale(out: Path, fingerprint: str) -> None:
     else; drops an index of another config and the files of a format-1 dataset."""
     if out.exists():
         if not out.is_dir():
-            raise FileExistsError(f"data.prepared = {out} exists and is not a directory; choose another")
+            raise FileExistsError(f"data.prepared = {out} exists and is not a directory; choose "
+                                  "another")
         foreign = sorted(p.name for p in out.iterdir() if not dataset_file(p.name))
         if foreign:
-            raise FileExistsError(f"data.prepared = {out} holds files that are not a prepared dataset "
-                                  f"({', '.join(foreign[:3])}); choose another output directory or remove it")
+            raise FileExistsError(f"data.prepared = {out} holds files that are not a prepared "
+                                  f"dataset ({', '.join(foreign[:3])}); choose another output "
+                                  "directory or remove it")
     out.mkdir(parents=True, exist_ok=True)
     meta = out / META_FILE
     try:
@@ -310,23 +328,27 @@ def _prepare(config: RunConfig, index: int, count: int, torchrun: bool, started:
     data = config.data
     path, key = tokenizer_path(config)
     tokenizer = load_tokenizer(path, key)
-    renderer_kind = ChatRenderer(tokenizer, data.chat_template).kind   # fails on a bad setting before reading data
+    # fails on a bad setting before reading data
+    renderer_kind = ChatRenderer(tokenizer, data.chat_template).kind
     fingerprint, settings = run_fingerprint(config, path)
     mixture = build_mixture(config, tokenizer=tokenizer, template=data.chat_template)
     out = Path(data.prepared)
     created = not out.exists()
     _clear_stale(out, fingerprint)
     try:
-        return _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint, settings, out,
+        return _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint,
+                               settings, out,
                                index, count, torchrun, started)
     except BaseException:
-        # Complete shards stay for the next run to resume from; an empty directory is not left behind.
+        # Complete shards stay for the next run to resume from; an empty directory is not left
+        # behind.
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
 
 
-def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint, settings, out: Path,
+def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint, settings,
+                    out: Path,
                     index: int, count: int, torchrun: bool, started: float) -> dict:
     data = config.data
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
@@ -341,8 +363,9 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
     todo = [k for k in mine
             if (read_shard_record(out / names[k]) or {}).get("fingerprint") != fingerprint]
     where = f" (process {index} of {count})" if count > 1 else ""
-    log.info("prepare%s: %d samples in %d shard(s) of %d, %d of them this process's, %d already complete; "
-             "%s chat template, tokenizer %s, %d worker process(es)", where, len(samples), num_shards, per_shard,
+    log.info("prepare%s: %d samples in %d shard(s) of %d, %d of them this process's, %d already "
+             "complete; %s chat template, tokenizer %s, %d worker process(es)", where, len(samples),
+             num_shards, per_shard,
              len(mine), len(mine) - len(todo), renderer_kind, path,
              min(workers, max(1, -(-min(per_shard, len(samples)) // CHUNK))))
 
@@ -353,7 +376,8 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
         try:
             for k in todo:
                 first = k * per_shard
-                _write_shard(out / names[k], samples[first:first + per_shard], renderers, data, fingerprint,
+                _write_shard(out / names[k], samples[first:first + per_shard], renderers, data,
+                             fingerprint,
                              first, warn)
         finally:
             renderers.close()
@@ -362,7 +386,8 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
         distributed.barrier()
     writes_index = not torchrun or index == 0
     records = [read_shard_record(out / name) for name in names] if writes_index else []
-    complete = writes_index and all(r is not None and r.get("fingerprint") == fingerprint for r in records)
+    complete = writes_index and all(r is not None and r.get("fingerprint") == fingerprint
+                                    for r in records)
     report = None
     if complete:
         meta = _index(config, mixture, records, names, pad_id, len(tokenizer), path, renderer_kind,
@@ -378,9 +403,10 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
         if not writes_index:
             return {"output": str(out), "shards_written": len(todo), "shards": len(mine)}
         done = sum(r is not None and r.get("fingerprint") == fingerprint for r in records)
-        print(f"prepare{where}: wrote {len(todo)} shard(s) to {out}; {done} of {num_shards} complete, "
-              "the index is written by the process that completes the last one")
-        return {"output": str(out), "shards_written": len(todo), "shards_complete": done, "shards": num_shards}
+        print(f"prepare{where}: wrote {len(todo)} shard(s) to {out}; {done} of {num_shards} "
+              "complete, the index is written by the process that completes the last one")
+        return {"output": str(out), "shards_written": len(todo), "shards_complete": done,
+                "shards": num_shards}
     print(format_report(report))
     from .dataset import TokenDataset
     if report["samples"]["total"]:
@@ -391,7 +417,8 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
     return report
 
 
-def _index(config, mixture: Mixture, records: list, names: list, pad_id: int, vocab_size: int, path: str,
+def _index(config, mixture: Mixture, records: list, names: list, pad_id: int, vocab_size: int,
+           path: str,
            renderer_kind: str, fingerprint: str, settings: dict) -> dict:
     totals, unrenderable = Counter(), Counter()
     by_kind, by_domain, by_pair, tokens_kind, tokens_domain = (Counter() for _ in range(5))
@@ -404,7 +431,8 @@ def _index(config, mixture: Mixture, records: list, names: list, pad_id: int, vo
         by_pair.update(r["samples_by_pair"])
         tokens_kind.update({int(k): v for k, v in r["tokens_by_kind"].items()})
         tokens_domain.update({int(k): v for k, v in r["tokens_by_domain"].items()})
-        tokens_pair.update({tuple(map(int, k.split("/"))): v for k, v in r["tokens_by_pair"].items()})
+        tokens_pair.update({tuple(map(int,
+                                      k.split("/"))): v for k, v in r["tokens_by_pair"].items()})
     domains = mixture.domains
     pairs = {}
     for pair, n in sorted(by_pair.items(), key=lambda item: tuple(map(int, item[0].split("/")))):
@@ -438,7 +466,8 @@ def _index(config, mixture: Mixture, records: list, names: list, pad_id: int, vo
         "shards": len(records),
     }
     if report["token_shares"]:
-        report["token_shares"] = {**mixture.shares, "achieved": _achieved_shares(mixture, tokens_pair)}
+        report["token_shares"] = {**mixture.shares, "achieved": _achieved_shares(mixture,
+                                                                                 tokens_pair)}
     return {
         "num_samples": sum(r["num_samples"] for r in records),
         "num_tokens": num_tokens,
@@ -465,12 +494,14 @@ def _achieved_shares(mixture: Mixture, tokens_by_pair: Counter) -> dict:
         name = KINDS[kind]
         source = "pretrain" if name == "pretrain" else mixture.domains[domain]
         per_source[source] += n
-    return {source: round(per_source[source] / total, 4) for source in mixture.shares.get("target", {})}
+    return {source: round(per_source[source] / total, 4) for source in mixture.shares.get("target",
+                                                                                          {})}
 
 
 def one_pass(config: RunConfig, dataset) -> dict:
     """Micro-batches and optimizer steps in one pass over `dataset` for the run's train settings
-    and the number of processes torchrun would start (WORLD_SIZE; 1 without it), as train plans them."""
+    and the number of processes torchrun would start (WORLD_SIZE; 1 without it), as train plans
+    them."""
     from ..train.schedule import one_pass_text
     from .loader import PackedLoader
 
@@ -479,7 +510,8 @@ def one_pass(config: RunConfig, dataset) -> dict:
     loader = PackedLoader(dataset, seq_len=config.data.seq_len, batch_size=t.micro_batch_size,
                           world_size=world_size, seed=t.seed, prefetch=0)
     micro_batches = len(loader)
-    text = one_pass_text(micro_batches, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+    text = one_pass_text(micro_batches, micro_batch_size=t.micro_batch_size,
+                         grad_accum=t.grad_accum,
                          world_size=world_size)
     return {"micro_batches_per_rank": micro_batches, "world_size": world_size,
             "optimizer_steps": -(-micro_batches // t.grad_accum),
@@ -487,18 +519,22 @@ def one_pass(config: RunConfig, dataset) -> dict:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"prepared {report['output']}: {report['samples']['total']} samples, {report['tokens']} tokens, "
-             f"{report['loss_tokens']} loss tokens in {report.get('shards', 1)} shard(s) "
-             f"({report.get('seconds', 0):.1f} s)"]
+    lines = [f"prepared {report['output']}: {report['samples']['total']} samples, "
+             f"{report['tokens']} tokens, {report['loss_tokens']} loss tokens in "
+             f"{report.get('shards', 1)} shard(s) ({report.get('seconds', 0):.1f} s)"]
     lines.append("rows read (kept / rejected / blank lines):")
     for file, c in report["rows"].items():
         lines.append(f"  {file}: {c['read']} ({c['kept']} / {c['rejected']} / {c['blank']})")
     if report["rows_rejected"]:
-        lines.append("rows rejected: " + ", ".join(f"{r} {n}" for r, n in sorted(report["rows_rejected"].items())))
+        lines.append("rows rejected: " + ", ".join(f"{r} {n}"
+            for r, n in sorted(report["rows_rejected"].items())))
     samples = report["samples"]
-    lines.append("samples per kind:   " + ", ".join(f"{k} {samples['kind'].get(k, 0)}" for k in KINDS))
-    lines.append("samples per domain: " + ", ".join(f"{d} {n}" for d, n in samples["domain"].items()))
-    lines.append("tokens per domain:  " + ", ".join(f"{d} {n}" for d, n in report["tokens_by_domain"].items()))
+    lines.append("samples per kind:   " + ", ".join(f"{k} {samples['kind'].get(k, 0)}"
+                                                    for k in KINDS))
+    lines.append("samples per domain: " + ", ".join(f"{d} {n}"
+                                                    for d, n in samples["domain"].items()))
+    lines.append("tokens per domain:  " + ", ".join(f"{d} {n}"
+                                                    for d, n in report["tokens_by_domain"].items()))
     shares = report.get("token_shares") or {}
     if shares.get("achieved"):
         lines.append("token shares (target -> achieved): " + ", ".join(
@@ -507,7 +543,9 @@ def format_report(report: dict) -> str:
         lines.append(f"documents longer than seq_len split into rows: {report['split_documents']} "
                      f"({report['document_pieces']} pieces)")
     lines.append(f"samples truncated to seq_len {report['seq_len']}: {report['truncated']}")
-    dropped = {"too long": report["dropped_too_long"], "without loss tokens": report["dropped_no_loss"],
-               **{f"unrenderable ({r})": n for r, n in sorted(report["samples_unrenderable"].items())}}
+    dropped = {"too long": report["dropped_too_long"],
+               "without loss tokens": report["dropped_no_loss"],
+               **{f"unrenderable ({r})": n
+                  for r, n in sorted(report["samples_unrenderable"].items())}}
     lines.append("samples dropped: " + ", ".join(f"{what} {n}" for what, n in dropped.items()))
     return "\n".join(lines)

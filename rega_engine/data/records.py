@@ -14,15 +14,16 @@ a row without one is rejected; and `read_pretrain` for base-model training data 
 where a row is a chat as above or `{"text": "..."}`, plain text trained on every token.
 
 Under `bad_rows = "skip"` a rejected row is logged (the first few per file, with file:line and the
-reason) and counted by reason in `RowStats`; under `"error"` it raises `DataError("path:line: reason")`.
+reason) and counted by reason in `RowStats`; under `"error"` it raises `DataError("path:line:
+reason")`.
 """
 from __future__ import annotations
 
 import json
 import os
 from collections import Counter
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Collection, Iterator
 
 from ..config import BAD_ROW_POLICIES
 from ..errors import ConfigError, DataError
@@ -54,7 +55,8 @@ class Record:
 
 @dataclass
 class RowStats:
-    """Counts over every file read: rows read (non-blank lines), blank lines, kept, rejected by reason."""
+    """Counts over every file read: rows read (non-blank lines), blank lines, kept, rejected by
+    reason."""
     files: dict = field(default_factory=dict)       # path -> {"read", "blank", "kept", "rejected"}
     rejected: Counter = field(default_factory=Counter)   # reason -> rows
 
@@ -62,7 +64,8 @@ class RowStats:
         return self.files.setdefault(path, {"read": 0, "blank": 0, "kept": 0, "rejected": 0})
 
     def as_dict(self) -> dict:
-        return {"files": {p: dict(c) for p, c in self.files.items()}, "rejected": dict(self.rejected)}
+        return {"files": {p: dict(c) for p, c in self.files.items()},
+                "rejected": dict(self.rejected)}
 
 
 class _Reject(Exception):
@@ -76,20 +79,25 @@ def _check_messages(row: dict, *, instruction: bool) -> tuple:
     if messages is None:
         raise _Reject("missing messages", "no 'messages' field")
     if not isinstance(messages, list):
-        raise _Reject("missing messages", f"'messages' must be a list, got {type(messages).__name__}")
+        raise _Reject("missing messages",
+                      f"'messages' must be a list, got {type(messages).__name__}")
     if not messages:
         raise _Reject("missing messages", "'messages' is empty")
     turns = []
     for i, turn in enumerate(messages):
         if not isinstance(turn, dict):
-            raise _Reject("wrong type", f"messages[{i}] must be an object, got {type(turn).__name__}")
+            raise _Reject("wrong type",
+                          f"messages[{i}] must be an object, got {type(turn).__name__}")
         role, content = turn.get("role"), turn.get("content")
         if not isinstance(role, str):
-            raise _Reject("wrong type", f"messages[{i}].role must be a string, got {type(role).__name__}")
+            raise _Reject("wrong type",
+                          f"messages[{i}].role must be a string, got {type(role).__name__}")
         if role not in ROLES:
-            raise _Reject("unknown role", f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
+            raise _Reject("unknown role",
+                          f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise _Reject("wrong type", f"messages[{i}].content must be a string, got {type(content).__name__}")
+            raise _Reject("wrong type",
+                          f"messages[{i}].content must be a string, got {type(content).__name__}")
         if role == "assistant" and not content.strip():
             raise _Reject("empty assistant turn", f"messages[{i}] is an empty assistant turn")
         turns.append({"role": role, "content": content})
@@ -97,7 +105,8 @@ def _check_messages(row: dict, *, instruction: bool) -> tuple:
     if instruction:
         if last != "user":
             raise _Reject("not an instruction",
-                          f"the last turn is {last!r}; an instruction ends with the user turn to answer")
+                          f"the last turn is {last!r}; an instruction ends with the user turn to "
+                          "answer")
     elif not any(t["role"] == "assistant" for t in turns):
         raise _Reject("missing assistant turn", "no assistant turn to learn from")
     elif last != "assistant":
@@ -108,7 +117,8 @@ def _check_messages(row: dict, *, instruction: bool) -> tuple:
 
 def _check_text(row: dict) -> str:
     if "messages" in row:
-        raise _Reject("wrong type", "a row has either 'text' (plain text) or 'messages' (a chat), not both")
+        raise _Reject("wrong type",
+                      "a row has either 'text' (plain text) or 'messages' (a chat), not both")
     text = row["text"]
     if not isinstance(text, str):
         raise _Reject("wrong type", f"'text' must be a string, got {type(text).__name__}")
@@ -134,19 +144,23 @@ def _check_row(row, *, source: str | None, source_key: str, known_domains: Colle
         raise _Reject("wrong type", f"'distilled' must be true or false, got {distilled!r}")
     domain = row.get("domain")
     if domain is None and source is None:
-        raise _Reject("missing domain", f"no 'domain' field: each row of {source_key} names its domain, "
+        raise _Reject("missing domain",
+                      f"no 'domain' field: each row of {source_key} names its domain, "
                       f"e.g. \"domain\": \"{GENERAL_DOMAIN}\" or a domain of roles.prompts")
     if domain is not None:
         if not isinstance(domain, str):
             raise _Reject("wrong type", f"'domain' must be a string, got {type(domain).__name__}")
         if known_domains is not None and domain not in known_domains:
             raise _Reject("unknown domain", f"domain {domain!r} has no role prompt "
-                          f"(known: {', '.join(known_domains)}); add roles.prompts.{domain} or fix the row")
+                          f"(known: {', '.join(known_domains)}); add roles.prompts.{domain} or fix "
+                          "the row")
         if source is not None and domain != source:
             section = source_key.split(".")[0]
             hint = (f"; a file holding several domains goes in {section}.files, where each row's "
-                    "domain decides" if section in ("data", "eval") and source_key != "data.pretrain" else "")
-            raise _Reject("domain mismatch", f"domain {domain!r} disagrees with the source this file is listed "
+                    "domain decides" if section in ("data",
+                        "eval") and source_key != "data.pretrain" else "")
+            raise _Reject("domain mismatch",
+                          f"domain {domain!r} disagrees with the source this file is listed "
                           f"under ({source_key}){hint}")
     if distilled and (domain if source is None else source) != GENERAL_DOMAIN:
         raise _Reject("domain mismatch", f"a distilled (general) exemplar listed under {source_key}"
@@ -163,8 +177,10 @@ def _parse(raw: bytes):
         raise _Reject("bad JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
 
 
-def _read(path, *, source: str | None, source_key: str, known_domains, instruction: bool, bad_rows: str,
-          stats: RowStats | None, text_rows: bool = False, text_only: bool = False) -> Iterator[Record]:
+def _read(path, *, source: str | None, source_key: str, known_domains, instruction: bool,
+          bad_rows: str,
+          stats: RowStats | None, text_rows: bool = False,
+          text_only: bool = False) -> Iterator[Record]:
     if bad_rows not in BAD_ROW_POLICIES:
         # An argument check for callers in code; a run's config is checked by validate_config.
         raise ConfigError(f"data.bad_rows = {bad_rows!r}: expected one of "
@@ -174,7 +190,8 @@ def _read(path, *, source: str | None, source_key: str, known_domains, instructi
         raise DataError(f"{path}: file not found (listed as {source_key})", "file not found", path)
     stats = stats if stats is not None else RowStats()
     # Checked here, before the first row is asked for: a missing file fails when it is listed.
-    return _rows(path, source, source_key, known_domains, instruction, bad_rows, stats, text_rows, text_only)
+    return _rows(path, source, source_key, known_domains, instruction, bad_rows, stats, text_rows,
+                 text_only)
 
 
 def _rows(path, source, source_key, known_domains, instruction, bad_rows, stats,
@@ -195,12 +212,14 @@ def _rows(path, source, source_key, known_domains, instruction, bad_rows, stats,
                     instruction=instruction, text_rows=text_rows, text_only=text_only)
             except _Reject as r:
                 if bad_rows == "error":
-                    raise DataError(f"{path}:{line_no}: {r.detail}", r.reason, path, line_no) from None
+                    raise DataError(f"{path}:{line_no}: {r.detail}", r.reason, path,
+                                    line_no) from None
                 counts["rejected"] += 1
                 stats.rejected[r.reason] += 1
                 if warned < WARN_FIRST:
                     warned += 1
-                    more = " (further rejected rows of this file are only counted)" if warned == WARN_FIRST else ""
+                    more = (" (further rejected rows of this file are only counted)"
+                            if warned == WARN_FIRST else "")
                     log.warning("%s:%d: %s; row skipped%s", path, line_no, r.detail, more)
                 continue
             counts["kept"] += 1
@@ -208,7 +227,8 @@ def _rows(path, source, source_key, known_domains, instruction, bad_rows, stats,
 
 
 def read_samples(path, *, source: str, known_domains: Collection[str] | None = None,
-                 bad_rows: str = "skip", stats: RowStats | None = None, source_key: str = "") -> Iterator[Record]:
+                 bad_rows: str = "skip", stats: RowStats | None = None,
+                 source_key: str = "") -> Iterator[Record]:
     """Training samples of `path`, listed under `source` ("general" or a domain name).
 
     `known_domains` (the role table's, general included) rejects rows naming another domain;
@@ -246,10 +266,12 @@ def read_documents(path, *, source_key: str, txt_documents: str = "file", bad_ro
     if os.fspath(path).endswith(".txt"):
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise DataError(f"{path}: file not found (listed as {source_key})", "file not found", path)
+            raise DataError(f"{path}: file not found (listed as {source_key})", "file not found",
+                            path)
         stats = stats if stats is not None else RowStats()
         return _txt_documents(path, txt_documents, bad_rows, stats)
-    return _read(path, source=GENERAL_DOMAIN, source_key=source_key, known_domains=None, instruction=False,
+    return _read(path, source=GENERAL_DOMAIN, source_key=source_key, known_domains=None,
+                 instruction=False,
                  bad_rows=bad_rows, stats=stats, text_rows=True, text_only=True)
 
 
@@ -259,7 +281,8 @@ def _txt_documents(path: str, mode: str, bad_rows: str, stats: RowStats) -> Iter
     counts = stats.file(path)
     start = start_line = None
     offset = 0
-    documents = []   # (line, offset, length) of the current file's last finished block, yielded at once
+    # (line, offset, length) of the current file's last finished block, yielded at once
+    documents = []
 
     def finish(end: int):
         if start is not None:
@@ -272,12 +295,14 @@ def _txt_documents(path: str, mode: str, bad_rows: str, stats: RowStats) -> Iter
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 if bad_rows == "error":
-                    raise DataError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {at + e.start})",
+                    raise DataError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte "
+                                    f"{at + e.start})",
                                     "bad text", path, number) from None
                 counts["read"] += 1
                 counts["rejected"] += 1
                 stats.rejected["bad text"] += 1
-                log.warning("%s:%d: not valid UTF-8 (%s at byte %d); the rest of the file is skipped",
+                log.warning("%s:%d: not valid UTF-8 (%s at byte %d); the rest of the file is "
+                            "skipped",
                             path, number, e.reason, at + e.start)
                 documents.clear()
                 start = None
@@ -302,7 +327,8 @@ def _txt_documents(path: str, mode: str, bad_rows: str, stats: RowStats) -> Iter
 def _txt_record(path: str, counts: dict, line: int, offset: int, length: int) -> Record:
     counts["read"] += 1
     counts["kept"] += 1
-    return Record((), None, False, path, line, load_content(path, offset, length, True), offset, length)
+    return Record((), None, False, path, line, load_content(path, offset, length, True), offset,
+                  length)
 
 
 _OPEN: dict = {}     # path -> file descriptor, for load_content (per process)

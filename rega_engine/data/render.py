@@ -27,7 +27,7 @@ tokens by the tokenizer; such samples are refused with a `RenderError` rather th
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,7 +43,8 @@ def with_system(messages: Sequence[dict], system: str | None) -> list[dict]:
     if not system:
         return messages
     if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
+        return [{"role": "system", "content": f"{system}\n\n{messages[0]['content']}"},
+                *messages[1:]]
     return [{"role": "system", "content": system}, *messages]
 
 
@@ -60,10 +61,12 @@ class ChatRenderer:
         self.bos = tokenizer.bos_token or ""
         self.eos = tokenizer.eos_token
         if self.kind == "plain" and not self.eos:
-            raise ConfigError("the plain chat template ends each answer with the tokenizer's EOS token, and this "
-                              "tokenizer has none; set one (eos_token) or use a tokenizer with a chat template")
+            raise ConfigError("the plain chat template ends each answer with the tokenizer's EOS "
+                              "token, and this tokenizer has none; set one (eos_token) or use a "
+                              "tokenizer with a chat template")
         specials = sorted({t for t in tokenizer.all_special_tokens if t}
-                          | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content},
+                          | {t.content for t in tokenizer.added_tokens_decoder.values()
+                             if t.special and t.content},
                           key=len, reverse=True)
         self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
         # The Rust tokenizer behind a fast tokenizer, called directly: the same encoding as
@@ -114,10 +117,12 @@ class ChatRenderer:
             if not (through.startswith(start) and full.startswith(through)):
                 raise RenderError(f"the chat template renders {turn} differently depending on the "
                                   "turns after it, so its tokens cannot be located; set "
-                                  "data.chat_template = \"plain\"", "chat template not prefix-stable")
+                                  "data.chat_template = \"plain\"",
+                                  "chat template not prefix-stable")
             end = len(through.rstrip())
             if end <= len(start):
-                raise RenderError(f"the chat template renders {turn} as nothing", "empty assistant turn")
+                raise RenderError(f"the chat template renders {turn} as nothing",
+                                  "empty assistant turn")
             spans.append((len(start), end))
         return full, spans
 
@@ -129,7 +134,8 @@ class ChatRenderer:
             for m in conversation:
                 found = self._specials.search(m["content"])
                 if found:
-                    raise RenderError(f"a {m['role']} turn contains the special token {found.group()!r} as text",
+                    raise RenderError(f"a {m['role']} turn contains the special token "
+                                      f"{found.group()!r} as text",
                                       "special token in text")
         if self.kind == "plain":
             return self._plain(conversation, add_generation_prompt)
@@ -138,7 +144,8 @@ class ChatRenderer:
         return self._templated(conversation)
 
     def _no_zero_width_tokens(self) -> bool:
-        probe = f"{self.bos}System: x\nUser: What is 12 + 30?\nAssistant: 12 + 30 = 42. The capital is Lowmere.{self.eos or ''}"
+        probe = (f"{self.bos}System: x\nUser: What is 12 + 30?\nAssistant: 12 + 30 = 42. "
+                 f"The capital is Lowmere.{self.eos or ''}")
         try:
             offsets = self._backend.encode(probe, add_special_tokens=False).offsets
         except Exception:
@@ -170,15 +177,18 @@ class ChatRenderer:
         for s, e in spans:
             first, last = at(s), at(e - 1)
             if first is None:   # e.g. a space the normaliser folded into the next token
-                first = next((t for t in map(at, range(s + 1, min(e, s + 8))) if t is not None), None)
+                first = next((t for t in map(at, range(s + 1, min(e, s + 8))) if t is not None),
+                             None)
             if last is None:
-                last = next((t for t in map(at, range(e - 2, max(s, e - 8) - 1, -1)) if t is not None), None)
+                last = next((t for t in map(at, range(e - 2, max(s, e - 8) - 1,
+                                                      -1)) if t is not None), None)
             if first is None or last is None or last < first:
                 return None
             mask[first:last + 1] = 1
         return mask
 
-    def render_arrays(self, messages: Sequence[dict], system: str | None) -> tuple[np.ndarray, np.ndarray]:
+    def render_arrays(self, messages: Sequence[dict], system: str | None) -> tuple[np.ndarray,
+                                                                                   np.ndarray]:
         """`render` as numpy arrays: ids int32, mask uint8."""
         text, spans = self.text(messages, system)
         if self._fast_masks and self._backend is not None:
@@ -209,7 +219,8 @@ class ChatRenderer:
             cursor = e
         return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)
 
-    def render_text_arrays(self, text: str, prompt: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def render_text_arrays(self, text: str, prompt: str | None = None) -> tuple[np.ndarray,
+                                                                                np.ndarray]:
         """A plain-text document (a {"text": ...} row of data.pretrain or data.corpora): BOS, the
         prompt and a blank line when given (no loss), the text, EOS (each where the tokenizer has
         one); a loss on every token of the text and the EOS (the first token of a document
@@ -218,7 +229,8 @@ class ChatRenderer:
             for part in (text, prompt or ""):
                 found = self._specials.search(part)
                 if found:
-                    raise RenderError(f"the text contains the special token {found.group()!r} as text",
+                    raise RenderError(f"the text contains the special token {found.group()!r} as "
+                                      "text",
                                       "special token in text")
         ids = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
         if prompt:
@@ -248,6 +260,7 @@ def render(tokenizer, messages: Sequence[dict], system: str | None,
     return ChatRenderer(tokenizer, template).render(messages, system)
 
 
-def render_prompt(tokenizer, messages: Sequence[dict], system: str | None, template: str = "auto") -> list[int]:
+def render_prompt(tokenizer, messages: Sequence[dict], system: str | None,
+                  template: str = "auto") -> list[int]:
     """The prompt up to the generation point, as the same rendering trains it."""
     return ChatRenderer(tokenizer, template).render_prompt(messages, system)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import types
 import weakref
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,8 @@ MASK_KEYS = ("assistant_masks", "assistant_mask", "completion_mask")
 # Attention
 # --------------------------------------------------------------------------------------------
 
-def segments_from_position_ids(position_ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+def segments_from_position_ids(position_ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor,
+                                                                                     int]:
     """cu_seqlens (int32, over the flattened batch_size * L tokens) and the longest segment.
 
     A segment starts at every row start and wherever a position does not follow its predecessor
@@ -149,7 +151,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                          f"(softcap={softcap}); keep this model on 'sdpa' or 'eager'")
     batch, q_heads, length, head_dim = query.shape
     if key.shape[2] != length:
-        return _attention_with_cache(module, query, key, value, attention_mask, scaling, sliding_window)
+        return _attention_with_cache(module, query, key, value, attention_mask, scaling,
+                                     sliding_window)
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # Under autocast with fp32 weights the rotary embedding leaves q and k in fp32 while v comes out
@@ -167,11 +170,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     keep = None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
-            raise ValueError(f"{ATTENTION_NAME} attention expects no mask or a 2D padding mask, got shape "
-                             f"{tuple(attention_mask.shape)}; pass `attention_mask` as (batch, length) 0/1")
+            raise ValueError(f"{ATTENTION_NAME} attention expects no mask or a 2D padding mask, "
+                             f"got shape {tuple(attention_mask.shape)}; pass `attention_mask` as "
+                             "(batch, length) 0/1")
         # Padded rows: each row's real tokens are one document; drop the padding, run varlen on
         # what is left, and put zeros back where the padding was.
-        keep, cu_seqlens, max_seqlen = _SEGMENTS.get(attention_mask, batch, _segments_from_padding_mask)
+        keep, cu_seqlens, max_seqlen = _SEGMENTS.get(attention_mask, batch,
+                                                     _segments_from_padding_mask)
         q, k, v = q.index_select(0, keep), k.index_select(0, keep), v.index_select(0, keep)
     elif kwargs.get("cu_seq_lens_q") is not None:
         cu_seqlens = kwargs["cu_seq_lens_q"].to(device=q.device, dtype=torch.int32)
@@ -181,13 +186,15 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         max_seqlen = int(max_seqlen)
         if cu_seqlens.numel() < 2 or int(cu_seqlens[-1]) != batch * length:
             raise ValueError(
-                f"cu_seq_lens_q ends at {int(cu_seqlens[-1]) if cu_seqlens.numel() else 'nothing'} but the "
-                f"batch holds {batch}x{length}={batch * length} tokens; cu_seq_lens_q must cover every "
-                "token of the flattened batch (PaddingFreeCollator and PackedBatch.as_hf_kwargs do). With "
-                "the HF Trainer on an iterable dataset, pass accelerator_config={'dispatch_batches': False}: "
-                "dispatching slices every tensor, cu_seq_lens_q included, to the batch size")
+                f"cu_seq_lens_q ends at {int(cu_seqlens[-1]) if cu_seqlens.numel() else 'nothing'} "
+                f"but the batch holds {batch}x{length}={batch * length} tokens; cu_seq_lens_q must "
+                "cover every token of the flattened batch (PaddingFreeCollator and "
+                "PackedBatch.as_hf_kwargs do). With the HF Trainer on an iterable dataset, pass "
+                "accelerator_config={'dispatch_batches': False}: dispatching slices every "
+                "tensor, cu_seq_lens_q included, to the batch size")
     elif kwargs.get("position_ids") is not None:
-        cu_seqlens, max_seqlen = _SEGMENTS.get(kwargs["position_ids"], batch, segments_from_position_ids)
+        cu_seqlens, max_seqlen = _SEGMENTS.get(kwargs["position_ids"], batch,
+                                               segments_from_position_ids)
         cu_seqlens = cu_seqlens.to(q.device)
     else:
         cu_seqlens = torch.arange(0, batch * length + 1, length, device=q.device, dtype=torch.int32)
@@ -195,9 +202,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 
     if sliding_window is not None and max_seqlen > sliding_window:
         raise ValueError(
-            f"{type(module).__name__} uses a sliding window of {sliding_window} tokens but a document here "
-            f"has {max_seqlen}; {ATTENTION_NAME} attention is full causal: shorten the documents "
-            "or keep this model on 'sdpa'")
+            f"{type(module).__name__} uses a sliding window of {sliding_window} tokens but a "
+            f"document here has {max_seqlen}; {ATTENTION_NAME} attention is full causal: shorten "
+            "the documents or keep this model on 'sdpa'")
 
     out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scaling,
                            backend=getattr(module, "_rega_backend", "auto"))
@@ -219,8 +226,10 @@ def _register_attention() -> None:
 # Loss
 # --------------------------------------------------------------------------------------------
 
-def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                        inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                        past_key_values=None,
+                        inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
+                        **kwargs):
     """The causal LM's forward, with the training loss taken straight from the hidden states.
 
     Same semantics as transformers' ForCausalLMLoss: labels are unshifted and shifted here (or
@@ -229,20 +238,24 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
     labels or with `logits_to_keep`, the original forward runs unchanged (it returns logits).
     """
     shift_labels = kwargs.get("shift_labels")
-    if past_key_values is not None:    # transformers >= 5.24 calls it `cache` (then it is in kwargs)
+    # transformers >= 5.24 calls it `cache` (then it is in kwargs)
+    if past_key_values is not None:
         kwargs["past_key_values"] = past_key_values
     if (labels is None and shift_labels is None) or not self.training or logits_to_keep:
         return self._rega_original_forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
             **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
+
     from rega_engine.kernels import fused_linear_cross_entropy
 
     kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     return_dict = kwargs.pop("return_dict", None)
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     hidden = outputs.last_hidden_state
     if shift_labels is None:
@@ -270,7 +283,8 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     result = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                    hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+                                    hidden_states=outputs.hidden_states,
+                                    attentions=outputs.attentions)
     return result.to_tuple() if return_dict is False else result
 
 
@@ -278,7 +292,8 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
 # Patching
 # --------------------------------------------------------------------------------------------
 
-def apply_rega_kernels(model, attention: bool = True, cross_entropy: bool = True, rms_norm: bool = True,
+def apply_rega_kernels(model, attention: bool = True, cross_entropy: bool = True,
+                       rms_norm: bool = True,
                        rope: bool = True, swiglu: bool = True, backend: str = "auto",
                        fp8: bool = False, fp8_recipe: str = "tensorwise"):
     """Patch a transformers Llama, Qwen2 or Mistral causal LM in place to use rega-engine's kernels.
@@ -313,23 +328,30 @@ def apply_rega_kernels(model, attention: bool = True, cross_entropy: bool = True
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TypeError(
-            f"apply_rega_kernels supports transformers models of type {', '.join(SUPPORTED_MODEL_TYPES)}; "
+            "apply_rega_kernels supports transformers models of type "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}; "
             f"got {type(model).__name__} (model_type={model_type!r}). Load one of those (e.g. "
-            "AutoModelForCausalLM.from_pretrained on a Llama checkpoint) or leave this model unpatched")
+            "AutoModelForCausalLM.from_pretrained on a Llama checkpoint) or leave this model "
+            "unpatched")
     if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"apply_rega_kernels: backend={backend!r}; choose 'auto', 'triton' or 'torch'")
+        raise ValueError(f"apply_rega_kernels: backend={backend!r}; choose 'auto', 'triton' or "
+                         "'torch'")
     patched = model.__dict__.setdefault("_rega_patched", set())
     if cross_entropy and "cross_entropy" not in patched:
-        missing = [name for name in ("model", "lm_head") if not isinstance(getattr(model, name, None), torch.nn.Module)]
+        missing = [name for name in ("model", "lm_head") if not isinstance(getattr(model, name,
+            None), torch.nn.Module)]
         if missing:
-            raise TypeError(f"apply_rega_kernels(cross_entropy=True) needs a causal LM with `model` and `lm_head` "
-                            f"(like {model_type.capitalize()}ForCausalLM); {type(model).__name__} lacks "
-                            f"{', '.join(missing)}. Patch the ForCausalLM model, or pass cross_entropy=False")
-        with torch.no_grad():   # refuse an LM head the fused loss cannot read before patching anything
+            raise TypeError("apply_rega_kernels(cross_entropy=True) needs a causal LM with "
+                            f"`model` and `lm_head` (like {model_type.capitalize()}ForCausalLM); "
+                            f"{type(model).__name__} lacks {', '.join(missing)}. Patch the "
+                            "ForCausalLM model, or pass cross_entropy=False")
+        # refuse an LM head the fused loss cannot read before patching anything
+        with torch.no_grad():
             effective_linear_weight(model.lm_head, f"{type(model).__name__}.lm_head")
     # Every check runs before anything is patched: a refused switch leaves the model as it was.
     plans = [(name, plan(model)) for name, plan, wanted in (
-        ("rms_norm", plan_rms_norms, rms_norm), ("rope", plan_rope, rope), ("swiglu", plan_swiglu, swiglu))
+        ("rms_norm", plan_rms_norms, rms_norm), ("rope", plan_rope, rope), ("swiglu", plan_swiglu,
+                                                                            swiglu))
         if wanted]
     if fp8 and "fp8" not in patched:   # its checks (device, recipe) come before any conversion
         from rega_engine.train.fp8 import apply_fp8_to_hf_model
@@ -343,12 +365,14 @@ def apply_rega_kernels(model, attention: bool = True, cross_entropy: bool = True
         _register_attention()
         model.set_attn_implementation(ATTENTION_NAME)
         if model.config._attn_implementation != ATTENTION_NAME:
-            raise RuntimeError(f"{type(model).__name__} refused attn_implementation={ATTENTION_NAME!r} "
+            raise RuntimeError(f"{type(model).__name__} refused "
+                               f"attn_implementation={ATTENTION_NAME!r} "
                                f"(kept {model.config._attn_implementation!r})")
         patched.add("attention")
     for module in model.modules():
         # Attention functions and patched forwards are shared; each module carries its backend.
-        if hasattr(module, "_rega_backend") or (hasattr(module, "q_proj") and hasattr(module, "o_proj")):
+        if hasattr(module, "_rega_backend") or (hasattr(module, "q_proj") and hasattr(module,
+                                                                                      "o_proj")):
             module._rega_backend = backend
     if cross_entropy and "cross_entropy" not in patched:
         model._rega_original_forward = model.forward
@@ -367,7 +391,8 @@ def _as_list(value, what: str, index: int) -> list[int]:
     elif hasattr(value, "tolist"):
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
-        raise TypeError(f"feature {index}: `{what}` must be a list, tensor or array of ints, got {type(value).__name__}")
+        raise TypeError(f"feature {index}: `{what}` must be a list, tensor or array of ints, got "
+                        f"{type(value).__name__}")
     if value and isinstance(value[0], (list, tuple)):
         raise ValueError(f"feature {index}: `{what}` is nested; give one flat sequence per feature "
                          "(tokenize without return_tensors, or take row 0)")
@@ -411,12 +436,12 @@ class PaddingFreeCollator:
             else:
                 mask = _as_list(feature[mask_key], mask_key, index)
                 if len(mask) != len(ids):
-                    raise ValueError(f"feature {index}: `{mask_key}` has {len(mask)} entries but `input_ids` "
-                                     f"has {len(ids)}; they must align token for token")
+                    raise ValueError(f"feature {index}: `{mask_key}` has {len(mask)} entries but "
+                                     f"`input_ids` has {len(ids)}; they must align token for token")
                 labels = [tok if keep else self.ignore_index for tok, keep in zip(ids, mask)]
         if len(labels) != len(ids):
-            raise ValueError(f"feature {index}: `labels` has {len(labels)} entries but `input_ids` has "
-                             f"{len(ids)}; labels are unshifted and align with input_ids")
+            raise ValueError(f"feature {index}: `labels` has {len(labels)} entries but `input_ids` "
+                             f"has {len(ids)}; labels are unshifted and align with input_ids")
         return labels
 
     @staticmethod
@@ -427,12 +452,12 @@ class PaddingFreeCollator:
             return [n_tokens]
         lengths = _as_list(feature["seq_lengths"], "seq_lengths", index)
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
-            raise ValueError(f"feature {index}: `seq_lengths` must be positive ints (one per packed document), "
-                             f"got {lengths}")
+            raise ValueError(f"feature {index}: `seq_lengths` must be positive ints (one per "
+                             f"packed document), got {lengths}")
         if sum(lengths) != n_tokens:
-            raise ValueError(f"feature {index}: `seq_lengths` {lengths} sum to {sum(lengths)} but `input_ids` has "
-                             f"{n_tokens} tokens; they must cover the example exactly (as TRL's pack_dataset "
-                             "writes them)")
+            raise ValueError(f"feature {index}: `seq_lengths` {lengths} sum to {sum(lengths)} but "
+                             f"`input_ids` has {n_tokens} tokens; they must cover the example "
+                             "exactly (as TRL's pack_dataset writes them)")
         return lengths
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -444,11 +469,13 @@ class PaddingFreeCollator:
         cu_seqlens = [0]
         for index, feature in enumerate(features):
             if "input_ids" not in feature:
-                raise KeyError(f"feature {index} has no `input_ids` (keys: {sorted(feature)}); tokenize the "
+                raise KeyError(f"feature {index} has no `input_ids` (keys: {sorted(feature)}); "
+                               "tokenize the "
                                "samples first (with the Trainer, also check remove_unused_columns)")
             ids = _as_list(feature["input_ids"], "input_ids", index)
             if not ids:
-                raise ValueError(f"feature {index} has empty `input_ids`; filter empty samples out of the dataset")
+                raise ValueError(f"feature {index} has empty `input_ids`; filter empty samples out "
+                                 "of the dataset")
             lengths = self._document_lengths(feature, len(ids), index)
             sample_labels = self._labels(feature, ids, index)
             start = 0
@@ -478,7 +505,8 @@ class PaddingFreeCollator:
         }
 
 
-def packed_batches_for_hf(loader: Iterable[PackedBatch], device: torch.device | str | None = None) -> Iterator[dict]:
+def packed_batches_for_hf(loader: Iterable[PackedBatch], device: torch.device | str
+                          | None = None) -> Iterator[dict]:
     """The batches of a PackedLoader (or any iterable of PackedBatch) as transformers model kwargs.
 
     Each PackedBatch becomes one flattened padding-free row (`PackedBatch.as_hf_kwargs`): pass it as
@@ -487,8 +515,8 @@ def packed_batches_for_hf(loader: Iterable[PackedBatch], device: torch.device | 
     """
     for batch in loader:
         if not isinstance(batch, PackedBatch):
-            raise TypeError(f"packed_batches_for_hf expects PackedBatch items (from PackedLoader), got "
-                            f"{type(batch).__name__}")
+            raise TypeError("packed_batches_for_hf expects PackedBatch items (from PackedLoader), "
+                            f"got {type(batch).__name__}")
         if device is not None:
             batch = batch.to(device)
         yield batch.as_hf_kwargs()
@@ -514,6 +542,6 @@ class PackedHFDataset(torch.utils.data.IterableDataset):
     @staticmethod
     def collate(items: Sequence[dict]) -> dict:
         if len(items) != 1:
-            raise ValueError(f"PackedHFDataset items are whole batches, but the DataLoader grouped {len(items)} "
-                             "of them: set per_device_train_batch_size=1")
+            raise ValueError("PackedHFDataset items are whole batches, but the DataLoader grouped "
+                             f"{len(items)} of them: set per_device_train_batch_size=1")
         return items[0]

@@ -58,14 +58,15 @@ def rms_norm_modules(model) -> list[tuple[str, torch.nn.Module]]:
         if not type(module).__name__.endswith("RMSNorm"):
             continue
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not hasattr(module, "variance_epsilon"):
-            raise TypeError(f"apply_rega_kernels(rms_norm=True): {name} ({type(module).__name__}) is not the "
-                            "plain RMSNorm (a 1-D `weight` and `variance_epsilon`) that the fused kernel "
-                            "replaces; pass rms_norm=False")
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not hasattr(module,
+            "variance_epsilon"):
+            raise TypeError(f"apply_rega_kernels(rms_norm=True): {name} ({type(module).__name__}) "
+                            "is not the plain RMSNorm (a 1-D `weight` and `variance_epsilon`) "
+                            "that the fused kernel replaces; pass rms_norm=False")
         found.append((name, module))
     if not found:
-        raise TypeError(f"apply_rega_kernels(rms_norm=True): {type(model).__name__} has no *RMSNorm module; "
-                        "pass rms_norm=False")
+        raise TypeError(f"apply_rega_kernels(rms_norm=True): {type(model).__name__} has no "
+                        "*RMSNorm module; pass rms_norm=False")
     return found
 
 
@@ -89,17 +90,21 @@ def _attention_modules(model):
             if all(hasattr(module, attr) for attr in ("q_proj", "k_proj", "v_proj", "o_proj"))]
 
 
-def _rope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+def _rope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                            *args, **kwargs):
     position_ids = kwargs.get("position_ids")
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None or position_ids is None or args:
         # Generation (the cache's update API differs between transformers releases) or a caller
         # that does not pass position_ids: HF's own forward, with HF's rope.
-        return self._rega_original_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        return self._rega_original_forward(hidden_states, position_embeddings, attention_mask,
+                                           *args, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     from rega_engine.kernels.rope import rotary_embedding
 
-    kwargs = {key: value for key, value in kwargs.items() if key not in ("cache", "past_key_values")}
+    kwargs = {key: value for key, value in kwargs.items() if key not in ("cache",
+                                                                         "past_key_values")}
     input_shape = hidden_states.shape[:-1]
     batch, length = input_shape
     tokens = batch * length
@@ -131,13 +136,15 @@ def check_rope(model) -> torch.Tensor:
     rotary = getattr(base, "rotary_emb", None)
     where = f"{type(model).__name__}.model.rotary_emb"
     if rotary is None or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
-        raise TypeError(f"apply_rega_kernels(rope=True): {type(model).__name__} has no `model.rotary_emb` with an "
+        raise TypeError(f"apply_rega_kernels(rope=True): {type(model).__name__} has no "
+                        "`model.rotary_emb` with an "
                         "`inv_freq` buffer (HF's rotary embedding module); pass rope=False")
     rope_type = getattr(rotary, "rope_type", "default")
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
     if rope_type not in STATIC_ROPE_TYPES or scaling != 1.0:
         raise ValueError(f"apply_rega_kernels(rope=True): {where} has rope_type={rope_type!r} "
-                         f"(attention_scaling={scaling}); the rotary kernel covers {', '.join(STATIC_ROPE_TYPES)} "
+                         f"(attention_scaling={scaling}); the rotary kernel covers "
+                         f"{', '.join(STATIC_ROPE_TYPES)} "
                          "(a fixed inv_freq, unscaled cos/sin). Pass rope=False for this model")
     return rotary.inv_freq.detach().float().clone()
 
@@ -147,12 +154,13 @@ def plan_rope(model):
     inv_freq = check_rope(model)
     attention = _attention_modules(model)
     if not attention:
-        raise TypeError(f"apply_rega_kernels(rope=True): {type(model).__name__} has no attention module with "
-                        "q_proj/k_proj/v_proj/o_proj; pass rope=False")
+        raise TypeError(f"apply_rega_kernels(rope=True): {type(model).__name__} has no attention "
+                        "module with q_proj/k_proj/v_proj/o_proj; pass rope=False")
     for name, module in attention:
         if inv_freq.numel() * 2 != getattr(module, "head_dim", -1):
-            raise ValueError(f"apply_rega_kernels(rope=True): {name} has head_dim={getattr(module, 'head_dim', None)} "
-                             f"but the rotary embedding rotates {inv_freq.numel() * 2} dimensions (partial "
+            raise ValueError(f"apply_rega_kernels(rope=True): {name} has "
+                             f"head_dim={getattr(module, 'head_dim', None)} but the rotary "
+                             f"embedding rotates {inv_freq.numel() * 2} dimensions (partial "
                              "rotary); pass rope=False")
 
     def patch(backend: str) -> None:
@@ -189,9 +197,9 @@ def plan_swiglu(model):
         # ACT2FN maps "silu" to transformers' SiLUActivation and "swish" to nn.SiLU.
         if not (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"):
             hidden_act = getattr(getattr(model, "config", None), "hidden_act", None)
-            raise ValueError(f"apply_rega_kernels(swiglu=True): {name} has act_fn {type(act).__name__} "
-                             f"(config.hidden_act={hidden_act!r}); the SwiGLU kernel computes silu(gate) * up. "
-                             "Pass swiglu=False for this model")
+            raise ValueError(f"apply_rega_kernels(swiglu=True): {name} has act_fn "
+                             f"{type(act).__name__} (config.hidden_act={hidden_act!r}); the SwiGLU "
+                             "kernel computes silu(gate) * up. Pass swiglu=False for this model")
 
     def patch(backend: str) -> None:
         for _, module in mlps:
@@ -204,7 +212,8 @@ def plan_swiglu(model):
 # The LM head's effective weight (plain, PEFT LoRA, PEFT modules_to_save)
 # --------------------------------------------------------------------------------------------
 
-def effective_linear_weight(module: torch.nn.Module, name: str = "lm_head", training: bool = True) -> torch.Tensor:
+def effective_linear_weight(module: torch.nn.Module, name: str = "lm_head",
+                            training: bool = True) -> torch.Tensor:
     """The weight W such that module(x) == x @ W.T, with autograd reaching every trainable tensor.
 
     A PEFT LoRA layer gives W + sum over active adapters of scaling * B @ A (so the adapters get
@@ -217,7 +226,8 @@ def effective_linear_weight(module: torch.nn.Module, name: str = "lm_head", trai
     if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
         # peft.utils.other.ModulesToSaveWrapper: its forward picks one of these.
         active = list(module.active_adapters)
-        if module.disable_adapters or not active or any(a not in module.modules_to_save for a in active):
+        if module.disable_adapters or not active or any(a not in module.modules_to_save
+                                                        for a in active):
             return effective_linear_weight(module.original_module, name, training)
         return effective_linear_weight(module.modules_to_save[active[0]], name, training)
     if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
@@ -225,40 +235,42 @@ def effective_linear_weight(module: torch.nn.Module, name: str = "lm_head", trai
         if module.disable_adapters or module.merged:
             return base
         if getattr(module, "fan_in_fan_out", False):
-            raise ValueError(f"{name} ({kind}) is a LoRA layer with fan_in_fan_out=True, which the fused "
-                             "cross-entropy does not handle; pass cross_entropy=False")
+            raise ValueError(f"{name} ({kind}) is a LoRA layer with fan_in_fan_out=True, which the "
+                             "fused cross-entropy does not handle; pass cross_entropy=False")
         weight = base
         for adapter in module.active_adapters:
             if adapter not in module.lora_A.keys():
                 continue
             where = f"{name} (LoRA adapter {adapter!r})"
-            if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter, False):
-                raise ValueError(f"{where} uses a LoRA variant (e.g. DoRA) that has no exact effective weight for "
-                                 "the fused cross-entropy; leave the LM head out of target_modules or pass "
-                                 "cross_entropy=False")
+            if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora",
+                                                                         {}).get(adapter, False):
+                raise ValueError(f"{where} uses a LoRA variant (e.g. DoRA) that has no exact "
+                                 "effective weight for the fused cross-entropy; leave the LM head "
+                                 "out of target_modules or pass cross_entropy=False")
             dropout = module.lora_dropout[adapter]
-            if training and not isinstance(dropout, torch.nn.Identity) and getattr(dropout, "p", 0.0) > 0:
-                raise ValueError(f"{where} has lora_dropout={dropout.p}, which in training drops a different part of "
-                                 "every token's input, so no single weight gives the same loss; use "
-                                 "lora_dropout=0 for the LM head, leave it out of target_modules, or pass "
-                                 "cross_entropy=False")
+            if training and not isinstance(dropout, torch.nn.Identity) and getattr(dropout, "p",
+                                                                                   0.0) > 0:
+                raise ValueError(f"{where} has lora_dropout={dropout.p}, which in training drops a "
+                                 "different part of every token's input, so no single weight "
+                                 "gives the same loss; use lora_dropout=0 for the LM head, leave "
+                                 "it out of target_modules, or pass cross_entropy=False")
             lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
             if getattr(lora_B, "bias", None) is not None or not isinstance(lora_A, torch.nn.Linear):
-                raise ValueError(f"{where} has a LoRA bias or a non-linear lora_A; the fused cross-entropy takes "
-                                 "a weight only; pass cross_entropy=False")
+                raise ValueError(f"{where} has a LoRA bias or a non-linear lora_A; the fused "
+                                 "cross-entropy takes a weight only; pass cross_entropy=False")
             delta = (lora_B.weight @ lora_A.weight) * module.scaling[adapter]
             weight = weight + delta.to(weight.dtype)
         return weight
     if type(module).__module__.startswith("peft."):
-        raise TypeError(f"{name} is a PEFT {kind} layer, whose effective weight the fused cross-entropy cannot "
-                        "form; pass cross_entropy=False")
+        raise TypeError(f"{name} is a PEFT {kind} layer, whose effective weight the fused "
+                        "cross-entropy cannot form; pass cross_entropy=False")
     weight = getattr(module, "weight", None)
     if not isinstance(module, torch.nn.Linear) or not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{name} is a {kind}, not a torch.nn.Linear; the fused cross-entropy needs the LM "
-                        "head's weight matrix; pass cross_entropy=False")
+        raise TypeError(f"{name} is a {kind}, not a torch.nn.Linear; the fused cross-entropy needs "
+                        "the LM head's weight matrix; pass cross_entropy=False")
     if not weight.dtype.is_floating_point:
-        raise TypeError(f"{name} holds a quantized {weight.dtype} weight; the fused cross-entropy needs a "
-                        "float weight; pass cross_entropy=False")
+        raise TypeError(f"{name} holds a quantized {weight.dtype} weight; the fused cross-entropy "
+                        "needs a float weight; pass cross_entropy=False")
     if module.bias is not None:
         raise TypeError(f"{name} has a bias, which the fused linear cross-entropy does not take; "
                         "pass cross_entropy=False")

@@ -71,7 +71,7 @@ class ModelArgs:
     hf_config: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_hf_config(cls, config: dict | str | os.PathLike) -> "ModelArgs":
+    def from_hf_config(cls, config: dict | str | os.PathLike) -> ModelArgs:
         """Reads a Hugging Face config: a dict, a config.json path or a checkpoint directory."""
         source = "config dict"
         if not isinstance(config, dict):
@@ -127,7 +127,8 @@ _SIZE_KEYS = (*_REQUIRED_KEYS, "num_key_value_heads", "head_dim", "max_position_
 def _check_sizes(cfg: dict, source: str) -> None:
     for key in _SIZE_KEYS:
         value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value,
+                                                                            int) or value < 1):
             raise ConfigError(f"{source}: {key} = {value!r}, expected a whole number >= 1")
 
 

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import shutil
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from safetensors.torch import save_file

@@ -58,7 +58,7 @@ class LoRASettings:
         return self.alpha / self.rank
 
     @classmethod
-    def from_config(cls, config) -> "LoRASettings":
+    def from_config(cls, config) -> LoRASettings:
         """From the [lora] section (config.LoRAConfig), as validate_config checked it."""
         return cls(rank=config.rank, alpha=float(config.alpha), dropout=float(config.dropout),
                    target_modules=tuple(config.target_modules))
@@ -69,11 +69,13 @@ def is_lora_name(name: str) -> bool:
 
 
 def _lora_forward(self, x):
-    return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.lora_scaling
+    return F.linear(x, self.weight,
+                    self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.lora_scaling
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), nn.Linear)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "lora_A", None),
+                                                                         nn.Linear)]
 
 
 def apply_lora(model: nn.Module, settings: LoRASettings) -> list[str]:
@@ -85,17 +87,20 @@ def apply_lora(model: nn.Module, settings: LoRASettings) -> list[str]:
         p.requires_grad_(False)
     adapted = []
     for name, module in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] not in settings.target_modules or not isinstance(module, nn.Linear):
+        if name.rsplit(".", 1)[-1] not in settings.target_modules or not isinstance(module,
+                                                                                    nn.Linear):
             continue
         kw = {"device": module.weight.device, "dtype": module.weight.dtype, "bias": False}
         module.lora_A = nn.Linear(module.in_features, settings.rank, **kw)
         module.lora_B = nn.Linear(settings.rank, module.out_features, **kw)
-        module.lora_dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
+        module.lora_dropout = (nn.Dropout(settings.dropout) if settings.dropout > 0
+                               else nn.Identity())
         module.lora_scaling = settings.scaling
         module.forward = types.MethodType(_lora_forward, module)
         adapted.append(name)
     if not adapted:
-        raise ConfigError(f"lora.target_modules = {list(settings.target_modules)}: no linear layer of the model "
+        raise ConfigError(f"lora.target_modules = {list(settings.target_modules)}: no linear layer "
+                          "of the model "
                           f"has one of these names (choose from {', '.join(LORA_TARGETS)})")
     model.lora_settings = settings
     return adapted
@@ -141,34 +146,41 @@ def peft_adapter_config(settings: LoRASettings, base_model: str) -> dict:
 
 
 def export_lora(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype, sharded: bool,
-                tokenizer_dir: str | os.PathLike | None, base_path: str | os.PathLike | None) -> str:
+                tokenizer_dir: str | os.PathLike | None, base_path: str | os.PathLike
+                | None) -> str:
     """The end of a [lora] run: the merged model in <out_dir>/hf (in `dtype`), the PEFT adapter
     (fp32) in <out_dir>/hf_adapter, and the base weights in <out_dir>/hf_base when `base_path`
     (model.path) is empty. A collective when `sharded`; rank 0 writes. Returns <out_dir>/hf."""
     from safetensors.torch import save_file
+
     from rega_engine.model import hf_io
 
     out_dir = os.fspath(out_dir)
     settings: LoRASettings = model.lora_settings
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
     else:
         state = model.state_dict()
     hf_dir = os.path.join(out_dir, "hf")
     if distributed.rank() == 0:
         state = {hf_io.canonical_name(k): v.detach().to("cpu") for k, v in state.items()}
-        hf_io.save_pretrained(model, hf_dir, state_dict=merge_state_dict(state, settings.scaling), dtype=dtype)
+        hf_io.save_pretrained(model, hf_dir, state_dict=merge_state_dict(state, settings.scaling),
+                              dtype=dtype)
         if base_path:
             base = os.path.abspath(os.fspath(base_path))
         else:
             base = os.path.abspath(os.path.join(out_dir, "hf_base"))
             hf_io.save_pretrained(model, base, dtype=dtype,
-                                  state_dict={k: v for k, v in state.items() if not is_lora_name(k)})
+                                  state_dict={k: v for k, v in state.items()
+                                              if not is_lora_name(k)})
         adapter_dir = os.path.join(out_dir, "hf_adapter")
         os.makedirs(adapter_dir, exist_ok=True)
-        adapters = {PEFT_PREFIX + k: v.float().contiguous() for k, v in state.items() if is_lora_name(k)}
-        save_file(adapters, os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        adapters = {PEFT_PREFIX + k: v.float().contiguous() for k, v in state.items()
+                    if is_lora_name(k)}
+        save_file(adapters, os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME),
+                  metadata={"format": "pt"})
         with open(os.path.join(adapter_dir, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(peft_adapter_config(settings, base), f, indent=2, sort_keys=True)
             f.write("\n")

@@ -23,10 +23,10 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,8 @@ def checkpoint_root(out_dir: str | os.PathLike) -> Path:
 
 
 def complete_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first; temporary directories are skipped."""
+    """(step, path) of every complete checkpoint, oldest first; temporary directories are
+    skipped."""
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
@@ -67,7 +68,8 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 
 def rng_state(device: torch.device) -> dict:
-    """Every random generator a step may draw from, in a form torch.load(weights_only=True) reads."""
+    """Every random generator a step may draw from, in a form torch.load(weights_only=True)
+    reads."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -132,7 +134,8 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: torch.nn.Modul
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Loads model and optimizer in place (resharding as needed); returns (meta, this rank's state)."""
+    """Loads model and optimizer in place (resharding as needed); returns (meta, this rank's
+    state)."""
     path = Path(path)
     meta_path = path / META_FILE
     if not meta_path.is_file():
@@ -144,7 +147,8 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     state = {"model": model_state, "optim": optim_state}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path), no_dist=not distributed.is_distributed())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
     rank = distributed.rank()
     # A rank the saving run did not have reads rank 0's loader positions (the same on every rank)
     # and keeps its own freshly seeded RNG states.
@@ -236,14 +240,16 @@ class Checkpointer:
     def _load(self, path: Path) -> ResumePoint:
         meta, rank_state = load_checkpoint(path, self.model, self.optimizer)
         states = rank_state["loaders"]
-        if len(states) != len(self.loaders) and len({json.dumps(s, sort_keys=True) for s in states}) == 1:
+        if len(states) != len(self.loaders) and len({json.dumps(s,
+            sort_keys=True) for s in states}) == 1:
             states = states[:1] * len(self.loaders)   # global positions: one serves every loader
         for loader, state in zip(self.loaders, states, strict=True):
             loader.load_state_dict(state)
         if int(meta["world_size"]) != distributed.world_size():
-            log.info(f"elastic resume: {path} was written by {meta['world_size']} process(es), this "
-                     f"run has {distributed.world_size()}; model and optimizer resharded, the data "
-                     f"continues at row {self.loaders[0].rows_consumed} of epoch {self.loaders[0].epoch}")
+            log.info(f"elastic resume: {path} was written by {meta['world_size']} process(es), "
+                     f"this run has {distributed.world_size()}; model and optimizer resharded, the "
+                     f"data continues at row {self.loaders[0].rows_consumed} of epoch "
+                     f"{self.loaders[0].epoch}")
         if "rng" in rank_state:
             set_rng_state(rank_state["rng"], self.device)
         return ResumePoint(step=int(meta["step"]), elapsed_s=float(meta.get("elapsed_s", 0.0)),

@@ -32,9 +32,10 @@ import math
 import random
 import signal
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,8 +49,13 @@ from rega_engine.log import get_logger
 from rega_engine.model import hf_io
 from rega_engine.train.checkpoint import Checkpointer
 from rega_engine.train.fp8 import after_optimizer_step as fp8_after_optimizer_step
-from rega_engine.train.metrics import (DeviceSums, MetricsLogger, device_peak_flops,
-                                       document_lengths, peak_memory_bytes)
+from rega_engine.train.metrics import (
+    DeviceSums,
+    MetricsLogger,
+    device_peak_flops,
+    document_lengths,
+    peak_memory_bytes,
+)
 from rega_engine.train.parallel import Runtime, build_model, setup_runtime, teardown_runtime
 from rega_engine.train.schedule import lr_at, one_pass_text, steps_for_epochs
 
@@ -253,7 +259,8 @@ def forward_backward(model: torch.nn.Module, batches: list[PackedBatch], *, worl
 
 
 def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of the gradients (a plain tensor, also under FSDP), clipped when max_norm > 0."""
+    """Global L2 norm of the gradients (a plain tensor, also under FSDP), clipped when max_norm >
+    0."""
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
     if hasattr(torch.nn.utils, "get_total_norm"):
@@ -303,12 +310,15 @@ def _train(config: RunConfig, runtime: Runtime,
     finally:
         stop.restore()
         run.logger.close(plot=finished and config.train.plot)
-    if finished and config.checkpoint.export and config.lora.rank:   # 4. export: merged + PEFT adapter
+    # 4. export: merged + PEFT adapter
+    if finished and config.checkpoint.export and config.lora.rank:
         from rega_engine.model.lora import export_lora
-        hf_dir = export_lora(run.model, run.out_dir, dtype=run.compute_dtype, sharded=runtime.use_fsdp,
+        hf_dir = export_lora(run.model, run.out_dir, dtype=run.compute_dtype,
+                             sharded=runtime.use_fsdp,
                              tokenizer_dir=config.data.tokenizer or config.model.path,
                              base_path=config.model.path)
-        log.info(f"exported the trained model to {hf_dir} (LoRA merged) and its adapter to {run.out_dir / 'hf_adapter'}")
+        log.info(f"exported the trained model to {hf_dir} (LoRA merged) and its adapter to "
+                 f"{run.out_dir / 'hf_adapter'}")
     elif finished and config.checkpoint.export:                       # 4. export
         hf_dir = hf_io.export_pretrained(
             run.model, run.out_dir / "hf", dtype=run.compute_dtype, sharded=runtime.use_fsdp,
@@ -437,11 +447,13 @@ def _print_header(run: Run, resumed_from: Path | None, pass_line: str = "") -> N
     t = config.train
     rows = t.micro_batch_size * t.grad_accum * runtime.world_size
     source = config.model.path or f"random init from {config.model.init_config}"
+    checkpointing = config.model.activation_checkpointing
     lines = [
-        f"model: {source} ({model.num_parameters(exclude_embeddings=True) / 1e6:.1f}M non-embedding "
-        f"parameters), {str(run.compute_dtype).replace('torch.', '')} on {runtime.device.type}, "
-        f"{runtime.world_size} process(es){', FSDP2' if runtime.use_fsdp else ''}"
-        f"{', activation checkpointing' if config.model.activation_checkpointing == 'block' else ''}"
+        f"model: {source} ({model.num_parameters(exclude_embeddings=True) / 1e6:.1f}M "
+        f"non-embedding parameters), {str(run.compute_dtype).replace('torch.', '')} on "
+        f"{runtime.device.type}, {runtime.world_size} process(es)"
+        f"{', FSDP2' if runtime.use_fsdp else ''}"
+        f"{', activation checkpointing' if checkpointing == 'block' else ''}"
         f"{', torch.compile' if config.model.compile else ''}"
         f"{', ' + model.fp8_summary.describe().splitlines()[0] if model.fp8_summary else ''}",
         f"data: {dataset.path} ({len(dataset)} samples, {dataset.num_tokens} tokens, domains "

@@ -99,7 +99,8 @@ class DeviceSums:
         self.device = device
         self._kind_at = 3
         self._domain_at = 3 + 2 * self.num_kinds
-        self.values = torch.zeros(self._domain_at + 2 * num_domains, dtype=torch.float64, device=device)
+        self.values = torch.zeros(self._domain_at + 2 * num_domains, dtype=torch.float64,
+                                  device=device)
         self.steps = 0
         # Host-side counts: known without reading the device.
         self.tokens = 0
@@ -112,7 +113,8 @@ class DeviceSums:
         valid = (labels != IGNORE_INDEX).reshape(-1)
         losses = token_losses.detach().reshape(-1).to(torch.float64) * valid
         counts = valid.to(torch.float64)
-        # Ignored positions go to kind 0 / domain 0 with loss 0 and count 0: no effect, no mask copy.
+        # Ignored positions go to kind 0 / domain 0 with loss 0 and count 0: no effect, no mask
+        # copy.
         kinds = kind_ids.reshape(-1).clamp(min=0)
         domains = domain_ids.reshape(-1).clamp(min=0, max=self.num_domains - 1)
         k, d = self.num_kinds, self.num_domains
@@ -163,7 +165,8 @@ class MetricsLogger:
       step, loss (the optimised objective, mean over the steps since the last record),
       loss_by_kind {distilled, role, integration, pretrain}, loss_by_domain {name: ...} (mean token
       cross-entropy; null when the interval had no such token), loss_tokens_by_kind and
-      loss_tokens_by_domain (the label tokens those losses are over), tokens (real tokens, all ranks),
+      loss_tokens_by_domain (the label tokens those losses are over), tokens (real tokens, all
+      ranks),
       tokens_per_s, mfu (null when the device peak is unknown), grad_norm (before clipping, of the
       step logged), lr, peak_memory_gib (rank 0), elapsed_s (since the start of this process, plus
       the elapsed time of the run it resumed).
@@ -327,7 +330,8 @@ def plot_loss_curves(log_path: str | os.PathLike, png_path: str | os.PathLike) -
     steps = [r["step"] for r in records]
     domains = list(records[-1]["loss_by_domain"])
     fig, (by_kind, by_domain) = plt.subplots(1, 2, figsize=(12, 4.5))
-    by_kind.plot(steps, [r["loss"] for r in records], color="black", linewidth=1.5, label="objective")
+    by_kind.plot(steps, [r["loss"] for r in records], color="black", linewidth=1.5,
+                 label="objective")
     for name in KINDS:
         _plot_series(by_kind, steps, [r["loss_by_kind"].get(name) for r in records], name)
     for name in domains:

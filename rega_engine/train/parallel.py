@@ -90,7 +90,8 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
         rank, world = dist.get_rank(), dist.get_world_size()
-    return Runtime(device=dev, dtype=compute_dtype, rank=rank, world_size=world, local_rank=local_rank,
+    return Runtime(device=dev, dtype=compute_dtype, rank=rank, world_size=world,
+                   local_rank=local_rank,
                    use_fsdp=use_fsdp, mesh=mesh, owns_process_group=owns)
 
 
@@ -146,7 +147,8 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype) -> None:
         from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
     kwargs = {"mesh": mesh}
     if param_dtype != torch.float32:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype,
+                                                   reduce_dtype=torch.float32)
     layers = model.model.layers
     for i, block in enumerate(layers):
         # The last block's parameters are needed again at once by the backward: keep them.
@@ -236,11 +238,13 @@ def build_model(config: ModelConfig, runtime: Runtime, *, seed: int, precision: 
     return model, compute_dtype
 
 
-def _broadcast_random_init(model: nn.Module, init_config: Path, seed: int, runtime: Runtime) -> None:
+def _broadcast_random_init(model: nn.Module, init_config: Path, seed: int,
+                           runtime: Runtime) -> None:
     """Rank 0 initialises the full model on CPU from `seed` (exactly as a single process does) and
     broadcasts it tensor by tensor; every rank keeps its shards. The other ranks never hold more
     than one full tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     from rega_engine.model import from_config
 
     full = {}
@@ -248,4 +252,5 @@ def _broadcast_random_init(model: nn.Module, init_config: Path, seed: int, runti
         full = from_config(init_config, dtype=torch.float32, device="cpu", seed=seed).state_dict()
     # LoRA adapters are not in rank 0's base model; build_model initialises them afterwards.
     set_model_state_dict(model, full, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=True, strict=not hasattr(model, "lora_settings")))
+        full_state_dict=True, broadcast_from_rank0=True, strict=not hasattr(model,
+                                                                            "lora_settings")))

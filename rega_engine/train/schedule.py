@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int,
+          min_lr_ratio: float) -> float:
     """Learning rate of optimizer step `step` (1-based: the first update is step 1)."""
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
