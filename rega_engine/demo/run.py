@@ -7,11 +7,17 @@
      fine-tuning (domains mixed under the central prompt, nothing else), full REGA, and REGA
      without self-distillation, without role prompts, without role integration;
   5. every model evaluated the way REGA serves, under the central prompt only, on the general
-     skills and on each domain: a table, results.json and results.png.
+     skills and on each domain: exact match, content match (forgetting vs contamination) and
+     inter-domain confusion (`report.analyse_set`).
 
-Each stage runs the same functions as the command line, on a RunConfig built here; the config is
-also written to <out>/configs/<stage>.toml and the equivalent command printed, so every stage can
-be rerun by hand. Stage output (data reports, training logs) goes to <out>/<stage>/log.txt.
+All of it for several seeds (--seeds, default 3), each in its own process with one thread, in
+<out>/seed_<S>/; then every number as mean and min-max over the seeds and every verdict decided
+on all of them (`report`): tables, results.json and results.png (and sweep.png with --sweep).
+
+Each stage runs the same functions as the command line, on a RunConfig built here (trainings in
+a child process, `rega-engine train`); the config is also written to
+<out>/seed_<S>/configs/<stage>.toml and the equivalent command printed, so every stage can be
+rerun by hand. Stage output (data reports, training logs) goes to <out>/seed_<S>/<stage>/log.txt.
 """
 from __future__ import annotations
 
@@ -28,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import RunConfig
+from . import report
 from . import world as world_module
-from .world import DOMAINS, GENERAL, GENERAL_SKILLS, World
+from .world import DOMAINS, GENERAL, WORLDS, World, make_world
 
 VARIANTS = (
     # name, label, data switches (self_distillation, role_prompts, role_integration)
@@ -50,7 +57,8 @@ class Sizes:
     eval_general: int
     eval_domain: int
     pretrain_steps: int
-    finetune_epochs: int        # passes over each variant's own mixture (equal passes over the domains)
+    # passes over each variant's own mixture (equal passes over the domains)
+    finetune_epochs: int
     pretrain_lr: float
     finetune_lr: float
     integration_fraction: float # share of each domain's samples reused under the central prompt
@@ -61,14 +69,26 @@ class Sizes:
     vocab: int
 
 
+# Sized for three seeds in parallel, one thread each, in about 6 minutes on 2 CPU cores: measured,
+# seeds 0-2 took 5 min 35 s on a 2-core machine (about 220 s of CPU per seed: 500 pretraining and
+# ~410 fine-tuning steps of 4 x 256 tokens at ~0.2 s, six training processes started at ~4.5 s
+# each, six evaluations of 450 questions). At these sizes the fine-tunes have not yet learned to
+# tell the domains' sign-offs apart (see the README): more fine-tuning (domain_train, epochs)
+# is the knob, at about 0.2 s of CPU per step and seed.
 # The demo reuses half of each domain under the central prompt (the engine's default is 0.1): a
 # model this small needs to see the domains under the central prompt often to answer them as
-# well there. Measured on seed 0: at 0.1 REGA scored 90.7% in lab (mostly wrong sums) against
-# standard fine-tuning's 98.3%; at 0.5, 99.0%.
-FULL = Sizes(general_train=6000, instructions=1000, domain_train=1500, eval_general=300, eval_domain=300,
-             pretrain_steps=1000, finetune_epochs=3, pretrain_lr=3e-3, finetune_lr=1e-3,
+# well there (measured on seed 0 with an earlier, larger size: at 0.1 REGA scored 90.7% in lab,
+# mostly wrong sums, against standard fine-tuning's 98.3%; at 0.5, 99.0%).
+FULL = Sizes(general_train=6000, instructions=500, domain_train=500, eval_general=150,
+             eval_domain=150,
+             pretrain_steps=500, finetune_epochs=2, pretrain_lr=3e-3, finetune_lr=1e-3,
              integration_fraction=0.5, rows=4, seq_len=256, hidden=128, layers=4, vocab=512)
-QUICK = Sizes(general_train=300, instructions=40, domain_train=60, eval_general=20, eval_domain=10,
+QUICK = Sizes(general_train=3000, instructions=200, domain_train=250, eval_general=60,
+              eval_domain=60,
+              pretrain_steps=150, finetune_epochs=2, pretrain_lr=3e-3, finetune_lr=1e-3,
+              integration_fraction=0.5, rows=4, seq_len=256, hidden=128, layers=4, vocab=512)
+# The tests' sizes: every stage runs, in seconds; the models learn next to nothing.
+SMOKE = Sizes(general_train=300, instructions=40, domain_train=60, eval_general=20, eval_domain=10,
               pretrain_steps=8, finetune_epochs=1, pretrain_lr=3e-3, finetune_lr=1e-3,
               integration_fraction=0.1, rows=2, seq_len=128, hidden=64, layers=1, vocab=400)
 
@@ -82,7 +102,8 @@ def _toml_value(value) -> str:
     if isinstance(value, str):
         return json.dumps(value)      # a JSON string is a TOML basic string
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}"
+                                for k, v in value.items()) + " }"
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"no TOML form for {type(value).__name__}")
@@ -140,18 +161,23 @@ def write_world(world: World, sizes: Sizes, data: Path) -> dict:
     """The world's JSONL files: pretraining set, instructions, domain sets, eval sets."""
     files = {
         "general_train": world_module.write_jsonl(data / "general_train.jsonl",
-                                                  world.examples(GENERAL, sizes.general_train, "train")),
+                                                  world.examples(GENERAL, sizes.general_train,
+                                                                 "train")),
         "instructions": world_module.write_jsonl(data / "general_instructions.jsonl",
-                                                 world.examples(GENERAL, sizes.instructions, "distill"),
+                                                 world.examples(GENERAL, sizes.instructions,
+                                                                "distill"),
                                                  with_answer=False),
         "eval_general": world_module.write_jsonl(data / "eval_general.jsonl",
-                                                 world.examples(GENERAL, sizes.eval_general, "eval")),
+                                                 world.examples(GENERAL, sizes.eval_general,
+                                                                "eval")),
     }
     for domain in DOMAINS:
         files[domain] = world_module.write_jsonl(data / f"{domain}.jsonl",
-                                                 world.examples(domain, sizes.domain_train, "train"))
+                                                 world.examples(domain, sizes.domain_train,
+                                                                "train"))
         files[f"eval_{domain}"] = world_module.write_jsonl(data / f"eval_{domain}.jsonl",
-                                                           world.examples(domain, sizes.eval_domain, "eval"))
+                                                           world.examples(domain, sizes.eval_domain,
+                                                                          "eval"))
     return files
 
 
@@ -168,8 +194,10 @@ def model_config(vocab_size: int, sizes: Sizes) -> dict:
     heads = max(1, sizes.hidden // 32)
     return {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "vocab_size": vocab_size, "hidden_size": sizes.hidden, "intermediate_size": 3 * sizes.hidden,
-        "num_hidden_layers": sizes.layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+        "vocab_size": vocab_size, "hidden_size": sizes.hidden, "intermediate_size": 3
+        * sizes.hidden,
+        "num_hidden_layers": sizes.layers, "num_attention_heads": heads,
+        "num_key_value_heads": heads,
         "head_dim": 32, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
         "max_position_embeddings": sizes.seq_len, "initializer_range": 0.02,
         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
@@ -187,6 +215,9 @@ def base_config(world: World, sizes: Sizes, out: Path, seed: int, device: str) -
     config.data.seed = seed
     config.train.micro_batch_size = sizes.rows
     config.train.seed = seed
+    import torch
+    # the training processes use as many as the demo
+    config.train.threads = torch.get_num_threads()
     config.train.device = device
     config.train.progress = False
     config.train.plot = False
@@ -202,7 +233,7 @@ def with_eval(config: RunConfig, files: dict, model_dir: Path) -> RunConfig:
     config.eval.general = files["eval_general"]
     config.eval.domains = {d: files[f"eval_{d}"] for d in DOMAINS}
     config.eval.output = str(model_dir / "eval.json")
-    config.eval.max_new_tokens = 16
+    config.eval.max_new_tokens = 12       # the longest right answer ("0 1 7 noted") is well under
     config.eval.batch_size = 64
     return config
 
@@ -235,7 +266,8 @@ def distill_config(base: RunConfig, files: dict, out: Path, seed: int) -> RunCon
     return config
 
 
-def variant_config(base: RunConfig, files: dict, sizes: Sizes, out: Path, name: str, switches) -> RunConfig:
+def variant_config(base: RunConfig, files: dict, sizes: Sizes, out: Path, name: str,
+                   switches) -> RunConfig:
     config = copy.deepcopy(base)
     config.model.path = str(out / "base" / "hf")
     config.data.general = str(out / "distilled" / "general.jsonl")
@@ -259,212 +291,429 @@ def set_epochs(config: RunConfig, epochs: int) -> None:
     config.train.warmup_steps = max(1, config.train.steps // 20)
 
 
-def question_kind(world: World, example) -> str:
-    """The skill, with lookups about newcomers apart in the domains: those need general facts."""
-    if example.domain != GENERAL and example.skill == "lookup":
-        newcomer = any(word in world.newcomers for word in example.prompt.split())
-        return "lookup (newcomers)" if newcomer else "lookup (regulars)"
-    return example.skill
-
-
-def evaluate_one(model_dir: Path, world: World, sizes: Sizes, config: RunConfig, device: str) -> dict:
-    """Exact match and perplexity per set under the central prompt, and exact match per kind of
-    question (`question_kind`)."""
+def evaluate_one(model_dir: Path, world: World, sizes: Sizes, config: RunConfig,
+                 device: str) -> dict:
+    """Per set under the central prompt: exact match, content match, conventions, perplexity and
+    the same per kind of question (`report.analyse_set`)."""
     from ..evaluate import evaluate_model
 
     examples = {GENERAL: world.examples(GENERAL, sizes.eval_general, "eval"),
                 **{d: world.examples(d, sizes.eval_domain, "eval") for d in DOMAINS}}
     sets = {name: [e.record()["messages"] for e in exs] for name, exs in examples.items()}
     result = evaluate_model(model_dir, sets, central_prompt=config.roles.central_prompt,
-                            chat_template=config.data.chat_template, max_new_tokens=config.eval.max_new_tokens,
+                            chat_template=config.data.chat_template,
+                            max_new_tokens=config.eval.max_new_tokens,
                             batch_size=config.eval.batch_size, device=device, keep_predictions=True)
-    summary = {}
-    for name, metrics in result["central"].items():
-        by_kind: dict[str, list] = {}
-        for p, e in zip(metrics["predictions"], examples[name]):
-            by_kind.setdefault(question_kind(world, e), []).append(p["correct"])
-        summary[name] = {"exact_match": metrics["exact_match"], "loss": metrics["loss"],
-                         "perplexity": metrics["perplexity"], "samples": metrics["samples"],
-                         "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}}
-    return summary
+    return {name: report.analyse_set(world, name, examples[name], metrics["predictions"],
+                                     loss=metrics["loss"], perplexity=metrics["perplexity"])
+            for name, metrics in result["central"].items()}
 
 
-def _ppl(value: float) -> str:
-    return f"{value:.2f}" if value < 1e5 else f"{value:.1e}"
+def run_seed(seed: int, out: Path, sizes: Sizes, world_name: str, device: str,
+             sweep: bool = False) -> dict:
+    """The whole pipeline for one seed, in this process; its results also go to
+    <out>/seed_results.json. Returns {"seed", "results", "timings_s", ...} or {"stopped": code}."""
+    from ..data.prepare import prepare
+    from ..distill import distill
+    from ..tokenizer import train_tokenizer
+    started, cpu_started, children_started = time.time(), time.process_time(), _children_cpu()
+    generation_device = "cpu" if device == "cpu" else "auto"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OWNED:
+        shutil.rmtree(out / name, ignore_errors=True)
+    stages = Stages(out)
+    world = make_world(world_name, seed)
+
+    with stages.run("data", "writing the synthetic world and training its tokenizer",
+                    out / "data" / "log.txt"):
+        files = write_world(world, sizes, out / "data")
+        tokenizer_dir = train_tokenizer(tokenizer_texts(world), out / "tokenizer",
+                                        vocab_size=sizes.vocab,
+                                        seed=seed)
+        from transformers import AutoTokenizer
+        vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+        (out / "tiny_llama.json").write_text(json.dumps(model_config(vocab_size, sizes), indent=2))
+    base = base_config(world, sizes, out, seed, device)
+
+    config = pretrain_config(base, files, sizes, out)
+    path = stages.save_config("pretrain", config, "prepare", "train", "eval")
+    with stages.run("pretrain",
+        f"pretraining a tiny Llama on the general skills ({sizes.pretrain_steps} steps)",
+                    out / "base" / "log.txt"):
+        prepare(config)
+        code = train_in_child(path)
+    if code:   # a SIGTERM stopped training: there is no model to go on with
+        log_file = out / "base" / "log.txt"
+        print(f"[pretrain] stopped by SIGTERM (log: {log_file}); the demo ends here",
+              file=sys.stderr)
+        return {"stopped": code}
+    results = {}
+    with stages.run("eval base", "evaluating the base model", out / "base" / "eval_log.txt"):
+        results["base"] = evaluate_one(out / "base" / "hf", world, sizes, config, generation_device)
+    print(f"  base model: general exact match {results['base'][GENERAL]['exact_match']:.1%} ("
+          + ", ".join(f"{k} {v:.0%}" for k, v in results["base"][GENERAL]["by_kind"].items()) + ")",
+          flush=True)
+
+    config = distill_config(base, files, out, seed)
+    stages.save_config("distill", config, "distill")
+    with stages.run("distill", "self-distilling general exemplars from the base model",
+                    out / "distilled" / "log.txt"):
+        distilled = distill(config)
+    print(f"  {distilled['answered']} distinct instructions answered, {distilled['kept']} kept; "
+          "filtered: "
+          + ", ".join(f"{r} {n}" for r, n in distilled["filtered"].items()), flush=True)
+
+    runs = [(name, label, switches, sizes.integration_fraction,
+             1.0) for name, label, switches in VARIANTS]
+    if sweep:
+        runs += sweep_runs(sizes)
+    steps = {}
+    for name, label, switches, fraction, share in runs:
+        config = variant_config(base, files, sizes, out, name, switches)
+        config.data.integration_fraction = fraction
+        if share < 1.0:
+            config.data.general = subsample(out / "distilled" / "general.jsonl", share,
+                                            out / "distilled" / f"general_{share:g}.jsonl")
+        with stages.run(name, f"fine-tuning: {label}", out / name / "log.txt"):
+            prepare(config)
+            set_epochs(config, sizes.finetune_epochs)
+            path = stages.save_config(name, config, "prepare", "train", "eval")
+            code = train_in_child(path)
+        if code:
+            log_file = out / name / "log.txt"
+            print(f"[{name}] stopped by SIGTERM (log: {log_file}); the demo ends here",
+                  file=sys.stderr)
+            return {"stopped": code}
+        steps[name] = config.train.steps
+        print(f"  {config.train.steps} steps ({sizes.finetune_epochs} passes over its mixture)",
+              flush=True)
+        with stages.run(f"eval {name}", f"evaluating {label}", out / name / "eval_log.txt"):
+            results[name] = evaluate_one(out / name / "hf", world, sizes, config, generation_device)
+        print("  exact match: " + ", ".join(f"{s} {m['exact_match']:.1%}"
+                                            for s, m in results[name].items()),
+              flush=True)
+    total = time.time() - started
+    payload = {"seed": seed, "world": world_name, "results": results, "steps": steps,
+               "distilled": {k: distilled[k] for k in ("answered", "kept")},
+               "commands": stages.commands,
+               "timings_s": {**{k: round(v, 1) for k, v in stages.timings.items()},
+                             "total": round(total, 1),
+                             "cpu": round(time.process_time() - cpu_started + _children_cpu()
+                                          - children_started, 1)}}
+    (out / "seed_results.json").write_text(json.dumps(payload, indent=2))
+    return payload
 
 
-def format_results(results: dict, labels: dict) -> str:
-    sets = [GENERAL, *DOMAINS]
-    width = max(len(label) for label in labels.values()) + 2
-    header = (f"{'model':<{width}}" + "".join(f"{s:>9}" for s in sets) + "   "
-              + "".join(f"{s + ' ppl':>13}" for s in sets))
-    lines = ["exact match under the central prompt; perplexity of the reference answers", header,
-             "-" * len(header)]
-    for name, r in results.items():
-        lines.append(f"{labels[name]:<{width}}" + "".join(f"{r[s]['exact_match']:>9.1%}" for s in sets) + "   "
-                     + "".join(f"{_ppl(r[s]['perplexity']):>13}" for s in sets))
-    lines += ["", "general skills (exact match):",
-              f"{'':<{width}}" + "".join(f"{k:>9}" for k in GENERAL_SKILLS)]
-    for name, r in results.items():
-        lines.append(f"{labels[name]:<{width}}"
-                     + "".join(f"{r[GENERAL]['by_kind'].get(k, 0.0):>9.1%}" for k in GENERAL_SKILLS))
-    lines += ["", "domain questions about newcomers, which the domain data never asks about "
-                  "(they need the general facts):",
-              f"{'':<{width}}" + "".join(f"{d:>9}" for d in DOMAINS)]
-    for name, r in results.items():
-        lines.append(f"{labels[name]:<{width}}"
-                     + "".join(f"{r[d]['by_kind'].get('lookup (newcomers)', 0.0):>9.1%}" for d in DOMAINS))
+def _children_cpu() -> float:
+    """CPU seconds of the finished child processes (the trainings), user and system."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def train_in_child(config_path: Path) -> int:
+    """`rega-engine train --config <path>` in a process of its own (its output into the stage's
+    log); returns its exit code, 143 when a SIGTERM stopped it. Training in a fresh process
+    keeps one training's state (allocator, registered ops, threads) from reaching the next: in
+    the working tree of this change, a second in-process training crashed in the custom ops."""
+    import subprocess
+
+    sys.stdout.flush()
+    code = subprocess.run([sys.executable, "-m", "rega_engine.cli", "train", "--config",
+                           str(config_path)],
+                          stdout=sys.stdout, stderr=sys.stderr).returncode
+    if code not in (0, 143):
+        raise RuntimeError(f"rega-engine train --config {config_path} exited with {code}")
+    return code
+
+
+# -- the sweep (--sweep) -------------------------------------------------------------------------
+SWEEP_FRACTIONS = (0.0, 0.05, 0.1, 0.25, 0.5)
+SWEEP_SHARES = (0.25, 0.5, 1.0)
+
+
+def sweep_name(fraction: float, share: float) -> str:
+    return f"sweep_f{fraction:g}_d{share:g}"
+
+
+def sweep_points(sizes: Sizes) -> list[tuple[float, float, str]]:
+    """(integration fraction, distilled share, model name) of every sweep point; the points the
+    five main models already are reuse them (REGA, and REGA without role integration at 0)."""
+    points = []
+    for fraction in SWEEP_FRACTIONS:
+        name = ("no_integration" if fraction == 0.0 else "rega" if fraction
+                == sizes.integration_fraction
+                else sweep_name(fraction, 1.0))
+        points.append((fraction, 1.0, name))
+    for share in SWEEP_SHARES:
+        if share != 1.0:
+            points.append((sizes.integration_fraction, share, sweep_name(sizes.integration_fraction,
+                                                                         share)))
+    return points
+
+
+def sweep_runs(sizes: Sizes) -> list[tuple]:
+    main_names = {name for name, _, _ in VARIANTS}
+    return [(name, f"REGA, integration fraction {fraction:g}, distilled share {share:g}", (True,
+        True, True),
+             fraction, share) for fraction, share, name in sweep_points(sizes)
+             if name not in main_names]
+
+
+def subsample(path: Path, share: float, target: Path) -> str:
+    """The first `share` of a JSONL file's rows (the distilled answers come in a seeded order)."""
+    rows = path.read_text(encoding="utf-8").splitlines()
+    target.write_text("\n".join(rows[:max(1, round(share * len(rows)))]) + "\n", encoding="utf-8")
+    return str(target)
+
+
+def format_sweep(per_seed: list[dict], sizes: Sizes) -> str:
+    lines = ["sweep (REGA, exact match %, mean (min-max) over seeds): general and the domains' "
+             "mean",
+             f"{'integration fraction':>21} {'distilled share':>16} {'general':>18} "
+             f"{'domains':>18}"]
+    for fraction, share, name in sweep_points(sizes):
+        general = report.spread(report.metric(per_seed, name, GENERAL, "exact_match"))
+        domains = report.spread(domain_mean(per_seed, name))
+        cells = f"{report._cell(general)} {report._cell(domains)}"
+        lines.append(f"{fraction:>21g} {share:>16g} {cells}")
     return "\n".join(lines)
 
 
-def verdicts(results: dict) -> list[tuple[bool, str]]:
-    """The claims the demo exists to show, each checked against the numbers."""
-    base = results["base"][GENERAL]["exact_match"]
-    rega, std = results["rega"], results["standard"]
-    out = [(rega[GENERAL]["exact_match"] >= 0.9 * base,
-            f"REGA keeps the general skills: {rega[GENERAL]['exact_match']:.1%}, at least 90% of the "
-            f"base model's {base:.1%}"),
-           (std[GENERAL]["exact_match"] < 0.8 * base,
-            f"standard fine-tuning forgets them: {std[GENERAL]['exact_match']:.1%}, below 80% of {base:.1%}")]
-    for d in DOMAINS:
-        out.append((rega[d]["exact_match"] >= std[d]["exact_match"],
-                    f"REGA in {d} at least matches standard fine-tuning: {rega[d]['exact_match']:.1%} vs "
-                    f"{std[d]['exact_match']:.1%}"))
-    return out
+def domain_mean(per_seed: list[dict], name: str) -> list[float]:
+    return [sum(r[name][d]["exact_match"] for d in DOMAINS) / len(DOMAINS) for r in per_seed]
 
 
-def plot(results: dict, labels: dict, path: Path) -> None:
+def plot_sweep(per_seed: list[dict], sizes: Sizes, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sets = [GENERAL, *DOMAINS]
-    names = list(results)
-    width = 0.8 / len(sets)
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    for i, s in enumerate(sets):
-        xs = [j + (i - (len(sets) - 1) / 2) * width for j in range(len(names))]
-        bars = ax.bar(xs, [100 * results[n][s]["exact_match"] for n in names], width, label=s)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(range(len(names)), [labels[n].replace(" - ", "\n- ") for n in names], fontsize=8)
-    ax.set_ylabel("exact match (%), central prompt")
-    ax.set_ylim(0, 118)
-    ax.set_title("REGA on the demo world: general skills kept, domains learned")
-    ax.legend(loc="upper center", ncol=len(sets), fontsize=8)
+    points = sweep_points(sizes)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, (xlabel, selected, x_of) in zip(axes, (
+            ("integration fraction (distilled share 1)", [p for p in points if p[1] == 1.0],
+             lambda p: p[0]),
+            (f"distilled share (integration fraction {sizes.integration_fraction:g})",
+             [p for p in points if p[0] == sizes.integration_fraction], lambda p: p[1]))):
+        selected = sorted(selected, key=x_of)
+        xs = [x_of(p) for p in selected]
+        for label, values_of in (("general", lambda n: report.metric(per_seed, n, GENERAL,
+                                                                     "exact_match")),
+                                 ("domains (mean)", lambda n: domain_mean(per_seed, n))):
+            spreads = [report.spread(values_of(p[2])) for p in selected]
+            ax.errorbar(xs, [100 * s["mean"] for s in spreads],
+                        yerr=[[max(0.0, 100 * (s["mean"] - s["min"])) for s in spreads],
+                              [max(0.0, 100 * (s["max"] - s["mean"])) for s in spreads]],
+                        marker="o", capsize=3, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("exact match (%), central prompt")
+    axes[0].legend()
+    fig.suptitle(f"REGA's knobs: mean and min-max over {len(per_seed)} seed(s)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+# -- several seeds -------------------------------------------------------------------------------
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="rega-engine demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo); the "
+    parser.add_argument("--out", default="runs/demo",
+                        help="output directory (default runs/demo); the "
                         "demo's folders in it are replaced")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the world, the models and the sampling")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the pipeline "
-                        "(seconds; the models learn next to nothing)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the first seed (of the world, the models and "
+                        "the sampling); --seeds N runs seed, seed+1, ...")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="how many seeds (default 3, 2 with --quick): every number is "
+                        "reported as mean and min-max over them, and every verdict decided on all "
+                        "of them")
+    parser.add_argument("--world", default="lookalike", choices=tuple(WORLDS),
+                        help="lookalike (default): domains named in every question; confusion: the "
+                             "domains "
+                        "ask the same questions, told apart only by who asks")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer samples and steps, two seeds: a look of "
+                        "about two minutes on 2 cores (the models learn much less; read it as a "
+                        "preview)")
+    parser.add_argument("--sweep", action="store_true", help="also REGA at integration fractions "
+                        f"{', '.join(map(str, SWEEP_FRACTIONS))} and distilled shares "
+                        f"{', '.join(map(str, SWEEP_SHARES))}: sweep.png (several more minutes)")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="seeds run at once, one process each (default: "
+                        "all of them; with one thread each they share the cores)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="training and generation device (auto: a GPU when there is one)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default: one per core, at most 8: the model is tiny)")
-    return parser.parse_args(argv)
+                        help="torch CPU threads per seed (default: 1 when seeds run in parallel, "
+                             "else one "
+                        "per core, at most 8)")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)   # tests: seconds
+    # one seed, for main
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild the table, verdicts and plots "
+                        "from the seed folders an earlier run left in --out (no training)")
+    args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = 2 if args.quick or args.smoke else 3
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    return args
 
 
-# Folders the demo owns under --out; a rerun replaces them (a stale checkpoint or distilled file
-# would otherwise be resumed).
+def sizes_for(args) -> Sizes:
+    return SMOKE if args.smoke else QUICK if args.quick else FULL
+
+
+# Folders the demo owns under --out (and under each seed's folder); a rerun replaces them (a stale
+# checkpoint or distilled file would otherwise be resumed).
 OWNED = ("data", "tokenizer", "configs", "base", "distilled", *(name for name, _, _ in VARIANTS))
+
+
+def _worker_argv(args, seed: int, out: Path, threads: int) -> list[str]:
+    argv = [sys.executable, "-m", "rega_engine.demo.run", "--worker", "--seed", str(seed), "--out",
+            str(out),
+            "--world", args.world, "--device", args.device, "--threads", str(threads)]
+    return argv + [flag for flag, on in (("--quick", args.quick), ("--smoke", args.smoke),
+                                          ("--sweep", args.sweep)) if on]
+
+
+def run_seeds(args, seeds: list[int], out: Path, threads: int) -> list[dict]:
+    """Each seed in its own process (one torch thread each by default), at most --jobs at once;
+    their stage lines are echoed here as they come, prefixed by the seed."""
+    import subprocess
+
+    jobs = args.jobs or len(seeds)
+    pending = list(seeds)
+    running: dict[int, tuple] = {}
+    failed = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                          *filter(None, [os.environ.get("PYTHONPATH")])])}
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            seed_out = out / f"seed_{seed}"
+            seed_out.mkdir(parents=True, exist_ok=True)
+            log_path = seed_out / "demo_log.txt"
+            log = open(log_path, "w", encoding="utf-8")
+            process = subprocess.Popen(_worker_argv(args, seed, seed_out, threads), stdout=log,
+                                       stderr=subprocess.STDOUT, env=env)
+            running[seed] = (process, log, log_path, 0)
+        time.sleep(0.5)
+        for seed in list(running):
+            process, log, log_path, offset = running[seed]
+            with open(log_path, encoding="utf-8", errors="replace") as f:
+                f.seek(offset)
+                text = f.read()
+            if process.poll() is None:
+                text = text[:text.rfind("\n") + 1]        # whole lines only while it runs
+            for line in text.splitlines():
+                if line.startswith("["):
+                    print(f"[seed {seed}] {line}", flush=True)
+            offset += len(text.encode("utf-8"))
+            running[seed] = (process, log, log_path, offset)
+            if process.poll() is not None:
+                log.close()
+                del running[seed]
+                if process.returncode:
+                    failed.append((seed, process.returncode, log_path))
+    if failed:
+        for seed, code, log_path in failed:
+            print(f"[seed {seed}] failed with exit code {code}; its output is in {log_path}",
+                  file=sys.stderr)
+        raise SystemExit(failed[0][1] if failed[0][1] > 0 else 1)
+    return [json.loads((out / f"seed_{seed}" / "seed_results.json").read_text()) for seed in seeds]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    import torch
-
-    from ..data.prepare import prepare
-    from ..distill import distill
-    from ..tokenizer import train_tokenizer
-    from ..train.loop import train
+    sizes = sizes_for(args)
+    out = Path(args.out)
+    if args.worker:
+        import torch
+        torch.set_num_threads(args.threads or 1)
+        payload = run_seed(args.seed, out, sizes, args.world, args.device, args.sweep)
+        return payload.get("stopped", 0)
 
     started = time.time()
-    threads = args.threads or min(os.cpu_count() or 1, 8)
-    torch.set_num_threads(threads)
-    sizes = QUICK if args.quick else FULL
-    generation_device = "cpu" if args.device == "cpu" else "auto"
-    out = Path(args.out)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    parallel = len(seeds) > 1 and (args.jobs or len(seeds)) > 1
+    cores = os.cpu_count() or 1
+    threads = args.threads or (1 if parallel else min(cores, 8))
     out.mkdir(parents=True, exist_ok=True)
-    for name in OWNED:
-        shutil.rmtree(out / name, ignore_errors=True)
-    stages = Stages(out)
-    world = World(args.seed)
+    if not args.report_only:
+        for name in OWNED:   # an older single-seed layout
+            shutil.rmtree(out / name, ignore_errors=True)
+        for old in out.glob("seed_*"):
+            shutil.rmtree(old, ignore_errors=True)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    print(f"REGA demo: {args.world} world, seeds {', '.join(map(str, seeds))}, {mode} sizes, "
+          f"{min(len(seeds), args.jobs or len(seeds)) if parallel else 1} process(es) x {threads} "
+          f"CPU thread(s) on {cores} core(s), output in {out}", flush=True)
+    if args.report_only:
+        per_seed = [json.loads((out / f"seed_{seed}" / "seed_results.json").read_text())
+                    for seed in seeds]
+    elif parallel:
+        per_seed = run_seeds(args, seeds, out, threads)
+    else:
+        import torch
+        torch.set_num_threads(threads)
+        per_seed = []
+        for seed in seeds:
+            payload = run_seed(seed, out / f"seed_{seed}", sizes, args.world, args.device,
+                               args.sweep)
+            if "stopped" in payload:
+                return payload["stopped"]
+            per_seed.append(payload)
+
+    main_models = ["base", *(name for name, _, _ in VARIANTS)]
+    results = [{m: p["results"][m] for m in main_models} for p in per_seed]
     labels = {"base": "base model", **{name: label for name, label, _ in VARIANTS}}
-    print(f"REGA demo: seed {args.seed}, {'quick' if args.quick else 'full'} sizes, {threads} CPU thread(s), "
-          f"output in {out}")
-
-    with stages.run("data", "writing the synthetic world and training its tokenizer", out / "data" / "log.txt"):
-        files = write_world(world, sizes, out / "data")
-        tokenizer_dir = train_tokenizer(tokenizer_texts(world), out / "tokenizer", vocab_size=sizes.vocab,
-                                        seed=args.seed)
-        from transformers import AutoTokenizer
-        vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
-        (out / "tiny_llama.json").write_text(json.dumps(model_config(vocab_size, sizes), indent=2))
-    base = base_config(world, sizes, out, args.seed, args.device)
-
-    config = pretrain_config(base, files, sizes, out)
-    stages.save_config("pretrain", config, "prepare", "train", "eval")
-    with stages.run("pretrain", f"pretraining a tiny Llama on the general skills ({sizes.pretrain_steps} steps)",
-                    out / "base" / "log.txt"):
-        prepare(config)
-        code = train(config)
-    if code:   # a SIGTERM stopped training: there is no model to go on with
-        print(f"[pretrain] stopped by SIGTERM (log: {out / 'base' / 'log.txt'}); the demo ends "
-              "here", file=sys.stderr)
-        return code
-    results = {}
-    with stages.run("eval base", "evaluating the base model", out / "base" / "eval_log.txt"):
-        results["base"] = evaluate_one(out / "base" / "hf", world, sizes, config, generation_device)
-    print(f"  base model: general exact match {results['base'][GENERAL]['exact_match']:.1%} ("
-          + ", ".join(f"{k} {v:.0%}" for k, v in results["base"][GENERAL]["by_kind"].items()) + ")")
-
-    config = distill_config(base, files, out, args.seed)
-    stages.save_config("distill", config, "distill")
-    with stages.run("distill", f"self-distilling general exemplars from the base model",
-                    out / "distilled" / "log.txt"):
-        report = distill(config)
-    print(f"  {report['answered']} distinct instructions answered, {report['kept']} kept; filtered: "
-          + ", ".join(f"{r} {n}" for r, n in report["filtered"].items()))
-
-    for name, label, switches in VARIANTS:
-        config = variant_config(base, files, sizes, out, name, switches)
-        with stages.run(name, f"fine-tuning: {label}", out / name / "log.txt"):
-            prepare(config)
-            set_epochs(config, sizes.finetune_epochs)
-            stages.save_config(name, config, "prepare", "train", "eval")
-            code = train(config)
-        if code:
-            print(f"[{name}] stopped by SIGTERM (log: {out / name / 'log.txt'}); the demo ends here",
-                  file=sys.stderr)
-            return code
-        print(f"  {config.train.steps} steps ({sizes.finetune_epochs} passes over its mixture)")
-        with stages.run(f"eval {name}", f"evaluating {label}", out / name / "eval_log.txt"):
-            results[name] = evaluate_one(out / name / "hf", world, sizes, config, generation_device)
-        print("  exact match: " + ", ".join(f"{s} {m['exact_match']:.1%}" for s, m in results[name].items()))
-
-    checks = verdicts(results)
+    summary = report.aggregate(results)
+    checks = report.verdicts(results, DOMAINS)
     print()
-    print(format_results(results, labels))
+    print(report.format_results(summary, labels, DOMAINS, seeds))
     print()
-    for ok, text in checks:
-        print(f"  [{'ok' if ok else 'NOT MET'}] {text}")
-    plot(results, labels, out / "results.png")
+    print(report.format_verdicts(checks))
+    title = (f"REGA on the {args.world} world ({mode} sizes, "
+             + (f"seed {seeds[0]})" if len(seeds) == 1 else f"{len(seeds)} seeds)"))
+    report.plot(summary, labels, DOMAINS, seeds, out / "results.png", title)
+    written = [out / "results.json", out / "results.png"]
+    sweep = None
+    if args.sweep:
+        all_results = [p["results"] for p in per_seed]
+        print()
+        print(format_sweep(all_results, sizes))
+        plot_sweep(all_results, sizes, out / "sweep.png")
+        written.append(out / "sweep.png")
+        sweep = [{"integration_fraction": f, "distilled_share": s, "model": n,
+                  "general": report.spread(report.metric(all_results, n, GENERAL, "exact_match")),
+                  "domains": report.spread(domain_mean(all_results,
+                                                       n))} for f, s, n in sweep_points(sizes)]
     total = time.time() - started
-    payload = {"seed": args.seed, "sizes": dataclasses.asdict(sizes), "threads": threads,
-               "device": args.device, "results": results, "labels": labels,
-               "checks": [{"ok": ok, "claim": text} for ok, text in checks],
-               "timings_s": {**{k: round(v, 1) for k, v in stages.timings.items()}, "total": round(total, 1)}}
+    payload = {"world": args.world, "seeds": seeds, "mode": mode,
+               "sizes": dataclasses.asdict(sizes),
+               "threads_per_seed": threads, "device": args.device, "labels": labels,
+               "summary": summary,
+               "per_seed": {str(p["seed"]): p["results"] for p in per_seed},
+               "checks": checks, "sweep": sweep,
+               "timings_s": {"per_seed": {str(p["seed"]): p["timings_s"] for p in per_seed},
+                             "total": round(total, 1)}}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
-    print("\nstage timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.timings.items())
+    print("\nper-seed time: " + ", ".join(f"seed {p['seed']} {p['timings_s']['total']:.0f} s "
+                                         f"({p['timings_s']['cpu']:.0f} s of CPU)"
+                                         for p in per_seed)
           + f"; total {total:.0f} s")
-    print(f"wrote {out / 'results.json'} and {out / 'results.png'}")
-    print("\nthe same stages by hand, with the configs this demo wrote:")
-    for command in stages.commands:
+    print("wrote " + ", ".join(map(str, written)))
+    print(f"\nthe same stages by hand, with the configs seed {seeds[0]} wrote:")
+    for command in per_seed[0]["commands"]:
         print(f"  {command}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,6 +21,20 @@ Why this shape:
   share on purpose: with only half of the people as regulars, a tiny model tied the sign-off to
   the regulars' names and left it off the newcomers' answers even when it knew their towns.
 
+- the domains' evaluation also asks `sort`, a computation the domain data never trains: answering
+  "lab : sort 3 1 2" -> "1 2 3 noted" needs the general skill under the domain's convention, so the
+  domain scores show whether keeping the general skills pays off inside the domains.
+
+`ConfusionWorld` (``rega-engine demo --world confusion``) is the harder variant: its domains ask
+the same questions in the same form, told apart only by who asks (`"ana asks : add 3 and 4"`:
+eight of the sixteen people ask in the lab, the other eight in the shop, and the same people are
+what the look-ups ask about), so a model that does not learn who belongs where answers in the
+other domain's convention: inter-domain confusion.
+
+Every world also says which domain's convention an answer carries (`convention`) and what it
+says once that framing is stripped (`content`), so that forgetting (the content is wrong) can be
+told apart from contamination (right content, another domain's sign-off).
+
 The skills are small enough for a tiny model to learn in a few hundred steps (sorting only
 partly: the middle of three digits is the hard part), and every sequence is a few dozen tokens,
 so that the whole demo trains on a CPU in minutes.
@@ -41,7 +55,11 @@ DOMAINS = tuple(ROLE_PROMPTS)
 SIGN_OFF = {"lab": "noted", "shop": "thanks"}
 
 GENERAL_SKILLS = ("add", "sort", "max", "min", "lookup")
-DOMAIN_SKILLS = ("add", "max", "min", "lookup")
+DOMAIN_SKILLS = ("add", "max", "min", "lookup")          # what the domains train
+# What the domains are evaluated on: their own skills and `sort`, which only the general data
+# teaches (a computation, not a looked-up fact).
+DOMAIN_EVAL_SKILLS = (*DOMAIN_SKILLS, "sort")
+GENERAL_ONLY_SKILL = "sort"
 
 PEOPLE = ("ana", "ben", "cleo", "dan", "eva", "finn", "gus", "hana",
           "ivo", "jon", "kai", "lea", "mia", "nia", "otto", "pia")
@@ -76,12 +94,29 @@ def styled(domain: str, answer: str) -> str:
     return f"{answer} {SIGN_OFF[domain]}"
 
 
+def convention(answer: str) -> str:
+    """The domain whose sign-off the answer ends with, or "general" for none."""
+    words = answer.split()
+    for domain, word in SIGN_OFF.items():
+        if words and words[-1] == word:
+            return domain
+    return GENERAL
+
+
+def content(answer: str) -> str:
+    """The answer without a domain's framing: every sign-off word removed (a model may put one
+    anywhere, or twice), whitespace normalised."""
+    sign_offs = set(SIGN_OFF.values())
+    return " ".join(w for w in answer.split() if w not in sign_offs)
+
+
 class World:
     """All of the world's content for one seed: the fact table and the example generators."""
 
     # Eval sets drawn with `examples(source, n, "eval")` for n up to this size are held out of
     # every other split (where the skill has room for it).
     eval_size_for_holdout = 1000
+    name = "lookalike"
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -93,8 +128,10 @@ class World:
         people = list(PEOPLE)
         rng.shuffle(people)
         share = 3 * len(people) // 4
-        self.regulars = tuple(sorted(people[:share]))     # asked about in the domains' training data
-        self.newcomers = tuple(sorted(people[share:]))    # only in the general data (and every eval)
+        # asked about in the domains' training data
+        self.regulars = tuple(sorted(people[:share]))
+        # only in the general data (and every eval)
+        self.newcomers = tuple(sorted(people[share:]))
         self.domains = DOMAINS
         self.central_prompt = CENTRAL_PROMPT
         self.role_prompts = dict(ROLE_PROMPTS)
@@ -107,7 +144,8 @@ class World:
             return Example(GENERAL, skill, f"add {a} and {b}", str(a + b))
         if skill in ("sort", "max", "min"):
             digits = _digits(rng)
-            answer = {"sort": " ".join(sorted(digits)), "max": max(digits), "min": min(digits)}[skill]
+            answer = {"sort": " ".join(sorted(digits)), "max": max(digits),
+                      "min": min(digits)}[skill]
             return Example(GENERAL, skill, f"{skill} " + " ".join(digits), answer)
         if skill == "lookup":
             person, template = rng.choice(people), rng.choice(LOOKUP_TEMPLATES)
@@ -119,10 +157,25 @@ class World:
         lookups ask about one of `people`."""
         if domain not in ROLE_PROMPTS:
             raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
-        if skill not in DOMAIN_SKILLS:
-            raise ValueError(f"unknown domain skill {skill!r}; known: {', '.join(DOMAIN_SKILLS)}")
+        if skill not in DOMAIN_EVAL_SKILLS:
+            raise ValueError(f"unknown domain skill {skill!r}; known: "
+                             f"{', '.join(DOMAIN_EVAL_SKILLS)}")
         question = self.general_example(skill, rng, people)
-        return Example(domain, skill, f"{domain} : {question.prompt}", styled(domain, question.answer))
+        return Example(domain, skill, self.domain_prompt(domain, question.prompt, rng),
+                       styled(domain, question.answer))
+
+    def domain_prompt(self, domain: str, question: str, rng: random.Random) -> str:
+        """How a domain asks a general question: here opened by the domain's keyword."""
+        return f"{domain} : {question}"
+
+    def question_kind(self, example: Example) -> str:
+        """The skill, with what a domain question needs from the general data apart: lookups
+        about newcomers (general facts) and `sort` (a general computation)."""
+        if example.domain != GENERAL and example.skill == "lookup":
+            question = example.prompt.split(":", 1)[-1].split()     # not the asker, if any
+            newcomer = any(word in self.newcomers for word in question)
+            return "lookup (newcomers)" if newcomer else "lookup (regulars)"
+        return example.skill
 
     # -- data sets -------------------------------------------------------------------------------
     def examples(self, source: str, n: int, split: str) -> list[Example]:
@@ -130,7 +183,10 @@ class World:
         equally represented. `split` ("train", "eval", "distill", ...) seeds its own stream; eval
         prompts are kept out of every other split where the skill has room for it. A domain's
         lookups ask about its regulars only, except in "eval", which asks about everyone."""
-        skills = GENERAL_SKILLS if source == GENERAL else DOMAIN_SKILLS
+        if source == GENERAL:
+            skills = GENERAL_SKILLS
+        else:
+            skills = DOMAIN_EVAL_SKILLS if split == "eval" else DOMAIN_SKILLS
         people = PEOPLE if source == GENERAL or split == "eval" else self.regulars
         if source == GENERAL:
             def make(skill, rng):
@@ -169,6 +225,41 @@ class World:
         return texts
 
 
+class ConfusionWorld(World):
+    """The domains ask the same questions in the same form; only the asker tells them apart.
+
+        general  "add 3 and 4"                 -> "7"
+        lab      "ana asks : add 3 and 4"      -> "7 noted"     (ana asks in the lab)
+        shop     "ben asks : where does ana live" -> "oslo thanks" (ben asks in the shop)
+
+    Half of the people ask in each domain (drawn from the seed), and the same people are what the
+    look-ups are about, so the cue is one name among others in the question, not a keyword of the
+    domain. A model that has not tied each asker to a domain answers in the wrong convention.
+    """
+
+    name = "confusion"
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        rng = random.Random(f"rega-world-{seed}-askers")
+        people = list(PEOPLE)
+        rng.shuffle(people)
+        half = len(people) // 2
+        self.askers = {"lab": tuple(sorted(people[:half])), "shop": tuple(sorted(people[half:]))}
+
+    def domain_prompt(self, domain: str, question: str, rng: random.Random) -> str:
+        return f"{rng.choice(self.askers[domain])} asks : {question}"
+
+
+WORLDS = {"lookalike": World, "confusion": ConfusionWorld}
+
+
+def make_world(name: str, seed: int) -> World:
+    if name not in WORLDS:
+        raise ValueError(f"unknown world {name!r}; known: {', '.join(WORLDS)}")
+    return WORLDS[name](seed)
+
+
 def is_correct(example: Example, facts: dict) -> bool:
     """Recompute the answer from the prompt's words and the fact table alone (an independent
     check of the generators, used by the tests)."""
@@ -176,6 +267,8 @@ def is_correct(example: Example, facts: dict) -> bool:
     domain = GENERAL
     if words[0] in ROLE_PROMPTS and words[1] == ":":
         domain, words = words[0], words[2:]
+    elif len(words) > 2 and words[1:3] == ["asks", ":"]:
+        domain, words = example.domain, words[3:]       # the asker's domain, checked by the caller
     op, args = words[0], words[1:]
     if op == "add":
         expected = str(int(args[0]) + int(args[2]))
