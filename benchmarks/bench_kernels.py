@@ -116,6 +116,15 @@ def _attention_impls(device: torch.device):
     return impls
 
 
+def _add_speedups(per_mode: dict) -> None:
+    # Each mode's rega row gains speedup_vs_<impl>: the other implementation's time over ours.
+    for by_impl in per_mode.values():
+        ours = by_impl.get("rega")
+        for name, row in by_impl.items():
+            if ours is not None and name != "rega":
+                ours[f"speedup_vs_{name}"] = round(row["ms"] / ours["ms"], 3)
+
+
 def bench_attention(tokens=(8192, 16384, 32768, 65536), head_dims=(64, 128), num_heads=32,
                     num_kv_heads=8, dtype=torch.bfloat16, warmup=3, reps=10, doc_lens=None,
                     device=None) -> list[dict]:
@@ -171,11 +180,7 @@ def _bench_attention_row(impls, lens, head_dim, num_heads, num_kv_heads, dtype, 
             row.update(status="ok", ms=round(ms, 3), tflops=round(tflops, 3))
             per_mode.setdefault(mode, {})[name] = row
             rows.append(row)
-    for by_impl in per_mode.values():
-        ours = by_impl.get("rega")
-        for name, row in by_impl.items():
-            if ours is not None and name != "rega":
-                ours[f"speedup_vs_{name}"] = round(row["ms"] / ours["ms"], 3)
+    _add_speedups(per_mode)
     return rows
 
 
@@ -361,11 +366,7 @@ def _bench_small_row(op, case, impls, dtype, warmup, reps, device, peak) -> list
                 row["bandwidth_pct"] = round(100 * gbps * 1e9 / peak, 1)
             per_mode.setdefault(mode, {})[name] = row
             rows.append(row)
-    for by_impl in per_mode.values():
-        ours = by_impl.get("rega")
-        for name, row in by_impl.items():
-            if ours is not None and name != "rega":
-                ours[f"speedup_vs_{name}"] = round(row["ms"] / ours["ms"], 3)
+    _add_speedups(per_mode)
     return rows
 
 

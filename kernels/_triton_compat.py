@@ -46,7 +46,7 @@ def resolve_backend(backend: str, x, who: str, interpreted: bool) -> str:
 
 
 def is_interpreted(kernel) -> bool:
-    """Whether a @triton.jit kernel was built for the interpreter (TRITON_INTERPRET=1 at import
+    """Whether a Triton kernel function was built for the interpreter (TRITON_INTERPRET=1 at import
     time): such kernels run interpreted whatever the environment says later."""
     return HAS_TRITON and not isinstance(kernel, triton.runtime.jit.JITFunction)
 

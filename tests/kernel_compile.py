@@ -1,5 +1,8 @@
-"""The compile-check helpers the kernel compile tests use; they live in the package
-(rega_engine.kernels.compile_check) so that benchmarks/ptxas_report.py shares them."""
+"""The compile-check helpers the kernel compile tests use: each job runs
+`triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 80 or 90, 32))`
+in a fresh process, without a GPU, and reads back shared memory and ptxas's register and spill
+figures. They live in the package (rega_engine.kernels.compile_check) so that
+benchmarks/ptxas_report.py shares them."""
 from rega_engine.kernels.compile_check import (  # noqa: F401
     ARCHS,
     ATTENTION_KERNELS,

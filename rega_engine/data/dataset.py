@@ -59,6 +59,20 @@ def _kind_weights_for_writer(kind_weights: dict, where: str) -> dict[str, float]
                               f"{where}: kind_weights", error=ValueError)
 
 
+def _finish_sample_files(directory: Path, token_files, ends, kinds, domains) -> None:
+    """Flushes and closes the token and mask files, and writes the per-sample arrays (offsets,
+    kinds, domains) next to them: what both writers do when they complete."""
+    for f in token_files:
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+    offsets = np.zeros(len(ends) + 1, dtype=np.int64)
+    offsets[1:] = np.frombuffer(ends, dtype=np.int64)
+    np.save(directory / "offsets.npy", offsets)
+    np.save(directory / "kinds.npy", np.frombuffer(kinds, dtype=np.uint8))
+    np.save(directory / "domains.npy", np.frombuffer(domains, dtype=np.int16))
+
+
 class TokenDatasetWriter:
     """Streams samples into a new prepared dataset at `out_dir`.
 
@@ -156,15 +170,8 @@ class TokenDatasetWriter:
             raise RuntimeError(f"TokenDatasetWriter({self.out_dir}): close() called twice")
         self._closed = True
         try:
-            for f in (self._tokens_file, self._mask_file):
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
-            offsets = np.zeros(len(self._ends) + 1, dtype=np.int64)
-            offsets[1:] = np.frombuffer(self._ends, dtype=np.int64)
-            np.save(self._tmp_dir / "offsets.npy", offsets)
-            np.save(self._tmp_dir / "kinds.npy", np.frombuffer(self._kinds, dtype=np.uint8))
-            np.save(self._tmp_dir / "domains.npy", np.frombuffer(self._domains, dtype=np.int16))
+            _finish_sample_files(self._tmp_dir, (self._tokens_file, self._mask_file), self._ends,
+                                 self._kinds, self._domains)
             meta = {
                 "format": FORMAT,
                 "num_samples": len(self._ends),
@@ -274,15 +281,8 @@ class ShardWriter:
         """Writes the per-sample arrays and shard.json ({num_samples, num_tokens, sha256 per file,
         **info}), renames the shard into place and returns shard.json's contents."""
         try:
-            for f in (self._tokens, self._mask):
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
-            offsets = np.zeros(len(self._ends) + 1, dtype=np.int64)
-            offsets[1:] = np.frombuffer(self._ends, dtype=np.int64)
-            np.save(self._tmp / "offsets.npy", offsets)
-            np.save(self._tmp / "kinds.npy", np.frombuffer(self._kinds, dtype=np.uint8))
-            np.save(self._tmp / "domains.npy", np.frombuffer(self._domains, dtype=np.int16))
+            _finish_sample_files(self._tmp, (self._tokens, self._mask), self._ends, self._kinds,
+                                 self._domains)
             sha = {"tokens.bin": self._tokens_sha.hexdigest(),
                    "loss_mask.bin": self._mask_sha.hexdigest()}
             for name in ("offsets.npy", "kinds.npy", "domains.npy"):
