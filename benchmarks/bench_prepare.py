@@ -8,11 +8,18 @@ split over general / law / medicine as the demo's; the bundled tokenizer, plain 
   * prepare-1: `rega-engine prepare` in one process, data.workers = 1 (one core), wall time of
     the whole job: reading, mixture, rendering, tokenizing with offsets, writing shards and index;
   * prepare-2: `torchrun --nproc_per_node 2 -m rega_engine.cli prepare`, data.workers = 1 each;
+  * prepare-2-shards: two plain processes, `prepare --shard 0/2` and `--shard 1/2` (a job array);
+  * torchrun-start: torchrun starting two processes that do nothing, its own fixed cost;
   * peak memory (max RSS) of prepare-1 at --samples / 10 and --samples.
 Wall-clock rates, and CPU seconds (user + sys) beside them: on a machine other programs load,
 the CPU-second ratios are the ones that hold.
 Every measurement runs in its own process; the systems take turns, --repeats times, and the
 figures are medians with min..max. Writes benchmarks/results/prepare_<machine>.json.
+
+Planning at scale (--plan-samples, default 100M; 0 skips it): the mixture's sample table drawn
+from synthetic row tables (general 30%, two domains 35% each, integration 0.1), once with
+data.memory_gb = 1 and once with 8, each in its own process: seconds, and peak anonymous memory
+(what the budget bounds; pages of the mapped tables are file-backed, the kernel's to drop).
 
     python benchmarks/bench_prepare.py --samples 135000
     python benchmarks/bench_prepare.py --samples 20000 --repeats 2     # a few minutes on 2 cores
@@ -104,7 +111,62 @@ def peak_rss_of(command: list[str]) -> tuple[float, int]:
     return seconds, usage.ru_maxrss * 1024
 
 
+def _anonymous_peak():
+    """A thread sampling this process's anonymous resident memory (RssAnon); returns a function
+    giving the peak so far in bytes."""
+    import threading
+    peak = [0]
+
+    def sample():
+        while True:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return lambda: peak[0]
+
+
 # -- the child roles -----------------------------------------------------------------------------
+def plan_role(samples: int, memory_gb: float, scratch: str) -> None:
+    """Draws a mixture of `samples` samples from synthetic row tables within `memory_gb`."""
+    import numpy as np
+
+    from rega_engine.data.mixture import MEMORY_SLACK, ROW, Samples, count_samples, draw_samples
+    from rega_engine.data.tables import TableStore
+
+    peak = _anonymous_peak()
+    store = TableStore(memory_gb * 2**30 * MEMORY_SLACK, scratch)
+    start = time.perf_counter()
+    rows = {"general": int(samples * 0.3) // 1, "law": int(samples * 0.35 / 1.1),
+            "medicine": int(samples * 0.35 / 1.1)}
+    plan = []
+    for domain, (name, n) in enumerate(rows.items()):
+        table = store.empty(ROW, n)
+        for first in range(0, n, 1 << 22):
+            block = table[first:first + (1 << 22)]
+            line = np.arange(first, first + len(block))
+            block["file"], block["line"], block["offset"] = domain, line + 1, line * 120
+            block["length"], block["text"], block["domain"], block["prompt"] = 120, False, 0, 0
+        plan.append((name, table, 0 if name == "general" else 1, domain, domain))
+    made = time.perf_counter() - start
+    counts = {name: n for name, n in rows.items()}
+    integration = {name: (round(0.1 * n) if name != "general" else 0) for name, n in rows.items()}
+    start = time.perf_counter()
+    table = draw_samples(plan, counts, integration, 0, store, 0)
+    drawn = time.perf_counter() - start
+    by_kind = count_samples(Samples(table, [t for _, t, *_ in plan], ["a", "b", "c"], ["", "", ""]),
+                            ["general", "law", "medicine"])["kind"]
+    print(json.dumps({"samples": int(len(table)), "memory_gb": memory_gb,
+                      "seconds_rows": made, "seconds_draw": drawn,
+                      "samples_per_s": len(table) / drawn, "peak_anonymous_gib": peak() / 2**30,
+                      "tables_in_memory_gib": store.in_memory / 2**30,
+                      "tables_mapped_gib": store.spilled / 2**30, "by_kind": by_kind}))
+
+
+
 def encode_role(toml: str) -> None:
     """Renders the mixture's texts (untimed), then times the tokenizer's batch encoding of them."""
     from rega_engine.config import load_config
@@ -129,12 +191,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=135000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shard-samples", type=int, default=16384)
+    parser.add_argument("--plan-samples", type=int, default=100_000_000)
     parser.add_argument("--role", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-gb", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     if args.role == "encode":
         return encode_role(args.config)
+    if args.role == "plan":
+        return plan_role(args.plan_samples, args.memory_gb, args.config)
 
     work = Path(tempfile.mkdtemp(prefix="rega-bench-prepare-"))
     big = make_inputs(work, args.samples)
@@ -149,7 +215,11 @@ def main() -> None:
     torchrun = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "rega_engine.cli", "prepare", "--config"]
 
-    runs = {"encode": [], "prepare-1": [], "prepare-2": [], "rss-small": [], "rss-big": []}
+    noop = work / "noop.py"
+    noop.write_text("pass\n")
+    runs = {"encode": [], "prepare-1": [], "prepare-2": [], "prepare-2-shards": [],
+            "rss-small": [], "rss-big": []}
+    torchrun_start = []
     cpu = {"prepare-1": [], "prepare-2": []}
     load_at_start = os.getloadavg()
     tokens = None
@@ -160,7 +230,7 @@ def main() -> None:
         runs["encode"].append(encode["tokens"] / encode["seconds"])
         cpu.setdefault("encode", []).append(encode["cpu_seconds"])
         # no resuming between repeats
-        for directory in (work / "one", work / "two", small_dir / "small"):
+        for directory in (work / "one", work / "two", work / "pair", small_dir / "small"):
             subprocess.run(["rm", "-rf", str(directory)], check=True)
         before = _children_cpu()
         seconds, peak = peak_rss_of([*prepare, str(one_toml)])
@@ -173,11 +243,21 @@ def main() -> None:
         seconds = run_timed([*torchrun, str(two_toml)])[0]
         cpu["prepare-2"].append(_children_cpu() - before)
         runs["prepare-2"].append(tokens / seconds)
-        same = all((work / "one" / p.relative_to(work / "two")).read_bytes() == p.read_bytes()
-                   for p in (work / "two").rglob("*") if p.is_file())
+        pair_toml = write_config(work, big, work / "pair", args.shard_samples)
+        start = time.perf_counter()
+        pair = [subprocess.Popen([*prepare, str(pair_toml), "--shard", f"{i}/2"], env=_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                for i in range(2)]
+        if any(p.wait() for p in pair):
+            raise RuntimeError("prepare --shard failed:\n" + pair[0].stderr.read().decode()[-3000:])
+        runs["prepare-2-shards"].append(tokens / (time.perf_counter() - start))
+        torchrun_start.append(run_timed([*torchrun[:5], str(noop)])[0])
+        same = all((work / "one" / p.relative_to(d)).read_bytes() == p.read_bytes()
+                   for d in (work / "two", work / "pair") for p in d.rglob("*") if p.is_file())
         runs["rss-small"].append(peak_rss_of([*prepare, str(small_toml)])[1])
         print(f"repeat {repeat + 1}/{args.repeats}: encode {runs['encode'][-1]:,.0f} tok/s, "
               f"prepare-1 {runs['prepare-1'][-1]:,.0f}, prepare-2 {runs['prepare-2'][-1]:,.0f}, "
+              f"--shard pair {runs['prepare-2-shards'][-1]:,.0f}, "
               f"identical {same}",
               file=sys.stderr)
 
@@ -195,6 +275,12 @@ def main() -> None:
                                                                      runs["encode"])]),
         "two_processes_vs_one": summary([b / a for a, b in zip(runs["prepare-1"],
                                                                runs["prepare-2"])]),
+        "two_shard_processes_vs_one": summary([b / a for a, b in zip(runs["prepare-1"],
+                                                                     runs["prepare-2-shards"])]),
+        "torchrun_start_seconds": summary(torchrun_start),
+        "torchrun_note": ("prepare-2 runs under torchrun, whose launcher alone (importing torch, "
+                          "starting two processes that do nothing) takes torchrun_start_seconds; "
+                          "prepare-2-shards is the same two-process work without a launcher"),
         "cpu_seconds": {k: summary(v) for k, v in cpu.items()},
         # CPU seconds are what a loaded machine does not distort: the whole prepare job (start-up,
         # reading, mixture, rendering, tokenizing, writing) against the batch encoding call alone.
@@ -216,6 +302,17 @@ def main() -> None:
                          "note": "other programs' load on the same cores; the figures are only as "
                                  "good as this"},
     }
+    if args.plan_samples:
+        plans = []
+        for memory_gb in (1.0, 8.0):
+            out = run_timed([python, __file__, "--role", "plan", "--plan-samples",
+                             str(args.plan_samples), "--memory-gb", str(memory_gb), "--config",
+                             str(work)])[2]
+            plans.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"planning {plans[-1]['samples']:,} samples in {memory_gb} GB: "
+                  f"{plans[-1]['seconds_draw']:.1f} s, peak anonymous "
+                  f"{plans[-1]['peak_anonymous_gib']:.2f} GiB", file=sys.stderr)
+        result["planning"] = plans
     print(json.dumps(result, indent=2))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,9 @@ class DataConfig:
     # samples of the mixture per shard of the prepared dataset (the unit of multi-process work and
     # of resuming)
     shard_samples: int = 16384
+    # memory for planning the mixture (its tables of row references); past it they are memory-
+    # mapped files in data.prepared. Does not change the dataset.
+    memory_gb: float = 4.0
     prepared: str = "runs/prepared"     # directory written by prepare, read by train
     seed: int = 0                       # seed of the mixture: sampling data.sizes and the order
 
@@ -360,6 +363,8 @@ def _check_data(d: DataConfig, roles: RolesConfig) -> None:
     _one_of("data.bad_rows", d.bad_rows, BAD_ROW_POLICIES)
     _one_of("data.txt_documents", d.txt_documents, TXT_DOCUMENTS)
     _at_least({"data.shard_samples": d.shard_samples}, 1)
+    if not d.memory_gb > 0:
+        raise ConfigError(f"data.memory_gb = {d.memory_gb}: must be > 0")
     if not isinstance(d.corpora, dict):
         raise ConfigError(f"data.corpora = {d.corpora!r}: expected a table of domain = [paths]")
     for domain, paths in d.corpora.items():

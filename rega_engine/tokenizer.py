@@ -17,6 +17,7 @@ Choices that matter downstream:
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -46,6 +47,9 @@ def load_tokenizer(path: str | os.PathLike, key: str = "data.tokenizer"):
     if not any(os.path.isfile(os.path.join(path, name)) for name in _VOCABULARY_FILES):
         raise ConfigError(f"{key} = {path!r}: cannot load a tokenizer from it: it holds none of "
                           f"{', '.join(_VOCABULARY_FILES)}")
+    tokenizer = _load_named_class(path)
+    if tokenizer is not None:
+        return tokenizer
     from transformers import AutoTokenizer
 
     try:
@@ -57,6 +61,27 @@ def load_tokenizer(path: str | os.PathLike, key: str = "data.tokenizer"):
         if os.path.isfile(os.path.join(path, name)):
             read_json(os.path.join(path, name), error=ConfigError, fix=fix)
     raise ConfigError(f"{key} = {path!r}: cannot load a tokenizer from it ({cause})")
+
+
+def _load_named_class(path: str):
+    """The tokenizer class tokenizer_config.json names, loaded directly: what AutoTokenizer picks
+    for such a directory (the fast variant first), without importing its model-config machinery,
+    which imports torch (~1.5 s of every prepare process). None when there is no such class or it
+    fails to load: the caller then asks AutoTokenizer."""
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            name = json.load(f).get("tokenizer_class")
+        if not isinstance(name, str) or not name.isidentifier():
+            return None
+        import transformers
+
+        for candidate in ([name] if name.endswith("Fast") else [f"{name}Fast", name]):
+            cls = getattr(transformers, candidate, None)
+            if cls is not None:
+                return cls.from_pretrained(path, local_files_only=True)
+    except Exception:   # anything unusual: AutoTokenizer decides, and names the problem
+        return None
+    return None
 
 
 def _train_sentencepiece(lines: list[str], vocab_size: int, special_tokens: Sequence[str],

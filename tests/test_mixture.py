@@ -3,6 +3,7 @@ determinism."""
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from rega_engine.batch import KIND_ID
@@ -134,11 +135,14 @@ def test_sizes_subsample_repeat_and_zero(config):
 
 
 def test_select_is_deterministic_and_whole_passes_first():
-    import random
-    rows = list(range(10))
-    assert select(rows, None, random.Random(0)) == rows
-    assert select(rows, 23, random.Random(0))[:20] == rows + rows
-    assert select(rows, 4, random.Random(3)) == select(rows, 4, random.Random(3))
+    from rega_engine.data.tables import seeded_rng
+
+    def chosen(n, seed):
+        return np.concatenate(list(select(10, n, seeded_rng(seed, "t")))).tolist()
+
+    assert chosen(None, 0) == list(range(10))
+    assert chosen(23, 0)[:20] == list(range(10)) * 2
+    assert chosen(4, 3) == chosen(4, 3) and chosen(4, 3) == sorted(set(chosen(4, 3)))
 
 
 @pytest.mark.parametrize("change,message", [

@@ -14,15 +14,17 @@ import queue
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from rega_engine import _C
-from rega_engine.batch import KINDS, PackedBatch
 from rega_engine.data.dataset import TokenDataset
-from rega_engine.kinds import check_kind_weights
+from rega_engine.kinds import KINDS, check_kind_weights
 from rega_engine.log import get_logger
+
+if TYPE_CHECKING:
+    from rega_engine.batch import PackedBatch
 
 log = get_logger(__name__)
 _INT64_MAX = np.iinfo(np.int64).max
@@ -133,11 +135,13 @@ class PackedLoader:
             raise ValueError("PackedLoader: batch_size * seq_len = "
                              f"{self.batch_size * self.seq_len} overflows the "
                              "int32 cu_seqlens; use fewer rows per micro-batch")
-        if pin_memory is None:
-            pin_memory = torch.cuda.is_available()
-        elif pin_memory and not torch.cuda.is_available():
-            raise ValueError("PackedLoader: pin_memory=True needs CUDA; pass pin_memory=None or "
-                             "False on this machine")
+        if pin_memory is not False:
+            import torch  # here and in _make_batch: planning alone (prepare) never imports it
+            if pin_memory is None:
+                pin_memory = torch.cuda.is_available()
+            elif not torch.cuda.is_available():
+                raise ValueError("PackedLoader: pin_memory=True needs CUDA; pass pin_memory=None "
+                                 "or False on this machine")
         self.pin_memory = bool(pin_memory)
         weights = dict(dataset.kind_weights)
         if kind_weights is not None:
@@ -246,6 +250,9 @@ class PackedLoader:
 
     # -- materialising -------------------------------------------------------------------------
     def _make_batch(self, plan: _EpochPlan, k: int) -> PackedBatch:
+        import torch
+
+        from rega_engine.batch import PackedBatch
         rows = plan.batches[k]
         filled = rows[rows >= 0]
         num_segments = int(plan.bin_segments[filled].sum()) + (len(rows) - len(filled))

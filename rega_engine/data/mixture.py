@@ -26,20 +26,30 @@ token total it has with every row once, and each source gets the sample count wh
 its share of that total (a domain's integration samples count towards its share); prepare
 reports the shares achieved. Everything is a function of `data.seed` and the files: the same
 config gives the same mixture, in the same shuffled order.
+
+At any size: the mixture is planned as numpy tables (rega_engine.data.tables), never as one
+Python object a sample: each source's accepted rows are references (file, line, byte offset and
+length; the content stays in the file and is read again when rendered), and the mixture a table
+of (source, row, kind, domain, prompt), ~50 bytes a sample in all. Tables stay in memory up to
+`data.memory_gb` and beyond it are file-backed memory maps, so planning 100M samples needs no
+more memory than the setting. Sizes are drawn block by block (how many of a block's rows a
+sample takes is a hypergeometric draw, then which ones), and the order is a uniform shuffle done
+in buckets of a few million samples; neither depends on the memory setting.
 """
 from __future__ import annotations
 
 import math
 import os
-import random
-from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ..config import ConfigError, RunConfig, size_share, validate_config
 from ..kinds import GENERAL_DOMAIN, KIND_ID, KINDS, check_kind_weights
 from ..log import get_logger
+from . import tables
 from .records import (
-    Record,
     RowStats,
     load_content,
     read_documents,
@@ -48,16 +58,25 @@ from .records import (
     read_tagged_samples,
 )
 from .roles import RoleTable
+from .tables import TableStore, choose_sorted, seeded_rng, shuffle_into
 
 log = get_logger(__name__)
 
+# An accepted row: where it is, and (for the pretrain source, whose rows differ in this) the
+# domain and system prompt it trains under.
+ROW = np.dtype([("file", "<i4"), ("line", "<i8"), ("offset", "<i8"), ("length", "<i8"),
+                ("text", "?"), ("domain", "<i2"), ("prompt", "<i2")])
+# A sample of the mixture: row `row` of source table `source`, its kind, domain and prompt.
+SAMPLE = np.dtype([("source", "<i2"), ("row", "<i8"), ("kind", "u1"), ("domain", "<i2"),
+                   ("prompt", "<i2")])
+MEMORY_SLACK = 0.75     # of data.memory_gb for the tables; the rest for the reading itself
+
 
 class Sample:
-    """One training sample of the mixture: the row it comes from, the system prompt it trains
-    under, its kind and domain. A mixture's samples keep only where their row is (file, byte
-    offset, length) and read the content again when `messages` or `text` is asked for, so a
-    mixture holds about 200 bytes a sample, whatever its rows hold; built in code with content,
-    a Sample keeps that content."""
+    """One training sample: the row it comes from, the system prompt it trains under, its kind
+    and domain. A mixture's samples are views of its tables: they keep where their row is (file,
+    byte offset, length) and read the content again when `messages` or `text` is asked for;
+    built in code with content, a Sample keeps that content."""
     __slots__ = ("system", "kind", "domain", "path", "line", "offset", "length", "is_text",
                  "_messages", "_text")
 
@@ -100,8 +119,7 @@ class Sample:
 
     def _key(self) -> tuple:
         return (self.system, self.kind, self.domain, self.path, self.line, self.offset,
-                self.is_text,
-                self._messages, self._text)
+                self.is_text, self._messages, self._text)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Sample) and self._key() == other._key()
@@ -114,14 +132,54 @@ class Sample:
                 f"system={self.system!r})")
 
 
-def _row(record: Record) -> tuple:
-    """What a mixture keeps of an accepted row: where it is (its content stays in the file)."""
-    return (record.path, record.line, record.offset, record.length, record.text is not None)
+class Samples(Sequence):
+    """The mixture's samples, in order, as a sequence of `Sample` views of its tables; a slice is
+    another such sequence (nothing is copied but the slice of the sample table)."""
+
+    def __init__(self, table: np.ndarray, sources: list, paths: list, prompts: list):
+        self.table, self.sources, self.paths, self.prompts = table, sources, paths, prompts
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Samples(self.table[index], self.sources, self.paths, self.prompts)
+        s = self.table[index]
+        r = self.sources[s["source"]][s["row"]]
+        return Sample.of_row((self.paths[r["file"]], int(r["line"]), int(r["offset"]),
+                              int(r["length"]), bool(r["text"])), self.prompts[s["prompt"]],
+                             int(s["kind"]), int(s["domain"]))
+
+    def rows(self) -> np.ndarray:
+        """The ROW records of these samples, in order (gathered source by source)."""
+        out = np.empty(len(self.table), ROW)
+        source = np.asarray(self.table["source"])
+        for s in np.unique(source):
+            at = np.flatnonzero(source == s)
+            out[at] = self.sources[s][np.asarray(self.table["row"])[at]]
+        return out
+
+    def references(self) -> list[tuple]:
+        """[(path, line, offset, length, is_text, system, kind, domain)] of these samples."""
+        rows, table = self.rows(), self.table
+        paths, prompts = self.paths, self.prompts
+        return [(paths[f], line, offset, length, text, prompts[p], kind, domain)
+                for f, line, offset, length, text, p, kind, domain in zip(
+                    rows["file"].tolist(), rows["line"].tolist(), rows["offset"].tolist(),
+                    rows["length"].tolist(), rows["text"].tolist(), table["prompt"].tolist(),
+                    table["kind"].tolist(), table["domain"].tolist())]
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Samples) and len(self) == len(other)
+                and self.references() == other.references())
+
+    __hash__ = None
 
 
 @dataclass
 class Mixture:
-    samples: list
+    samples: Samples
     domains: list                  # domain names by id
     kind_weights: dict             # kind name -> loss weight
     rows: RowStats                 # what was read and rejected
@@ -129,26 +187,26 @@ class Mixture:
     counts: dict = field(default_factory=dict)
     # data.sizes as token shares: target, measured lengths, counts
     shares: dict = field(default_factory=dict)
+    # bytes of the planning tables held in memory and mapped from files
+    table_bytes: dict = field(default_factory=dict)
 
 
 SHARE_PROBE = 256       # rows per source rendered to measure its mean length for token shares
 
 
-def select(rows: list, n: int | None, rng: random.Random) -> list:
-    """`n` rows: all (None), a sample without replacement (n <= len), or whole passes + a sample."""
+def select(num_rows: int, n: int | None, rng: np.random.Generator):
+    """Yields, block by block, the row indices of a source's `n` selected rows: all (None), a
+    sample without replacement (n <= num_rows), or whole passes then a sample of the rest."""
     if n is None:
-        return list(rows)
-    passes, rest = divmod(n, len(rows)) if rows else (0, n)
-    if rest and not rows:
+        n = num_rows
+    passes, rest = divmod(n, num_rows) if num_rows else (0, n)
+    if rest and not num_rows:
         raise ValueError("cannot select from an empty source")
-    picked = sorted(rng.sample(range(len(rows)), rest))
-    return list(rows) * passes + [rows[i] for i in picked]
-
-
-def _rng(seed: int, *parts: str) -> random.Random:
-    # Seeded from a string (hashed with SHA-512 by `random`), so it is stable across processes
-    # and Python versions, unlike hash().
-    return random.Random(":".join([str(seed), *parts]))
+    for _ in range(passes):
+        for start in range(0, num_rows, tables.BLOCK):
+            yield np.arange(start, min(num_rows, start + tables.BLOCK), dtype=np.int64)
+    if rest:
+        yield from choose_sorted(num_rows, rest, rng)
 
 
 def _sizes(data) -> dict:
@@ -156,9 +214,26 @@ def _sizes(data) -> dict:
     return {k: v for k, v in data.sizes.items() if not isinstance(v, str)}
 
 
-def build_mixture(config: RunConfig, *, tokenizer=None, template: str | None = None) -> Mixture:
+class _Prompts:
+    """System prompts by id (a sample table stores the id)."""
+
+    def __init__(self):
+        self.texts: list[str] = []
+        self._ids: dict[str, int] = {}
+
+    def id(self, text: str) -> int:
+        if text not in self._ids:
+            self._ids[text] = len(self.texts)
+            self.texts.append(text)
+        return self._ids[text]
+
+
+def build_mixture(config: RunConfig, *, tokenizer=None, template: str | None = None,
+                  scratch: str | os.PathLike | None = None) -> Mixture:
     """Read the sources of `config.data` and build the shuffled REGA mixture. `tokenizer` (loaded
-    from data.tokenizer when needed and not given) measures lengths for token shares only."""
+    from data.tokenizer when needed and not given) measures lengths for token shares only;
+    `scratch` is where tables past data.memory_gb are mapped from (default: the system's
+    temporary directory)."""
     validate_config(config)
     data = config.data
     roles = RoleTable.from_config(config.roles)
@@ -186,109 +261,155 @@ def build_mixture(config: RunConfig, *, tokenizer=None, template: str | None = N
 
     known = roles.domains
     rows = RowStats()
+    store = TableStore(data.memory_gb * 2**30 * MEMORY_SLACK, scratch)
+    paths: list[str] = []
+    prompts = _Prompts()
+    central = prompts.id(roles.central_prompt)
 
-    def usable(records: list, key: str, path: str, needed: bool = True) -> list[Record]:
-        if not records and needed:
+    def fill(appender, records, key: str, path: str, needed: bool = True, prompt_of=None,
+             domain: int = 0) -> None:
+        """Appends the references of `records` (all from `path`) to a source's table."""
+        file_id, before = len(paths), len(appender)
+        paths.append(path)
+        for r in records:
+            text = r.text is not None
+            appender.append((file_id, r.line, r.offset, r.length, text, domain,
+                             prompt_of(text) if prompt_of else 0))
+        if len(appender) == before and needed:
             raise ConfigError(f"{key} = {path!r} has no usable rows (see the rejected rows above)")
-        return records
 
     # Each source's rows: its own file first, then those of data.files naming it, in file order.
-    # Rows are kept as references (see Sample): the content is read again when rendered.
-    pooled: dict[str, list[tuple]] = {GENERAL_DOMAIN: [], **{d: [] for d in data.domains}}
+    pooled = {GENERAL_DOMAIN: store.appender(ROW), **{d: store.appender(ROW)
+                                                      for d in data.domains}}
     if data.self_distillation and data.general:
-        pooled[GENERAL_DOMAIN] += usable([_row(r) for r in read_samples(
+        fill(pooled[GENERAL_DOMAIN], read_samples(
             data.general, source=GENERAL_DOMAIN, known_domains=known, bad_rows=data.bad_rows,
-            stats=rows)],
-            "data.general", data.general, sizes.get(GENERAL_DOMAIN, 1) > 0)
+            stats=rows), "data.general", data.general, sizes.get(GENERAL_DOMAIN, 1) > 0)
     for domain, path in data.domains.items():
-        pooled[domain] += usable([_row(r) for r in read_samples(
-            path, source=domain, known_domains=known, bad_rows=data.bad_rows, stats=rows)],
-            f"data.domains.{domain}", path, sizes.get(domain, 1) > 0)
+        fill(pooled[domain], read_samples(path, source=domain, known_domains=known,
+                                          bad_rows=data.bad_rows, stats=rows),
+             f"data.domains.{domain}", path, sizes.get(domain, 1) > 0)
     left_out = 0
     for i, path in enumerate(data.files):
-        key = f"data.files[{i}]"
-        tagged = [(r.domain, _row(r)) for r in read_tagged_samples(path, source_key=key,
-                                                                   known_domains=known,
-                                                                   bad_rows=data.bad_rows,
-                                                                   stats=rows)]
-        for domain, r in usable(tagged, key, path):
-            if domain == GENERAL_DOMAIN and not data.self_distillation:
+        key, file_id, kept = f"data.files[{i}]", len(paths), 0
+        paths.append(path)
+        for r in read_tagged_samples(path, source_key=key, known_domains=known,
+                                     bad_rows=data.bad_rows, stats=rows):
+            kept += 1
+            if r.domain == GENERAL_DOMAIN and not data.self_distillation:
                 left_out += 1
                 continue
-            pooled.setdefault(domain, []).append(r)
+            appender = pooled.get(r.domain) or pooled.setdefault(r.domain, store.appender(ROW))
+            appender.append((file_id, r.line, r.offset, r.length, False, 0, 0))
+        if not kept:
+            raise ConfigError(f"{key} = {path!r} has no usable rows (see the rejected rows above)")
     if left_out:
         log.info("data.self_distillation = false: the %d general row(s) of data.files are left out",
                  left_out)
-    domain_rows = sum(len(v) for d, v in pooled.items() if d != GENERAL_DOMAIN)
-    if data.self_distillation and not pooled[GENERAL_DOMAIN] and domain_rows:
+    # The pretrain source: data.pretrain (general domain, central prompt for chats, none for
+    # text), then data.corpora (each document in its corpus's domain).
+    text_pool = store.appender(ROW)
+    for i, path in enumerate(data.pretrain):
+        key = f"data.pretrain[{i}]"
+        reader = (read_documents(path, source_key=key, txt_documents=data.txt_documents,
+                                 bad_rows=data.bad_rows, stats=rows)
+                  if str(path).endswith(".txt")
+                  else read_pretrain(path, bad_rows=data.bad_rows, stats=rows, source_key=key))
+        fill(text_pool, reader, key, path,
+             prompt_of=lambda text: prompts.id("") if text else central)
+    for domain, paths_of in corpora.items():
+        prompt = prompts.id((roles.prompt(domain) if data.role_prompts else roles.central_prompt)
+                            if data.corpus_prompt else "")
+        for i, path in enumerate(paths_of):
+            fill(text_pool, read_documents(path, source_key=f"data.corpora.{domain}[{i}]",
+                                           txt_documents=data.txt_documents,
+                                           bad_rows=data.bad_rows, stats=rows),
+                 f"data.corpora.{domain}[{i}]", path, prompt_of=lambda text, p=prompt: p,
+                 domain=roles.domain_id(domain))
+
+    pools = {name: appender.finish() for name, appender in pooled.items()}
+    pretrain = text_pool.finish()
+    domain_rows = sum(len(t) for d, t in pools.items() if d != GENERAL_DOMAIN)
+    if data.self_distillation and not len(pools[GENERAL_DOMAIN]) and domain_rows:
         raise ConfigError("data.self_distillation = true but there are no general exemplars: set "
                           "data.general to the distilled exemplars (rega-engine distill), give "
                           "data.files rows with \"domain\": \"general\", or set "
                           "data.self_distillation = false")
 
-    # The pretrain source: data.pretrain (general domain, central prompt for chats, none for
-    # text), then data.corpora (each document in its corpus's domain).
-    text_pool: list[Sample] = []
-    for i, path in enumerate(data.pretrain):
-        key = f"data.pretrain[{i}]"
-        reader = (read_documents(path, source_key=key, txt_documents=data.txt_documents,
-                                 bad_rows=data.bad_rows,
-                                 stats=rows) if str(path).endswith(".txt")
-                  else read_pretrain(path, bad_rows=data.bad_rows, stats=rows, source_key=key))
-        records = usable([_row(r) for r in reader], key, path)
-        text_pool += [Sample.of_row(r, "" if r[4] else roles.central_prompt, KIND_ID["pretrain"], 0)
-                      for r in records]
-    for domain, paths in corpora.items():
-        prompt = ((roles.prompt(domain) if data.role_prompts else roles.central_prompt)
-                  if data.corpus_prompt else "")
-        for i, path in enumerate(paths):
-            key = f"data.corpora.{domain}[{i}]"
-            records = usable([_row(r) for r in read_documents(path, source_key=key,
-                                                              txt_documents=data.txt_documents,
-                                                              bad_rows=data.bad_rows, stats=rows)],
-                                                              key, path)
-            text_pool += [Sample.of_row(r, prompt, KIND_ID["pretrain"], roles.domain_id(domain))
-                          for r in records]
-
     # Domains in data.domains order, then those only data.files holds, in role-table order.
     order = [*data.domains, *(d for d in roles.role_prompts if d not in data.domains
-                              and d in pooled)]
+                              and d in pools)]
+    # Source tables by id, and how each one's samples are made: (name, table, kind, domain id,
+    # prompt id; None: the row's own).
+    plan = []
+    if len(pretrain):
+        plan.append(("pretrain", pretrain, KIND_ID["pretrain"], None, None))
+    if len(pools[GENERAL_DOMAIN]):
+        plan.append((GENERAL_DOMAIN, pools[GENERAL_DOMAIN], KIND_ID["distilled"], 0, central))
+    for domain in order:
+        prompt = roles.prompt(domain) if data.role_prompts else roles.central_prompt
+        plan.append((domain, pools[domain], KIND_ID["role"], roles.domain_id(domain),
+                     prompts.id(prompt)))
+    source_tables = [t for _, t, *_ in plan]
+
     share_info = {}
     if shares:
-        sizes, share_info = _sizes_for_shares(config, roles, shares, pooled, order, text_pool,
+        sizes, share_info = _sizes_for_shares(config, roles, shares, plan, paths, prompts.texts,
                                               tokenizer, template)
-
-    samples: list[Sample] = []
-    if text_pool:
-        samples += select(text_pool, sizes.get("pretrain"), _rng(data.seed, "select", "pretrain"))
-
-    if pooled[GENERAL_DOMAIN]:
-        chosen = select(pooled[GENERAL_DOMAIN], sizes.get(GENERAL_DOMAIN), _rng(data.seed, "select",
-                                                                                GENERAL_DOMAIN))
-        samples += [Sample.of_row(r, roles.central_prompt, KIND_ID["distilled"], 0) for r in chosen]
-
-    for domain in order:
-        domain_id = roles.domain_id(domain)
-        prompt = roles.prompt(domain) if data.role_prompts else roles.central_prompt
-        chosen = select(pooled[domain], sizes.get(domain), _rng(data.seed, "select", domain))
-        samples += [Sample.of_row(r, prompt, KIND_ID["role"], domain_id) for r in chosen]
-        if data.role_integration and chosen:
-            k = math.floor(data.integration_fraction * len(chosen) + 0.5)
-            reused = select(chosen, k, _rng(data.seed, "integration", domain))
-            samples += [Sample.of_row(r, roles.central_prompt, KIND_ID["integration"], domain_id)
-                        for r in reused]
-
-    if not samples:
+    counts = {name: len(t) if sizes.get(name) is None else sizes[name] for name, t, *_ in plan}
+    integration = {name: (math.floor(data.integration_fraction * counts[name] + 0.5)
+                          if data.role_integration and kind == KIND_ID["role"] else 0)
+                   for name, _, kind, *_ in plan}
+    total = sum(counts.values()) + sum(integration.values())
+    if not total:
         raise ConfigError("the mixture is empty: give data.domains, data.files, data.pretrain, "
                           "data.corpora and/or "
                           "data.general (with self_distillation), and data.sizes above 0")
-    _rng(data.seed, "shuffle").shuffle(samples)
-    return Mixture(samples, known, kind_weights, rows, count_samples(samples, known), share_info)
+    samples = draw_samples(plan, counts, integration, data.seed, store, central)
+    store.close()
+    table_bytes = {"in_memory": store.in_memory, "mapped": store.spilled}
+    mixture_samples = Samples(samples, source_tables, paths, prompts.texts)
+    return Mixture(mixture_samples, known, kind_weights, rows, count_samples(mixture_samples,
+                                                                             known),
+                   share_info, table_bytes)
 
 
-def _sizes_for_shares(config, roles: RoleTable, shares: dict, pooled: dict, order: list,
-                      text_pool: list,
-                      tokenizer, template) -> tuple[dict, dict]:
+def draw_samples(plan: list, counts: dict, integration: dict, seed: int, store: TableStore,
+                 central: int) -> np.ndarray:
+    """The shuffled SAMPLE table: `counts[name]` samples of each source of `plan` ((name, row
+    table, kind, domain id, prompt id) each; None: the row's own), then `integration[name]` of
+    those again as integration samples under prompt `central`; in memory of `store`'s budget."""
+    source_tables = [t for _, t, *_ in plan]
+    total = sum(counts.values()) + sum(integration.values())
+    ordered = store.empty(SAMPLE, total)
+    cursor = 0
+
+    def put(source_id: int, row_ids: np.ndarray, kind: int, domain, prompt) -> None:
+        nonlocal cursor
+        part = ordered[cursor:cursor + len(row_ids)]
+        part["source"], part["row"], part["kind"] = source_id, row_ids, kind
+        table = source_tables[source_id]
+        part["domain"] = table["domain"][row_ids] if domain is None else domain
+        part["prompt"] = table["prompt"][row_ids] if prompt is None else prompt
+        cursor += len(row_ids)
+
+    for source_id, (name, table, kind, domain, prompt) in enumerate(plan):
+        first = cursor
+        for row_ids in select(len(table), counts[name], seeded_rng(seed, "select", name)):
+            put(source_id, row_ids, kind, domain, prompt)
+        if integration.get(name):
+            chosen = ordered["row"][first:cursor]
+            for at in choose_sorted(len(chosen), integration[name],
+                                    seeded_rng(seed, "integration", name)):
+                put(source_id, np.asarray(chosen[at]), KIND_ID["integration"], domain, central)
+    samples = store.empty(SAMPLE, total)
+    shuffle_into(ordered, samples, seeded_rng(seed, "shuffle"))
+    store.release(ordered)   # dropped on return
+    return samples
+
+
+def _sizes_for_shares(config, roles: RoleTable, shares: dict, plan: list, paths: list,
+                      prompts: list, tokenizer, template) -> tuple[dict, dict]:
     """Sample counts per source that make the token shares of data.sizes (see the module notes)."""
     from ..tokenizer import load_tokenizer
     from .render import ChatRenderer, RenderError
@@ -298,18 +419,11 @@ def _sizes_for_shares(config, roles: RoleTable, shares: dict, pooled: dict, orde
         from .prepare import tokenizer_path
         tokenizer = load_tokenizer(*tokenizer_path(config))
     renderer = ChatRenderer(tokenizer, template or data.chat_template)
-    # What each source's rows are rendered as, and the tokens one selected row brings
-    # (a domain's row also brings integration_fraction of an integration sample).
-    rendered: dict[str, list] = {}
-    if pooled[GENERAL_DOMAIN]:
-        rendered[GENERAL_DOMAIN] = [Sample.of_row(r, roles.central_prompt, 0,
-                                                  0) for r in pooled[GENERAL_DOMAIN]]
-    for domain in order:
-        if pooled[domain]:
-            prompt = roles.prompt(domain) if data.role_prompts else roles.central_prompt
-            rendered[domain] = [Sample.of_row(r, prompt, 0, 0) for r in pooled[domain]]
-    if text_pool:
-        rendered["pretrain"] = text_pool
+    # Each source with rows, as the samples its rows are rendered as.
+    source_tables = [t for _, t, *_ in plan]
+    rendered = {name: Samples(_as_samples(table, source_id, domain, prompt), source_tables, paths,
+                              prompts)
+                for source_id, (name, table, _, domain, prompt) in enumerate(plan) if len(table)}
     missing = [s for s in rendered if s not in shares]
     if missing:
         raise ConfigError(f"data.sizes gives token shares, but not for {', '.join(missing)}, which "
@@ -320,14 +434,13 @@ def _sizes_for_shares(config, roles: RoleTable, shares: dict, pooled: dict, orde
                           "rows")
     mean, per_row = {}, {}
     for source, items in rendered.items():
-        rng = _rng(data.seed, "share-probe", source)
-        probe = [items[i] for i in sorted(rng.sample(range(len(items)), min(SHARE_PROBE,
-                                                                            len(items))))]
+        rng = seeded_rng(data.seed, "share-probe", source)
+        probe = next(choose_sorted(len(items), min(SHARE_PROBE, len(items)), rng))
         lengths = []
-        for messages, system, text in ((s.messages, s.system, s.text) for s in probe):
+        for s in (items[int(i)] for i in probe):
             try:
-                ids, _ = (renderer.render_arrays(messages, system) if text is None
-                          else renderer.render_text_arrays(text, system))
+                ids, _ = (renderer.render_text_arrays(s.text, s.system) if s.is_text
+                          else renderer.render_arrays(s.messages, s.system))
             except RenderError:
                 continue
             lengths.append(len(ids))
@@ -337,8 +450,8 @@ def _sizes_for_shares(config, roles: RoleTable, shares: dict, pooled: dict, orde
         per_row[source] = mean[source] * (1.0 + extra)
     total = sum(per_row[s] * len(items) for s, items in rendered.items())
     counts = {s: int(round(shares[s] * total / per_row[s])) for s in rendered}
-    info = {"target": {s: shares[s] for s in rendered}, "mean_tokens": {s: round(m,
-        2) for s, m in mean.items()},
+    info = {"target": {s: shares[s] for s in rendered},
+            "mean_tokens": {s: round(m, 2) for s, m in mean.items()},
             "samples": counts, "rows": {s: len(items) for s, items in rendered.items()},
             "planned_tokens": int(round(total))}
     log.info("data.sizes as token shares: %s", ", ".join(
@@ -348,12 +461,24 @@ def _sizes_for_shares(config, roles: RoleTable, shares: dict, pooled: dict, orde
     return counts, info
 
 
-def count_samples(samples, domains: list[str]) -> dict:
+def _as_samples(table: np.ndarray, source_id: int, domain, prompt) -> np.ndarray:
+    """Every row of a source table once, as SAMPLE records (kind left 0)."""
+    samples = np.zeros(len(table), SAMPLE)
+    samples["source"], samples["row"] = source_id, np.arange(len(table))
+    samples["domain"] = table["domain"] if domain is None else domain
+    samples["prompt"] = table["prompt"] if prompt is None else prompt
+    return samples
+
+
+def count_samples(samples: Samples, domains: list[str]) -> dict:
     """Samples per kind, per domain and per kind/domain pair, by name."""
-    pairs = Counter((s.kind, s.domain) for s in samples)
-    by_kind = {name: sum(n for (k, _), n in pairs.items() if k == i)
-               for i, name in enumerate(KINDS)}
-    by_domain = {name: sum(n for (_, d), n in pairs.items() if d == i)
-                 for i, name in enumerate(domains)}
-    by_pair = {f"{KINDS[k]}/{domains[d]}": n for (k, d), n in sorted(pairs.items())}
+    pairs = np.zeros((len(KINDS), len(domains)), np.int64)
+    table = samples.table
+    for start in range(0, len(table), tables.BLOCK):
+        block = table[start:start + tables.BLOCK]
+        np.add.at(pairs, (np.asarray(block["kind"]), np.asarray(block["domain"])), 1)
+    by_kind = {name: int(pairs[i].sum()) for i, name in enumerate(KINDS)}
+    by_domain = {name: int(pairs[:, d].sum()) for d, name in enumerate(domains)}
+    by_pair = {f"{KINDS[k]}/{domains[d]}": int(pairs[k, d])
+               for k, d in zip(*np.nonzero(pairs))}
     return {"kind": by_kind, "domain": by_domain, "kind_domain": by_pair}

@@ -15,8 +15,10 @@ Shards are the unit of work and of resumption:
 - a shard is written under a temporary name and renamed when complete, with the fingerprint of
   the config that made it; a prepare run that finds a complete shard of the same fingerprint
   keeps it, so an interrupted prepare resumes from its complete shards;
-- the index (meta.json) is written once every shard is complete: by rank 0 after a barrier under
-  torchrun, otherwise by whichever process finds the last shard complete (the contents are equal).
+- the index (meta.json) is written once every shard is complete, by whichever process finds the
+  last shard complete (two that finish together may both write it: the contents are equal).
+  Processes never talk to each other, torchrun's included (no process group: it would import
+  torch and cost every process seconds); the shared output directory is all they share.
 
 Samples longer than `data.seq_len` follow `data.too_long`, except plain-text documents, which are
 split into pieces of seq_len tokens (`data.split_documents`); samples left without a loss token
@@ -35,7 +37,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .. import __version__, distributed
+from .. import __version__
 from ..config import ConfigError, RunConfig, validate_config
 from ..kinds import KINDS
 from ..log import get_logger
@@ -91,17 +93,15 @@ def _init_worker(path: str, template: str) -> None:
 
 
 def _render_chunk(chunk: list) -> list:
-    """[(path, offset, length, is_text, system, messages, text)] -> [(ids int32, mask uint8) or
-    RenderError]. The worker reads each row from its file (unless the sample holds its content);
-    a plain-text document is that text alone, after its prompt when it has one."""
+    """[(path, offset, length, is_text, system)] -> [(ids int32, mask uint8) or RenderError]. The
+    worker reads each row from its file; a plain-text document is that text alone, after its
+    prompt when it has one."""
     out = []
-    for path, offset, length, is_text, system, messages, text in chunk:
-        if messages is None and text is None:
-            content = load_content(path, offset, length, is_text)
-            messages, text = ((), content) if is_text else (content, None)
+    for path, offset, length, is_text, system in chunk:
+        content = load_content(path, offset, length, is_text)
         try:
-            out.append(_renderer.render_arrays(messages, system) if text is None
-                       else _renderer.render_text_arrays(text, system))
+            out.append(_renderer.render_text_arrays(content, system) if is_text
+                       else _renderer.render_arrays(content, system))
         except RenderError as e:
             out.append(e)
     return out
@@ -110,10 +110,11 @@ def _render_chunk(chunk: list) -> list:
 class _Renderers:
     """Renders lists of samples, in order, in `workers` processes (or in this one)."""
 
-    def __init__(self, path: str, template: str, workers: int):
+    def __init__(self, tokenizer, path: str, template: str, workers: int):
+        global _renderer
         self.pool = None
-        if workers <= 1:
-            _init_worker(path, template)
+        if workers <= 1:   # this process, with the tokenizer it has loaded already
+            _renderer = ChatRenderer(tokenizer, template)
             return
         # fork where there is one: workers start in milliseconds instead of re-importing
         # transformers.
@@ -121,9 +122,11 @@ class _Renderers:
         self.pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (path,
                                                                                      template))
 
-    def __call__(self, samples: list):
-        chunks = [[(s.path, s.offset, s.length, s.is_text, s.system, s._messages, s._text)
-                   for s in samples[i:i + CHUNK]] for i in range(0, len(samples), CHUNK)]
+    def __call__(self, references: list):
+        """Renders [(path, line, offset, length, is_text, system, ...)], in order."""
+        jobs = [(path, offset, length, is_text, system)
+                for path, _, offset, length, is_text, system, *_ in references]
+        chunks = [jobs[i:i + CHUNK] for i in range(0, len(jobs), CHUNK)]
         if self.pool is None:
             for chunk in chunks:
                 yield from _render_chunk(chunk)
@@ -165,7 +168,7 @@ def run_fingerprint(config: RunConfig, tokenizer_dir: str) -> tuple[str, dict]:
     """(sha256, the settings it covers): the config keys that shape the dataset, the tokenizer's
     files, each source file's size and modification time, and this rega-engine's version."""
     data = dataclass_dict(config.data)
-    for key in ("workers", "prepared"):   # how and where, not what
+    for key in ("workers", "prepared", "memory_gb"):   # how and where, not what
         data.pop(key, None)
     sources = {}
     for p in _source_files(config.data):
@@ -197,37 +200,39 @@ class _Warnings:
             log.warning(message + more, *args)
 
 
-def _write_shard(directory: Path, samples: list, renderers: _Renderers, data, fingerprint: str,
+def _write_shard(directory: Path, samples, renderers: _Renderers, data, fingerprint: str,
                  first: int, warn: _Warnings) -> dict:
     counts, unrenderable = Counter(), Counter()
     by_kind, by_domain, by_pair = Counter(), Counter(), Counter()
     tokens_kind, tokens_domain, tokens_pair = Counter(), Counter(), Counter()
     seq_len = data.seq_len
     writer = ShardWriter(directory)
-    rendered = renderers(samples)
+    references = samples.references()
+    rendered = renderers(references)
     try:
-        for sample, result in zip(samples, rendered):
+        for (path, line, _, _, is_text, _, kind, domain), result in zip(references, rendered):
+            origin = f"{path}:{line}"
             if isinstance(result, RenderError):
                 if data.bad_rows == "error":
-                    raise DataError(f"{sample.origin}: {result}", result.reason,
-                                    *_where(sample.origin))
+                    raise DataError(f"{origin}: {result}", result.reason,
+                                    *_where(origin))
                 unrenderable[result.reason] += 1
-                warn("%s: %s; sample skipped", sample.origin, result)
+                warn("%s: %s; sample skipped", origin, result)
                 continue
             ids, mask = result
             pieces = [(ids, mask)]
             if len(ids) > seq_len:
-                if sample.text is not None and data.split_documents:
+                if is_text and data.split_documents:
                     # Each piece fills a row and attends only to itself; none is lost.
                     pieces = [(ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids),
                                                                                        seq_len)]
                     counts["split_documents"] += 1
                     counts["document_pieces"] += len(pieces)
                 elif data.too_long == "error":
-                    raise DataError(f"{sample.origin}: the rendered sample has {len(ids)} tokens, "
+                    raise DataError(f"{origin}: the rendered sample has {len(ids)} tokens, "
                                     f"more than data.seq_len = {seq_len}; raise data.seq_len, or "
                                     "set data.too_long to \"truncate\" or \"drop\"", "too long",
-                                    *_where(sample.origin))
+                                    *_where(origin))
                 elif data.too_long == "drop":
                     counts["dropped_too_long"] += 1
                     continue
@@ -236,26 +241,26 @@ def _write_shard(directory: Path, samples: list, renderers: _Renderers, data, fi
                     counts["truncated"] += 1
             wrote = False
             for piece_ids, piece_mask in pieces:
-                trained = piece_mask[1:] if sample.text is not None else piece_mask
+                trained = piece_mask[1:] if is_text else piece_mask
                 loss_tokens = int(trained.sum())
                 if loss_tokens == 0:
-                    if sample.text is None or len(pieces) == 1:
+                    if not is_text or len(pieces) == 1:
                         counts["dropped_no_loss"] += 1
                     else:
                         counts["dropped_piece_no_loss"] += 1   # a 1-token tail: nothing to predict
                     continue
-                writer.add(piece_ids, piece_mask, sample.kind, sample.domain)
+                writer.add(piece_ids, piece_mask, kind, domain)
                 wrote = True
                 n = len(piece_ids)
                 counts["tokens"] += n
                 counts["loss_tokens"] += loss_tokens
-                tokens_kind[sample.kind] += n
-                tokens_domain[sample.domain] += n
-                tokens_pair[f"{sample.kind}/{sample.domain}"] += n
+                tokens_kind[kind] += n
+                tokens_domain[domain] += n
+                tokens_pair[f"{kind}/{domain}"] += n
             if wrote:
-                by_kind[sample.kind] += 1
-                by_domain[sample.domain] += 1
-                by_pair[f"{sample.kind}/{sample.domain}"] += 1
+                by_kind[kind] += 1
+                by_domain[domain] += 1
+                by_pair[f"{kind}/{domain}"] += 1
         info = {"fingerprint": fingerprint, "first_sample": first, "mixture_samples": len(samples),
                 "counts": dict(sorted(counts.items())),
                 "unrenderable": dict(sorted(unrenderable.items())),
@@ -280,7 +285,8 @@ def _this_process(shard: tuple[int, int] | str | None) -> tuple[int, int, bool]:
     if shard is not None:
         index, count = parse_shard(shard) if isinstance(shard, str) else shard
         return index, count, False
-    if distributed.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+    # as distributed.launched_by_torchrun(), which would import torch for a single process
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), True
     return 0, 1, False
 
@@ -316,12 +322,7 @@ def prepare(config: RunConfig, *, shard: tuple[int, int] | str | None = None) ->
     started = time.time()
     validate_config(config)
     index, count, torchrun = _this_process(shard)
-    joined = distributed.join_torchrun_group() if torchrun else False
-    try:
-        return _prepare(config, index, count, torchrun, started)
-    finally:
-        if joined:
-            distributed.leave_group()
+    return _prepare(config, index, count, torchrun, started)
 
 
 def _prepare(config: RunConfig, index: int, count: int, torchrun: bool, started: float) -> dict:
@@ -331,14 +332,15 @@ def _prepare(config: RunConfig, index: int, count: int, torchrun: bool, started:
     # fails on a bad setting before reading data
     renderer_kind = ChatRenderer(tokenizer, data.chat_template).kind
     fingerprint, settings = run_fingerprint(config, path)
-    mixture = build_mixture(config, tokenizer=tokenizer, template=data.chat_template)
     out = Path(data.prepared)
     created = not out.exists()
     _clear_stale(out, fingerprint)
     try:
+        # tables past data.memory_gb are mapped from files in the output directory
+        mixture = build_mixture(config, tokenizer=tokenizer, template=data.chat_template,
+                                scratch=out)
         return _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint,
-                               settings, out,
-                               index, count, torchrun, started)
+                               settings, out, index, count, torchrun, started)
     except BaseException:
         # Complete shards stay for the next run to resume from; an empty directory is not left
         # behind.
@@ -370,24 +372,19 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
              min(workers, max(1, -(-min(per_shard, len(samples)) // CHUNK))))
 
     if todo:
-        renderers = _Renderers(path, data.chat_template,
+        renderers = _Renderers(tokenizer, path, data.chat_template,
                                min(workers, max(1, -(-min(per_shard, len(samples)) // CHUNK))))
         warn = _Warnings()
         try:
             for k in todo:
                 first = k * per_shard
                 _write_shard(out / names[k], samples[first:first + per_shard], renderers, data,
-                             fingerprint,
-                             first, warn)
+                             fingerprint, first, warn)
         finally:
             renderers.close()
 
-    if torchrun:
-        distributed.barrier()
-    writes_index = not torchrun or index == 0
-    records = [read_shard_record(out / name) for name in names] if writes_index else []
-    complete = writes_index and all(r is not None and r.get("fingerprint") == fingerprint
-                                    for r in records)
+    records = [read_shard_record(out / name) for name in names]
+    complete = all(r is not None and r.get("fingerprint") == fingerprint for r in records)
     report = None
     if complete:
         meta = _index(config, mixture, records, names, pad_id, len(tokenizer), path, renderer_kind,
@@ -397,11 +394,7 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
                 shutil.rmtree(stale, ignore_errors=True)
         write_index(out, meta)
         report = {"output": str(out), **meta["report"], "seconds": round(time.time() - started, 3)}
-    if torchrun:
-        distributed.barrier()   # nobody reports success before the index exists
     if report is None:
-        if not writes_index:
-            return {"output": str(out), "shards_written": len(todo), "shards": len(mine)}
         done = sum(r is not None and r.get("fingerprint") == fingerprint for r in records)
         print(f"prepare{where}: wrote {len(todo)} shard(s) to {out}; {done} of {num_shards} "
               "complete, the index is written by the process that completes the last one")
@@ -508,7 +501,7 @@ def one_pass(config: RunConfig, dataset) -> dict:
     t = config.train
     world_size = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
     loader = PackedLoader(dataset, seq_len=config.data.seq_len, batch_size=t.micro_batch_size,
-                          world_size=world_size, seed=t.seed, prefetch=0)
+                          world_size=world_size, seed=t.seed, prefetch=0, pin_memory=False)
     micro_batches = len(loader)
     text = one_pass_text(micro_batches, micro_batch_size=t.micro_batch_size,
                          grad_accum=t.grad_accum,

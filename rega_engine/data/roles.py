@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..batch import GENERAL_DOMAIN
 from ..config import ConfigError, RolesConfig
+from ..kinds import GENERAL_DOMAIN
 
 
 @dataclass(frozen=True)
