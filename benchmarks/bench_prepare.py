@@ -10,6 +10,8 @@ split over general / law / medicine as the demo's; the bundled tokenizer, plain 
   * prepare-2: `torchrun --nproc_per_node 2 -m rega_engine.cli prepare`, data.workers = 1 each;
   * prepare-2-shards: two plain processes, `prepare --shard 0/2` and `--shard 1/2` (a job array);
   * torchrun-start: torchrun starting two processes that do nothing, its own fixed cost;
+  * encode-pair: two encode runs at once; their summed rate over one's alone is what this
+    machine allows two processes of pure tokenizing (the ceiling for prepare-2);
   * peak memory (max RSS) of prepare-1 at --samples / 10 and --samples.
 Wall-clock rates, and CPU seconds (user + sys) beside them: on a machine other programs load,
 the CPU-second ratios are the ones that hold.
@@ -219,7 +221,7 @@ def main() -> None:
     noop.write_text("pass\n")
     runs = {"encode": [], "prepare-1": [], "prepare-2": [], "prepare-2-shards": [],
             "rss-small": [], "rss-big": []}
-    torchrun_start = []
+    torchrun_start, encode_pair = [], []
     cpu = {"prepare-1": [], "prepare-2": []}
     load_at_start = os.getloadavg()
     tokens = None
@@ -252,6 +254,10 @@ def main() -> None:
             raise RuntimeError("prepare --shard failed:\n" + pair[0].stderr.read().decode()[-3000:])
         runs["prepare-2-shards"].append(tokens / (time.perf_counter() - start))
         torchrun_start.append(run_timed([*torchrun[:5], str(noop)])[0])
+        both = [subprocess.Popen([python, __file__, "--role", "encode", "--config", str(one_toml)],
+                                 env=_env(), stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        rates = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in both]
+        encode_pair.append(sum(r["tokens"] / r["seconds"] for r in rates) / runs["encode"][-1])
         same = all((work / "one" / p.relative_to(d)).read_bytes() == p.read_bytes()
                    for d in (work / "two", work / "pair") for p in d.rglob("*") if p.is_file())
         runs["rss-small"].append(peak_rss_of([*prepare, str(small_toml)])[1])
@@ -278,6 +284,7 @@ def main() -> None:
         "two_shard_processes_vs_one": summary([b / a for a, b in zip(runs["prepare-1"],
                                                                      runs["prepare-2-shards"])]),
         "torchrun_start_seconds": summary(torchrun_start),
+        "machine_two_encodes_vs_one": summary(encode_pair),
         "torchrun_note": ("prepare-2 runs under torchrun, whose launcher alone (importing torch, "
                           "starting two processes that do nothing) takes torchrun_start_seconds; "
                           "prepare-2-shards is the same two-process work without a launcher"),
