@@ -192,7 +192,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=135000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--shard-samples", type=int, default=16384)
+    parser.add_argument("--shard-samples", type=int, default=0)
     parser.add_argument("--plan-samples", type=int, default=100_000_000)
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--memory-gb", type=float, help=argparse.SUPPRESS)

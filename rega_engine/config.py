@@ -100,8 +100,8 @@ class DataConfig:
     # false: data.too_long applies
     split_documents: bool = True
     # samples of the mixture per shard of the prepared dataset (the unit of multi-process work and
-    # of resuming)
-    shard_samples: int = 16384
+    # of resuming); 0: enough shards for 64 processes to share evenly, 1024 to 16384 samples each
+    shard_samples: int = 0
     # memory for planning the mixture (its tables of row references); past it they are memory-
     # mapped files in data.prepared. Does not change the dataset.
     memory_gb: float = 4.0
@@ -362,7 +362,7 @@ def _check_data(d: DataConfig, roles: RolesConfig) -> None:
     _one_of("data.too_long", d.too_long, TOO_LONG_POLICIES)
     _one_of("data.bad_rows", d.bad_rows, BAD_ROW_POLICIES)
     _one_of("data.txt_documents", d.txt_documents, TXT_DOCUMENTS)
-    _at_least({"data.shard_samples": d.shard_samples}, 1)
+    _at_least({"data.shard_samples": d.shard_samples}, 0)
     if not d.memory_gb > 0:
         raise ConfigError(f"data.memory_gb = {d.memory_gb}: must be > 0")
     if not isinstance(d.corpora, dict):

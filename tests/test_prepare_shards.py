@@ -147,3 +147,13 @@ def test_torchrun_processes_share_the_prepare_and_write_the_single_process_bytes
             in result.stderr)
     assert result.stdout.count("prepared ") == 1   # one report, from rank 0
     assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
+
+
+def test_the_default_shard_size_gives_up_to_64_processes_an_even_share():
+    from rega_engine.data.prepare import shard_size
+
+    assert shard_size(0, 142_250) == 2223          # 64 shards, the last one a little smaller
+    assert -(-142_250 // shard_size(0, 142_250)) == 64
+    assert shard_size(0, 500) == 1024              # one shard for a small mixture
+    assert shard_size(0, 100_000_000) == 16384     # big mixtures: shards of at most 16384
+    assert shard_size(5000, 142_250) == 5000       # a set size is kept

@@ -71,6 +71,20 @@ def tokenizer_path(config: RunConfig) -> tuple[str, str]:
                       "tokenizer files")
 
 
+AUTO_SHARDS = 64        # data.shard_samples = 0: this many shards, within the bounds below
+AUTO_SHARD_SAMPLES = (1024, 16384)
+
+
+def shard_size(shard_samples: int, total: int) -> int:
+    """Samples per shard: data.shard_samples, or for 0 enough shards that up to AUTO_SHARDS
+    processes get an even share (a process's share is whole shards), each within
+    AUTO_SHARD_SAMPLES. A function of the config alone, like everything about the layout."""
+    if shard_samples:
+        return shard_samples
+    low, high = AUTO_SHARD_SAMPLES
+    return min(high, max(low, -(-total // AUTO_SHARDS)))
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """`--shard i/n` -> (i, n), 0 <= i < n."""
     try:
@@ -356,7 +370,7 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
     samples = mixture.samples
-    per_shard = data.shard_samples
+    per_shard = shard_size(data.shard_samples, len(samples))
     num_shards = max(1, math.ceil(len(samples) / per_shard))
     names = [f"shard_{k:05d}" for k in range(num_shards)]
     mine = list(range(index, num_shards, count))
@@ -383,6 +397,9 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
         finally:
             renderers.close()
 
+    # The sample tables are done with: freed before the index and the one-pass report (which
+    # plans the loader over the whole dataset), so the two never hold memory at once.
+    mixture.samples = samples = None
     records = [read_shard_record(out / name) for name in names]
     complete = all(r is not None and r.get("fingerprint") == fingerprint for r in records)
     report = None

@@ -50,7 +50,7 @@ VARIANTS = (
 
 @dataclass(frozen=True)
 class Sizes:
-    """Everything that sets the demo's cost. `full` is tuned for about 7 minutes on 2 CPU cores."""
+    """Everything that sets the demo's cost. `full` is tuned for about 5 minutes on 2 CPU cores."""
     general_train: int          # pretraining samples of the general skills
     instructions: int           # general instructions the base model answers (self-distillation)
     domain_train: int           # training samples per domain
@@ -69,12 +69,13 @@ class Sizes:
     vocab: int
 
 
-# Sized for three seeds in parallel, one thread each, in about 6 minutes on 2 CPU cores: measured,
-# seeds 0-2 took 5 min 35 s on a 2-core machine (about 220 s of CPU per seed: 500 pretraining and
-# ~410 fine-tuning steps of 4 x 256 tokens at ~0.2 s, six training processes started at ~4.5 s
-# each, six evaluations of 450 questions). At these sizes the fine-tunes have not yet learned to
-# tell the domains' sign-offs apart (see the README): more fine-tuning (domain_train, epochs)
-# is the knob, at about 0.2 s of CPU per step and seed.
+# Sized for three seeds in parallel, one thread each, in about 5 minutes on 2 CPU cores: measured,
+# seeds 0-2 took 4 min 48 s on a 2-core machine (about 186 s of CPU per seed: 500 pretraining and
+# ~410 fine-tuning steps of 4 x 256 tokens, six training processes started at ~4.5 s each, six
+# evaluations of 450 questions). At these sizes REGA's worst seed keeps 91% of the base's general
+# exact match (the verdict asks 90%), and the fine-tunes have not yet learned to tell the
+# domains' sign-offs apart (see the README): more fine-tuning (domain_train, epochs) is the
+# knob, at about 0.2 s of CPU per step and seed.
 # The demo reuses half of each domain under the central prompt (the engine's default is 0.1): a
 # model this small needs to see the domains under the central prompt often to answer them as
 # well there (measured on seed 0 with an earlier, larger size: at 0.1 REGA scored 90.7% in lab,
