@@ -138,11 +138,12 @@ def plan_role(samples: int, memory_gb: float, scratch: str) -> None:
 
     from rega_engine.data.mixture import MEMORY_SLACK, ROW, Samples, count_samples, draw_samples
     from rega_engine.data.tables import TableStore
+    from rega_engine.kinds import KIND_ID
 
     peak = _anonymous_peak()
     store = TableStore(memory_gb * 2**30 * MEMORY_SLACK, scratch)
     start = time.perf_counter()
-    rows = {"general": int(samples * 0.3) // 1, "law": int(samples * 0.35 / 1.1),
+    rows = {"general": int(samples * 0.3), "law": int(samples * 0.35 / 1.1),
             "medicine": int(samples * 0.35 / 1.1)}
     plan = []
     for domain, (name, n) in enumerate(rows.items()):
@@ -152,9 +153,10 @@ def plan_role(samples: int, memory_gb: float, scratch: str) -> None:
             line = np.arange(first, first + len(block))
             block["file"], block["line"], block["offset"] = domain, line + 1, line * 120
             block["length"], block["text"], block["domain"], block["prompt"] = 120, False, 0, 0
-        plan.append((name, table, 0 if name == "general" else 1, domain, domain))
+        kind = KIND_ID["distilled" if name == "general" else "role"]
+        plan.append((name, table, kind, domain, domain))
     made = time.perf_counter() - start
-    counts = {name: n for name, n in rows.items()}
+    counts = dict(rows)
     integration = {name: (round(0.1 * n) if name != "general" else 0) for name, n in rows.items()}
     start = time.perf_counter()
     table = draw_samples(plan, counts, integration, 0, store, 0)
@@ -166,7 +168,6 @@ def plan_role(samples: int, memory_gb: float, scratch: str) -> None:
                       "samples_per_s": len(table) / drawn, "peak_anonymous_gib": peak() / 2**30,
                       "tables_in_memory_gib": store.in_memory / 2**30,
                       "tables_mapped_gib": store.spilled / 2**30, "by_kind": by_kind}))
-
 
 
 def encode_role(toml: str) -> None:
