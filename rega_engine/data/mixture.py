@@ -154,10 +154,10 @@ class Samples(Sequence):
     def rows(self) -> np.ndarray:
         """The ROW records of these samples, in order (gathered source by source)."""
         out = np.empty(len(self.table), ROW)
-        source = np.asarray(self.table["source"])
+        source, row = np.asarray(self.table["source"]), np.asarray(self.table["row"])
         for s in np.unique(source):
             at = np.flatnonzero(source == s)
-            out[at] = self.sources[s][np.asarray(self.table["row"])[at]]
+            out[at] = self.sources[s][row[at]]
         return out
 
     def references(self) -> list[tuple]:
@@ -472,11 +472,14 @@ def _as_samples(table: np.ndarray, source_id: int, domain, prompt) -> np.ndarray
 
 def count_samples(samples: Samples, domains: list[str]) -> dict:
     """Samples per kind, per domain and per kind/domain pair, by name."""
-    pairs = np.zeros((len(KINDS), len(domains)), np.int64)
+    cells = len(KINDS) * len(domains)
+    pairs = np.zeros(cells, np.int64)
     table = samples.table
     for start in range(0, len(table), tables.BLOCK):
         block = table[start:start + tables.BLOCK]
-        np.add.at(pairs, (np.asarray(block["kind"]), np.asarray(block["domain"])), 1)
+        cell = block["kind"].astype(np.int64) * len(domains) + block["domain"]
+        pairs += np.bincount(cell, minlength=cells)
+    pairs = pairs.reshape(len(KINDS), len(domains))
     by_kind = {name: int(pairs[i].sum()) for i, name in enumerate(KINDS)}
     by_domain = {name: int(pairs[:, d].sum()) for d, name in enumerate(domains)}
     by_pair = {f"{KINDS[k]}/{domains[d]}": int(pairs[k, d])

@@ -376,18 +376,18 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
     mine = list(range(index, num_shards, count))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if torchrun else 1
     workers = data.workers or max(1, (os.cpu_count() or 1) // local)
+    # no more workers than one shard has chunks for
+    workers = min(workers, max(1, -(-min(per_shard, len(samples)) // CHUNK)))
     todo = [k for k in mine
             if (read_shard_record(out / names[k]) or {}).get("fingerprint") != fingerprint]
     where = f" (process {index} of {count})" if count > 1 else ""
     log.info("prepare%s: %d samples in %d shard(s) of %d, %d of them this process's, %d already "
              "complete; %s chat template, tokenizer %s, %d worker process(es)", where, len(samples),
              num_shards, per_shard,
-             len(mine), len(mine) - len(todo), renderer_kind, path,
-             min(workers, max(1, -(-min(per_shard, len(samples)) // CHUNK))))
+             len(mine), len(mine) - len(todo), renderer_kind, path, workers)
 
     if todo:
-        renderers = _Renderers(tokenizer, path, data.chat_template,
-                               min(workers, max(1, -(-min(per_shard, len(samples)) // CHUNK))))
+        renderers = _Renderers(tokenizer, path, data.chat_template, workers)
         warn = _Warnings()
         try:
             for k in todo:
