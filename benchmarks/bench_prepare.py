@@ -9,6 +9,8 @@ split over general / law / medicine as the demo's; the bundled tokenizer, plain 
     the whole job: reading, mixture, rendering, tokenizing with offsets, writing shards and index;
   * prepare-2: `torchrun --nproc_per_node 2 -m rega_engine.cli prepare`, data.workers = 1 each;
   * prepare-2-shards: two plain processes, `prepare --shard 0/2` and `--shard 1/2` (a job array);
+  * prepare-workers-2: one `rega-engine prepare` with data.workers = 2, two worker processes
+    forked after the mixture is planned (the default on a 2-core machine: workers = cores);
   * torchrun-start: torchrun starting two processes that do nothing, its own fixed cost;
   * encode-pair: two encode runs at once; their summed rate over one's alone is what this
     machine allows two processes of pure tokenizing (the ceiling for prepare-2);
@@ -64,12 +66,13 @@ def make_inputs(directory: Path, samples: int) -> dict:
     return sources
 
 
-def write_config(directory: Path, sources: dict, prepared: Path, shard_samples: int) -> Path:
+def write_config(directory: Path, sources: dict, prepared: Path, shard_samples: int,
+                 workers: int = 1) -> Path:
     toml = directory / f"{prepared.name}.toml"
     lines = ["[roles]", 'central_prompt = "You are a helpful assistant."', "[roles.prompts]",
              *(f'{k} = "{v}"' for k, v in ROLES.items()), "[data]",
              f'tokenizer = "{SAMPLE / "tokenizer"}"',
-             f'general = "{sources["general"]}"', "seq_len = 512", "workers = 1",
+             f'general = "{sources["general"]}"', "seq_len = 512", f"workers = {workers}",
              f"shard_samples = {shard_samples}", f'prepared = "{prepared}"', "[data.domains]",
              f'law = "{sources["law"]}"', f'medicine = "{sources["medicine"]}"', ""]
     toml.write_text("\n".join(lines))
@@ -213,6 +216,7 @@ def main() -> None:
     python = sys.executable
     one_toml = write_config(work, big, work / "one", args.shard_samples)
     two_toml = write_config(work, big, work / "two", args.shard_samples)
+    workers_toml = write_config(work, big, work / "workers", args.shard_samples, workers=2)
     small_toml = write_config(small_dir, small, small_dir / "small", args.shard_samples)
     prepare = [python, "-m", "rega_engine.cli", "prepare", "--config"]
     torchrun = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -221,7 +225,7 @@ def main() -> None:
     noop = work / "noop.py"
     noop.write_text("pass\n")
     runs = {"encode": [], "prepare-1": [], "prepare-2": [], "prepare-2-shards": [],
-            "rss-small": [], "rss-big": []}
+            "prepare-workers-2": [], "rss-small": [], "rss-big": []}
     torchrun_start, encode_pair = [], []
     cpu = {"prepare-1": [], "prepare-2": []}
     load_at_start = os.getloadavg()
@@ -233,7 +237,8 @@ def main() -> None:
         runs["encode"].append(encode["tokens"] / encode["seconds"])
         cpu.setdefault("encode", []).append(encode["cpu_seconds"])
         # no resuming between repeats
-        for directory in (work / "one", work / "two", work / "pair", small_dir / "small"):
+        for directory in (work / "one", work / "two", work / "pair", work / "workers",
+                          small_dir / "small"):
             subprocess.run(["rm", "-rf", str(directory)], check=True)
         before = _children_cpu()
         seconds, peak = peak_rss_of([*prepare, str(one_toml)])
@@ -254,17 +259,21 @@ def main() -> None:
         if any(p.wait() for p in pair):
             raise RuntimeError("prepare --shard failed:\n" + pair[0].stderr.read().decode()[-3000:])
         runs["prepare-2-shards"].append(tokens / (time.perf_counter() - start))
+        seconds = run_timed([*prepare, str(workers_toml)])[0]
+        runs["prepare-workers-2"].append(tokens / seconds)
         torchrun_start.append(run_timed([*torchrun[:5], str(noop)])[0])
         both = [subprocess.Popen([python, __file__, "--role", "encode", "--config", str(one_toml)],
                                  env=_env(), stdout=subprocess.PIPE, text=True) for _ in range(2)]
         rates = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in both]
         encode_pair.append(sum(r["tokens"] / r["seconds"] for r in rates) / runs["encode"][-1])
         same = all((work / "one" / p.relative_to(d)).read_bytes() == p.read_bytes()
-                   for d in (work / "two", work / "pair") for p in d.rglob("*") if p.is_file())
+                   for d in (work / "two", work / "pair", work / "workers") for p in d.rglob("*")
+                   if p.is_file())
         runs["rss-small"].append(peak_rss_of([*prepare, str(small_toml)])[1])
         print(f"repeat {repeat + 1}/{args.repeats}: encode {runs['encode'][-1]:,.0f} tok/s, "
               f"prepare-1 {runs['prepare-1'][-1]:,.0f}, prepare-2 {runs['prepare-2'][-1]:,.0f}, "
               f"--shard pair {runs['prepare-2-shards'][-1]:,.0f}, "
+              f"workers=2 {runs['prepare-workers-2'][-1]:,.0f}, "
               f"identical {same}",
               file=sys.stderr)
 
@@ -284,6 +293,8 @@ def main() -> None:
                                                                runs["prepare-2"])]),
         "two_shard_processes_vs_one": summary([b / a for a, b in zip(runs["prepare-1"],
                                                                      runs["prepare-2-shards"])]),
+        "two_workers_vs_one": summary([b / a for a, b in zip(runs["prepare-1"],
+                                                             runs["prepare-workers-2"])]),
         "torchrun_start_seconds": summary(torchrun_start),
         "machine_two_encodes_vs_one": summary(encode_pair),
         "torchrun_note": ("prepare-2 runs under torchrun, whose launcher alone (importing torch, "

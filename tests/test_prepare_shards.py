@@ -75,7 +75,7 @@ def test_an_interrupted_prepare_resumes_from_its_complete_shards(tmp_path, monke
     fresh = config(tmp_path, "fresh")
     prepare(fresh)
     written = []
-    real = prepare_module._write_shard
+    real = prepare_module.write_shard
 
     def dies_after_three(directory, *args, **kwargs):
         if len(written) == 3:
@@ -83,7 +83,7 @@ def test_an_interrupted_prepare_resumes_from_its_complete_shards(tmp_path, monke
         written.append(directory.name)
         return real(directory, *args, **kwargs)
 
-    monkeypatch.setattr(prepare_module, "_write_shard", dies_after_three)
+    monkeypatch.setattr(prepare_module, "write_shard", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
         prepare(config(tmp_path, "resumed"))
     out = tmp_path / "resumed"
@@ -95,7 +95,7 @@ def test_an_interrupted_prepare_resumes_from_its_complete_shards(tmp_path, monke
     kept = {name: (out / name / "tokens.bin").stat().st_ino for name in written}
 
     written.clear()
-    monkeypatch.setattr(prepare_module, "_write_shard", lambda d, *a, **k: (written.append(d.name),
+    monkeypatch.setattr(prepare_module, "write_shard", lambda d, *a, **k: (written.append(d.name),
                                                                             real(d, *a, **k))[1])
     prepare(config(tmp_path, "resumed"))
     assert written == [f"shard_{k:05d}" for k in range(3, 8)]   # only the missing ones

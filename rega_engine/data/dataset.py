@@ -248,8 +248,8 @@ def _fsync_file(path: Path) -> None:
 class ShardWriter:
     """One shard of a sharded (format 2) dataset at `directory`: the five data files of format 1
     and shard.json. Built under a hidden temporary name next to it, renamed by finish(): a
-    directory with the shard's name is complete by construction. `add` takes prepare's own arrays
-    (ids int32, mask uint8, already checked), so it copies nothing and checks nothing."""
+    directory with the shard's name is complete by construction. `add_many` takes prepare's own
+    arrays (already checked), so it checks nothing."""
 
     def __init__(self, directory):
         self.dir = Path(directory)
@@ -263,16 +263,21 @@ class ShardWriter:
         self._ends, self._kinds, self._domains = array("q"), array("B"), array("h")
         self._num_tokens = 0
 
-    def add(self, ids: np.ndarray, mask: np.ndarray, kind: int, domain: int) -> None:
-        token_bytes, mask_bytes = ids.data, mask.data
+    def add_many(self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray, kinds: np.ndarray,
+                 domains: np.ndarray) -> None:
+        """Samples of `lengths` tokens each, concatenated in `ids` (int32) and `mask` (uint8)."""
+        token_bytes = np.ascontiguousarray(ids, np.int32).data
+        mask_bytes = np.ascontiguousarray(mask, np.uint8).data
         self._tokens.write(token_bytes)
         self._mask.write(mask_bytes)
         self._tokens_sha.update(token_bytes)
         self._mask_sha.update(mask_bytes)
-        self._num_tokens += ids.shape[0]
-        self._ends.append(self._num_tokens)
-        self._kinds.append(kind)
-        self._domains.append(domain)
+        ends = self._num_tokens + np.cumsum(lengths, dtype=np.int64)
+        if len(ends):
+            self._num_tokens = int(ends[-1])
+        self._ends.frombytes(ends.tobytes())
+        self._kinds.frombytes(np.asarray(kinds, np.uint8).tobytes())
+        self._domains.frombytes(np.asarray(domains, np.int16).tobytes())
 
     def __len__(self) -> int:
         return len(self._ends)

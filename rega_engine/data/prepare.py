@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import time
@@ -45,18 +44,16 @@ from ..tokenizer import load_tokenizer
 from .dataset import (
     DATA_FILES,
     META_FILE,
-    ShardWriter,
     dataset_file,
     read_shard_record,
     write_index,
 )
 from .mixture import Mixture, build_mixture
-from .records import WARN_FIRST, DataError, load_content
-from .render import ChatRenderer, RenderError
+from .render import ChatRenderer
+from .shard_render import CHUNK, Renderers, Warnings, write_shard
 
 log = get_logger(__name__)
 
-CHUNK = 256             # samples per task sent to a worker
 # Files of a tokenizer directory that are not the tokenizer (weights of a model directory).
 _NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".onnx")
 
@@ -95,68 +92,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= index < count:
         raise ConfigError(f"--shard {text!r}: expected 0 <= i < n")
     return index, count
-
-
-# -- tokenizing, in worker processes -------------------------------------------------------------
-_renderer: ChatRenderer | None = None
-
-
-def _init_worker(path: str, template: str) -> None:
-    global _renderer
-    _renderer = ChatRenderer(load_tokenizer(path), template)
-
-
-def _render_chunk(chunk: list) -> list:
-    """[(path, offset, length, is_text, system)] -> [(ids int32, mask uint8) or RenderError]. The
-    worker reads each row from its file; a plain-text document is that text alone, after its
-    prompt when it has one."""
-    out = []
-    for path, offset, length, is_text, system in chunk:
-        content = load_content(path, offset, length, is_text)
-        try:
-            out.append(_renderer.render_text_arrays(content, system) if is_text
-                       else _renderer.render_arrays(content, system))
-        except RenderError as e:
-            out.append(e)
-    return out
-
-
-class _Renderers:
-    """Renders lists of samples, in order, in `workers` processes (or in this one)."""
-
-    def __init__(self, tokenizer, path: str, template: str, workers: int):
-        global _renderer
-        self.pool = None
-        if workers <= 1:   # this process, with the tokenizer it has loaded already
-            _renderer = ChatRenderer(tokenizer, template)
-            return
-        # fork where there is one: workers start in milliseconds instead of re-importing
-        # transformers.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        self.pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (path,
-                                                                                     template))
-
-    def __call__(self, references: list):
-        """Renders [(path, line, offset, length, is_text, system, ...)], in order."""
-        jobs = [(path, offset, length, is_text, system)
-                for path, _, offset, length, is_text, system, *_ in references]
-        chunks = [jobs[i:i + CHUNK] for i in range(0, len(jobs), CHUNK)]
-        if self.pool is None:
-            for chunk in chunks:
-                yield from _render_chunk(chunk)
-            return
-        for result in self.pool.imap(_render_chunk, chunks):
-            yield from result
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-
-
-def _where(origin: str) -> tuple[str, int]:
-    path, _, line = origin.rpartition(":")
-    return path, int(line)
 
 
 # -- the fingerprint: what a shard's bytes depend on ---------------------------------------------
@@ -200,97 +135,6 @@ def run_fingerprint(config: RunConfig, tokenizer_dir: str) -> tuple[str, dict]:
 def dataclass_dict(value) -> dict:
     import dataclasses
     return json.loads(json.dumps(dataclasses.asdict(value), default=str))
-
-
-# -- one shard -----------------------------------------------------------------------------------
-class _Warnings:
-    def __init__(self):
-        self.left = WARN_FIRST
-
-    def __call__(self, message: str, *args) -> None:
-        if self.left > 0:
-            self.left -= 1
-            more = " (further ones of this process are only counted)" if self.left == 0 else ""
-            log.warning(message + more, *args)
-
-
-def _write_shard(directory: Path, samples, renderers: _Renderers, data, fingerprint: str,
-                 first: int, warn: _Warnings) -> dict:
-    counts, unrenderable = Counter(), Counter()
-    by_kind, by_domain, by_pair = Counter(), Counter(), Counter()
-    tokens_kind, tokens_domain, tokens_pair = Counter(), Counter(), Counter()
-    seq_len = data.seq_len
-    writer = ShardWriter(directory)
-    references = samples.references()
-    rendered = renderers(references)
-    try:
-        for (path, line, _, _, is_text, _, kind, domain), result in zip(references, rendered):
-            origin = f"{path}:{line}"
-            if isinstance(result, RenderError):
-                if data.bad_rows == "error":
-                    raise DataError(f"{origin}: {result}", result.reason,
-                                    *_where(origin))
-                unrenderable[result.reason] += 1
-                warn("%s: %s; sample skipped", origin, result)
-                continue
-            ids, mask = result
-            pieces = [(ids, mask)]
-            if len(ids) > seq_len:
-                if is_text and data.split_documents:
-                    # Each piece fills a row and attends only to itself; none is lost.
-                    pieces = [(ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids),
-                                                                                       seq_len)]
-                    counts["split_documents"] += 1
-                    counts["document_pieces"] += len(pieces)
-                elif data.too_long == "error":
-                    raise DataError(f"{origin}: the rendered sample has {len(ids)} tokens, "
-                                    f"more than data.seq_len = {seq_len}; raise data.seq_len, or "
-                                    "set data.too_long to \"truncate\" or \"drop\"", "too long",
-                                    *_where(origin))
-                elif data.too_long == "drop":
-                    counts["dropped_too_long"] += 1
-                    continue
-                else:
-                    pieces = [(ids[:seq_len], mask[:seq_len])]
-                    counts["truncated"] += 1
-            wrote = False
-            for piece_ids, piece_mask in pieces:
-                trained = piece_mask[1:] if is_text else piece_mask
-                loss_tokens = int(trained.sum())
-                if loss_tokens == 0:
-                    if not is_text or len(pieces) == 1:
-                        counts["dropped_no_loss"] += 1
-                    else:
-                        counts["dropped_piece_no_loss"] += 1   # a 1-token tail: nothing to predict
-                    continue
-                writer.add(piece_ids, piece_mask, kind, domain)
-                wrote = True
-                n = len(piece_ids)
-                counts["tokens"] += n
-                counts["loss_tokens"] += loss_tokens
-                tokens_kind[kind] += n
-                tokens_domain[domain] += n
-                tokens_pair[f"{kind}/{domain}"] += n
-            if wrote:
-                by_kind[kind] += 1
-                by_domain[domain] += 1
-                by_pair[f"{kind}/{domain}"] += 1
-        info = {"fingerprint": fingerprint, "first_sample": first, "mixture_samples": len(samples),
-                "counts": dict(sorted(counts.items())),
-                "unrenderable": dict(sorted(unrenderable.items())),
-                "samples_by_kind": {str(k): v for k, v in sorted(by_kind.items())},
-                "samples_by_domain": {str(k): v for k, v in sorted(by_domain.items())},
-                "samples_by_pair": dict(sorted(by_pair.items())),
-                "tokens_by_kind": {str(k): v for k, v in sorted(tokens_kind.items())},
-                "tokens_by_domain": {str(k): v for k, v in sorted(tokens_domain.items())},
-                "tokens_by_pair": dict(sorted(tokens_pair.items()))}
-        return writer.finish(info)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if hasattr(rendered, "close"):
-            rendered.close()
 
 
 # -- the job -------------------------------------------------------------------------------------
@@ -387,12 +231,12 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
              len(mine), len(mine) - len(todo), renderer_kind, path, workers)
 
     if todo:
-        renderers = _Renderers(tokenizer, path, data.chat_template, workers)
-        warn = _Warnings()
+        renderers = Renderers(tokenizer, path, data.chat_template, workers)
+        warn = Warnings()
         try:
             for k in todo:
                 first = k * per_shard
-                _write_shard(out / names[k], samples[first:first + per_shard], renderers, data,
+                write_shard(out / names[k], samples[first:first + per_shard], renderers, data,
                              fingerprint, first, warn)
         finally:
             renderers.close()

@@ -331,12 +331,13 @@ def _txt_record(path: str, counts: dict, line: int, offset: int, length: int) ->
                   length)
 
 
-_OPEN: dict = {}     # path -> file descriptor, for load_content (per process)
+_OPEN: dict = {}     # path -> file descriptor, for load_row (per process)
 
 
-def load_content(path: str, offset: int, length: int, is_text: bool):
-    """A row read again from its file: a chat's messages (tuple of {role, content}) or a document's
-    text (a {"text": ...} JSONL row or a .txt document). The row was checked when first read."""
+def load_row(path: str, offset: int, length: int, is_text: bool):
+    """A row read again from its file, as stored: a chat's messages (the row's list of turns,
+    with whatever keys they carry) or a document's text (a {"text": ...} JSONL row or a .txt
+    document). The row was checked when first read."""
     fd = _OPEN.get(path)
     if fd is None:
         fd = _OPEN[path] = os.open(path, os.O_RDONLY)
@@ -344,9 +345,15 @@ def load_content(path: str, offset: int, length: int, is_text: bool):
     if path.endswith(".txt"):
         return raw.decode("utf-8").strip("\n")
     row = json.loads(raw)
+    return row["text"] if is_text else row["messages"]
+
+
+def load_content(path: str, offset: int, length: int, is_text: bool):
+    """load_row, with a chat's turns as a tuple of {role, content}."""
+    content = load_row(path, offset, length, is_text)
     if is_text:
-        return row["text"]
-    return tuple({"role": m["role"], "content": m["content"]} for m in row["messages"])
+        return content
+    return tuple({"role": m["role"], "content": m["content"]} for m in content)
 
 
 def read_instructions(path, *, bad_rows: str = "skip", stats: RowStats | None = None,
