@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..kinds import KINDS
 from ..log import get_logger
 from ..tokenizer import load_tokenizer
 from .dataset import ShardWriter
@@ -106,7 +107,7 @@ class _Tally:
         self.domains = max(1, num_domains)
         self.counts: dict[str, int] = {}
         self.unrenderable: dict[str, int] = {}
-        size = 256 * self.domains            # kind ids are uint8
+        size = len(KINDS) * self.domains
         self.samples_pair = np.zeros(size, np.int64)
         self.tokens_pair = np.zeros(size, np.int64)
 
@@ -117,7 +118,7 @@ class _Tally:
 
     def info(self) -> dict:
         def by(pairs: np.ndarray, axis: int) -> dict:
-            totals = pairs.reshape(256, self.domains).sum(axis=axis)
+            totals = pairs.reshape(len(KINDS), self.domains).sum(axis=axis)
             return {str(i): int(v) for i, v in enumerate(totals) if v}
 
         def pairs(values: np.ndarray) -> dict:
