@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from rega_engine.data.mixture import ROW
 from rega_engine.data.render import RenderError
 from rega_engine.data.shard_render import _add_chunk, _Chunk, _Tally
 from rega_engine.errors import DataError
@@ -63,16 +62,15 @@ def one_at_a_time(samples, data):
 
 
 def chunk_of(samples):
-    rows = np.zeros(len(samples), ROW)
-    rows["text"] = [s[2] for s in samples]
-    rows["line"] = np.arange(1, len(samples) + 1)
+    references = [("rows.jsonl", line, 0, 0, s[2], "", s[3], s[4])
+                  for line, s in enumerate(samples, start=1)]
     kinds = np.array([s[3] for s in samples], np.uint8)
     domains = np.array([s[4] for s in samples], np.int64)
     ids = np.array([t for s in samples for t in s[0]], np.int32)
     mask = np.array([m for s in samples for m in s[1]], np.uint8)
     lengths = np.array([len(s[0]) for s in samples], np.int64)
     errors = [(i, RenderError(f"bad {i}", s[5])) for i, s in enumerate(samples) if s[5]]
-    return _Chunk(["rows.jsonl"], rows, kinds, domains), (ids, mask, lengths, errors)
+    return _Chunk(references, kinds, domains), (ids, mask, lengths, errors)
 
 
 # (ids, mask, is_text, kind, domain, render error)

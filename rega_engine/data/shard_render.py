@@ -36,12 +36,13 @@ def _init_worker(path: str, template: str) -> None:
 
 
 def render_chunk(jobs: list) -> tuple:
-    """[(path, offset, length, is_text, system)] -> (ids int32 and mask uint8 of all the samples
+    """Samples.references() of a chunk, [(path, line, offset, length, is_text, system, kind,
+    domain)] -> (ids int32 and mask uint8 of all the samples
     concatenated, length of each (0 for one that failed), [(index, RenderError)]). The worker
     reads each row from its file; a plain-text document is that text alone, after its prompt when
     it has one."""
     ids, masks, errors = [], [], []
-    for i, (path, offset, length, is_text, system) in enumerate(jobs):
+    for i, (path, _, offset, length, is_text, system, _, _) in enumerate(jobs):
         content = load_row(path, offset, length, is_text)
         try:
             sample_ids, mask = (_renderer.render_text_arrays(content, system) if is_text
@@ -221,34 +222,33 @@ def _add_chunk(writer: ShardWriter, tally: _Tally, chunk, result, data, warn: Wa
 
 
 class _Chunk:
-    """The samples of one chunk, as arrays: what the policy and the counts need of them."""
+    """The samples of one chunk: their references (Samples.references()) and, as arrays, what
+    the policy and the counts need of them."""
 
-    def __init__(self, paths: list, rows: np.ndarray, kinds: np.ndarray, domains: np.ndarray):
-        self.paths, self.rows = paths, rows
-        self.is_text = np.asarray(rows["text"], bool)
+    def __init__(self, references: list, kinds: np.ndarray, domains: np.ndarray):
+        self.references = references
+        self.is_text = np.fromiter((r[4] for r in references), bool, len(references))
         self.kinds, self.domains = kinds, domains
 
     def where(self, i: int) -> tuple[str, int]:
-        return self.paths[self.rows["file"][i]], int(self.rows["line"][i])
+        """(path, line) of sample i's row."""
+        return self.references[i][0], self.references[i][1]
 
 
 def write_shard(directory: Path, samples, renderers: Renderers, data, fingerprint: str,
                 first: int, warn: Warnings) -> dict:
     """Renders `samples` (a Samples slice of the mixture, from sample `first` on) and writes them
     as the shard at `directory`; returns its shard.json record."""
-    rows, table = samples.rows(), samples.table
-    kinds, domains = np.asarray(table["kind"]), np.asarray(table["domain"], np.int64)
-    paths, prompts = samples.paths, samples.prompts
-    jobs = list(zip([paths[f] for f in rows["file"].tolist()], rows["offset"].tolist(),
-                    rows["length"].tolist(), rows["text"].tolist(),
-                    [prompts[p] for p in table["prompt"].tolist()]))
+    kinds = np.asarray(samples.table["kind"])
+    domains = np.asarray(samples.table["domain"], np.int64)
+    jobs = samples.references()
     tally = _Tally(int(domains.max()) + 1 if len(domains) else 1)
     writer = ShardWriter(directory)
     results = renderers(jobs)
     try:
         for at, result in zip(range(0, len(jobs), CHUNK), results):
             part = slice(at, at + CHUNK)
-            _add_chunk(writer, tally, _Chunk(paths, rows[part], kinds[part], domains[part]),
+            _add_chunk(writer, tally, _Chunk(jobs[part], kinds[part], domains[part]),
                        result, data, warn)
         return writer.finish({"fingerprint": fingerprint, "first_sample": first,
                               "mixture_samples": len(samples), **tally.info()})
