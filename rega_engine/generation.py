@@ -47,7 +47,7 @@ def _local_rank_device() -> torch.device:
 def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dtype: str = "auto"):
     """A checkpoint directory as an eval-mode transformers model on `device`. dtype: auto (bf16 on
     GPU, fp32 on CPU) | bf16 | fp16 | fp32."""
-    from transformers import AutoModelForCausalLM
+    from rega_engine.model.hf_io import load_transformers_model
 
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -70,9 +70,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dty
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
-                                                     trust_remote_code=False,
-                                                     local_files_only=True)
+        model = load_transformers_model(path, dtype=torch_dtype)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

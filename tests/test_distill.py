@@ -260,13 +260,12 @@ def test_restart_moves_the_earlier_run_aside_and_answers_everything_again(tmp_pa
 
 
 def test_model_fingerprint_follows_the_weights_not_the_files(tmp_path, base_model, monkeypatch):
-    from transformers import AutoModelForCausalLM
-
     import rega_engine.distill as distill_module
     from rega_engine.distill import model_fingerprint
+    from rega_engine.model.hf_io import load_transformers_model
 
     resaved = tmp_path / "resaved"
-    AutoModelForCausalLM.from_pretrained(base_model).save_pretrained(resaved)
+    load_transformers_model(base_model).save_pretrained(resaved)
     tuned = _retrained_copy(base_model, tmp_path / "tuned")
     for whole in (True, False):   # small models are hashed whole, large ones sampled per tensor
         monkeypatch.setattr(distill_module, "_FULL_HASH_BYTES", 1 << 40 if whole else 0)

@@ -239,8 +239,8 @@ def test_fp8_and_bf16_checkpoints_and_exports_are_interchangeable(tmp_path):
     that the FP8 run's weights are torchao's all-gather tensors: its checkpoint and export are
     still those of a bf16 run, load into one (and back) bit-exactly, and resume."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
+    from rega_engine.model.hf_io import load_transformers_model
     from rega_engine.train.checkpoint import load_checkpoint
     from rega_engine.train.loop import _make_optimizer
     from rega_engine.train.parallel import build_model, setup_runtime, teardown_runtime
@@ -266,7 +266,7 @@ def test_fp8_and_bf16_checkpoints_and_exports_are_interchangeable(tmp_path):
     assert list(exported) == list(reference)
     assert all(t.dtype == torch.bfloat16 and t.shape == reference[n].shape
                for n, t in exported.items())
-    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8" / "hf")
+    hf_model = load_transformers_model(tmp_path / "fp8" / "hf")
     loaded = hf_model.state_dict()
     for name, tensor in exported.items():
         torch.testing.assert_close(loaded[name], tensor, atol=0, rtol=0, msg=name)

@@ -96,6 +96,34 @@ def test_the_kernels_really_run(monkeypatch):
     assert model.generate(prompt, max_new_tokens=5, do_sample=False).tolist() == want.tolist()
 
 
+def test_hub_kernelized_models_keep_our_kernels_across_train_and_eval(tmp_path):
+    # transformers >= 5.25 loads every model with hub kernels on (use_kernels defaults to True)
+    # and kernelizes again at each train()/eval() switch, which put HF's RMSNorm forward back
+    # over ours. Loaded the plain user way, patched, then switched: our forwards must stay.
+    from transformers import AutoModelForCausalLM
+    make_hf_model("llama3").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    patched = apply_rega_kernels(model, backend="torch")
+    patched.train()
+    patched.eval()
+    patched.train()
+    assert not getattr(patched, "use_kernels", False)
+    norms = [m for n, m in patched.named_modules() if n.endswith("norm")]
+    assert len(norms) == 5
+    assert all(m.forward.__func__.__name__ == "_rms_norm_forward" for m in norms)
+    mlps = [m for n, m in patched.named_modules() if n.endswith("mlp")]
+    assert mlps and all(m.forward.__func__.__name__ == "_swiglu_forward" for m in mlps)
+
+
+def test_plain_transformers_loads_have_hub_kernels_off(tmp_path):
+    # The parity references, distill and eval load through load_transformers_model.
+    from rega_engine.generation import load_model
+    from rega_engine.model.hf_io import load_transformers_model
+    make_hf_model("llama3").save_pretrained(tmp_path)
+    assert not getattr(load_transformers_model(tmp_path), "use_kernels", False)
+    assert not getattr(load_model(tmp_path, device="cpu"), "use_kernels", False)
+
+
 def test_rope_restarts_per_document():
     # Two documents in one row must give each its solo logits: a rope that kept counting across
     # the row would rotate the second document by the wrong angles.

@@ -32,7 +32,7 @@ def _probe():
 
 def test_lora_run_trains_adapters_resumes_and_exports_for_peft(tmp_path, monkeypatch):
     peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
+    from rega_engine.model.hf_io import load_transformers_model
 
     seen = {}
     make_optimizer, export = loop._make_optimizer, lora.export_lora
@@ -76,12 +76,12 @@ def test_lora_run_trains_adapters_resumes_and_exports_for_peft(tmp_path, monkeyp
     adapters = load_file(run / "hf_adapter" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in adapters
     assert all(t.abs().sum() > 0 for t in adapters.values())       # lora_B moved away from 0
-    base_model = AutoModelForCausalLM.from_pretrained(run / "hf_base", dtype=torch.float32)
+    base_model = load_transformers_model(run / "hf_base", dtype=torch.float32)
     with torch.no_grad():
         base_logits = base_model.eval()(_probe()).logits
         peft_model = peft.PeftModel.from_pretrained(base_model, run / "hf_adapter").eval()
         peft_logits = peft_model(_probe()).logits
-        merged_logits = AutoModelForCausalLM.from_pretrained(run / "hf",
+        merged_logits = load_transformers_model(run / "hf",
             dtype=torch.float32).eval()(_probe()).logits
     assert (base_logits - seen["logits"]).abs().max() > 100 * LOGITS_ATOL     # the adapters matter
     torch.testing.assert_close(peft_logits, seen["logits"], atol=LOGITS_ATOL, rtol=1e-4)
@@ -133,9 +133,8 @@ def test_lora_under_fsdp2_bf16(tmp_path, monkeypatch):
     # model.dtype = bf16 on CPU runs the FSDP2 path (a process group of one): adapters built on
     # the meta device, the base broadcast from rank 0's init, the adapters initialised after it.
     peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
-
     from rega_engine.model import from_config
+    from rega_engine.model.hf_io import load_transformers_model
     seen = {}
     export = lora.export_lora
 
@@ -152,10 +151,10 @@ def test_lora_under_fsdp2_bf16(tmp_path, monkeypatch):
     for name, tensor in load_file(run / "hf_base" / "model.safetensors").items():
         assert torch.equal(tensor, init[name].to(torch.bfloat16)), name
     with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(run / "hf_base", dtype=torch.float32)
+        base = load_transformers_model(run / "hf_base", dtype=torch.float32)
         peft_logits = peft.PeftModel.from_pretrained(base,
                                                      run / "hf_adapter").eval()(_probe()).logits
-        merged = AutoModelForCausalLM.from_pretrained(run / "hf",
+        merged = load_transformers_model(run / "hf",
                                                       dtype=torch.float32).eval()(_probe()).logits
     # The merged weights are rounded to bf16 once more than W + BA computed by PEFT.
     torch.testing.assert_close(merged, peft_logits, atol=1e-2, rtol=1e-2)     # measured 2.6e-3

@@ -28,8 +28,8 @@ def checkpoints(tmp_path_factory):
 
 
 def _hf_model(path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    from rega_engine.model.hf_io import load_transformers_model
+    return load_transformers_model(path, attn_implementation="eager").eval()
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

@@ -191,16 +191,17 @@ def test_device_peaks(monkeypatch):
 
 
 def test_export_loads_in_transformers(tmp_path, sample_tokenizer):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from rega_engine.model import from_pretrained
+    from rega_engine.model.hf_io import load_transformers_model
     write_model_config(tmp_path / "model.json", vocab_size=1000)
     config = run_config(tmp_path, "--checkpoint.export=true",
                         f"--data.tokenizer={sample_tokenizer}",
                         "--model.activation_checkpointing=block", steps=3)
     train(config)
     hf_dir = tmp_path / "run" / "hf"
-    hf_model, info = AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True)
+    hf_model, info = load_transformers_model(hf_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     initial = from_config(tmp_path / "model.json", seed=0)
     assert not torch.equal(hf_model.model.layers[0].mlp.up_proj.weight,

@@ -584,6 +584,16 @@ def _worker_argv(args, seed: int, out: Path, threads: int) -> list[str]:
                                           ("--sweep", args.sweep)) if on]
 
 
+def worker_env(threads: int) -> dict[str, str]:
+    """The seed workers' environment: `threads` threads each, and the folder that holds this
+    rega_engine package first on their path, so that they run the same code as this process
+    (a checkout's root, where its `kernels/` folder leaves the name `kernels` to Hugging Face's
+    package: kernels/__init__.py)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                           *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def run_seeds(args, seeds: list[int], out: Path, threads: int) -> list[dict]:
     """Each seed in its own process (one torch thread each by default), at most --jobs at once;
     their stage lines are echoed here as they come, prefixed by the seed."""
@@ -593,9 +603,7 @@ def run_seeds(args, seeds: list[int], out: Path, threads: int) -> list[dict]:
     pending = list(seeds)
     running: dict[int, tuple] = {}
     failed = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                          *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = worker_env(threads)
     while pending or running:
         while pending and len(running) < jobs:
             seed = pending.pop(0)

@@ -357,6 +357,12 @@ def apply_rega_kernels(model, attention: bool = True, cross_entropy: bool = True
         from rega_engine.train.fp8 import apply_fp8_to_hf_model
         apply_fp8_to_hf_model(model, fp8_recipe)
         patched.add("fp8")
+    # transformers >= 5.25 kernelizes a loaded model with Hugging Face hub kernels by default and
+    # kernelizes it again at every train()/eval() switch, which puts HF's forwards back over the
+    # ones patched below (silently: measured on a Llama's RMSNorms). Our kernels replace those
+    # layers, so hub kernelization is turned off first (the setter restores HF's own forwards).
+    if getattr(model, "use_kernels", False):
+        model.use_kernels = False
     model._rega_backend = backend
     for name, patch in plans:
         patch(backend)

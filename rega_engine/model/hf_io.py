@@ -384,3 +384,16 @@ def copy_tokenizer_files(tokenizer_dir: str | os.PathLike, hf_dir: str | os.Path
         source = os.path.join(tokenizer_dir, name)
         if os.path.isfile(source):
             shutil.copy2(source, os.path.join(hf_dir, name))
+
+
+def load_transformers_model(path: str | os.PathLike, **kwargs):
+    """transformers' own `AutoModelForCausalLM` on a local checkpoint, as the checkpoint says and
+    nothing else: no remote code, no hub, and no Hugging Face hub kernels. transformers >= 5.25
+    kernelizes every loaded model by default (and again at each train()/eval() switch), which
+    would swap layers for downloaded kernels: distillation, evaluation and the parity references
+    must run the plain implementation, the same on every machine. kwargs go to from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.fspath(path), trust_remote_code=False,
+                                                local_files_only=True, use_kernels=False,
+                                                **kwargs)
