@@ -1,7 +1,9 @@
 """`rega-engine <tokenizer|model-config|prepare|train|distill|eval|demo|bench>`.
 
 Every subcommand that runs a job takes `--config run.toml` plus any number of `--section.key=value`
-overrides (`rega-engine <job> --help` lists each key the job reads, with its default and meaning);
+overrides (`rega-engine <job> --help` lists each key the job reads, with its default and meaning),
+which win over the file, also over its alternative key (config.ALTERNATIVES: `--train.epochs=1`
+on a file with train.steps trains one pass, and says so);
 each stage's module is imported only when its subcommand runs, so `prepare` on a data box never
 pays for importing the model code. `tokenizer` and `model-config` are tools with their own options.
 
@@ -16,9 +18,10 @@ import argparse
 import difflib
 import runpy
 import sys
+import textwrap
 from pathlib import Path
 
-from .config import config_keys, load_config
+from .config import ALTERNATIVES, config_keys, load_config
 from .errors import RegaError
 
 # The operating system's refusals that come from a path the user gave: bad input, exit 2.
@@ -86,7 +89,13 @@ def _toml(value) -> str:
 
 
 def _keys_help(name: str) -> str:
-    lines = [f"config keys {name} reads (in the TOML file, or --section.key=value), default and "
+    pairs = "; ".join(f"{a} / {b}" for a, b in ALTERNATIVES)
+    # The epilog is printed as it is (RawDescriptionHelpFormatter): this paragraph is wrapped here.
+    lines = [*textwrap.wrap("A --section.key=value override wins over the TOML file, also over the "
+                            f"file's value of its alternative key ({pairs}: a run takes one of "
+                            "each pair); two alternatives on the command line are refused.", 88),
+             "",
+             f"config keys {name} reads (in the TOML file, or --section.key=value), default and "
              "meaning:"]
     for key, default, meaning in keys_read(name):
         lines.append(f"  {key} = {_toml(default)}")

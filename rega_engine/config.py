@@ -20,6 +20,9 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .errors import ConfigError
 from .kinds import GENERAL_DOMAIN, check_kind_weights
+from .log import get_logger
+
+log = get_logger(__name__)
 
 # The allowed values of the enumerated settings, here so that they are checked once, before any
 # stage runs (the stages import them from here).
@@ -112,7 +115,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/train"         # log.jsonl, checkpoints/ and the exported model (hf/)
-    steps: int = 100                    # optimizer steps (or set train.epochs instead)
+    # optimizer steps (or set train.epochs instead; 0 with train.epochs: derived from it)
+    steps: int = 100
     # passes over the prepared data, instead of train.steps; 0 = use train.steps
     epochs: float = 0.0
     micro_batch_size: int = 1           # rows of seq_len tokens per micro-batch and rank
@@ -211,6 +215,9 @@ class RunConfig:
         # run's values); validate_config needs it where a default is indistinguishable from a
         # value given on purpose (train.steps next to train.epochs).
         self.given: set[str] = set()
+        # The dotted keys the command line's overrides set: they displace a conflicting key that
+        # only the file set (load_config, ALTERNATIVES).
+        self.command_line: set[str] = set()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -250,7 +257,9 @@ def _coerce(value, annotation, where: str):
     return value
 
 
-def _apply(config: RunConfig, values: dict, source: str) -> None:
+def _apply(config: RunConfig, values: dict, source: str) -> set[str]:
+    """Sets `values` ({section: {key: value}}) on config; returns the dotted keys set."""
+    applied = set()
     sections = {f.name: f for f in dataclasses.fields(config)}
     for section, entries in values.items():
         if section not in sections:
@@ -266,7 +275,9 @@ def _apply(config: RunConfig, values: dict, source: str) -> None:
                                   f"{_closest(key, keys, section + '.')}")
             annotation = getattr(hints[key], "__name__", str(hints[key]))
             setattr(target, key, _coerce(value, annotation, f"{source}: '{section}.{key}'"))
-            config.given.add(f"{section}.{key}")
+            applied.add(f"{section}.{key}")
+    config.given |= applied
+    return applied
 
 
 def parse_override(text: str) -> dict:
@@ -387,18 +398,74 @@ def _check_data(d: DataConfig, roles: RolesConfig) -> None:
         raise ConfigError("data.prepared is empty; set the directory of the prepared dataset")
 
 
+# Pairs of keys that say one thing two ways, and how to choose: a run gives one of each pair. A
+# key the command line sets displaces the other when only the file set that (load_config); two
+# from the same source are refused: train.* by validate_config, model.* where the model is built
+# (train/parallel.py model_source), as only train reads model.init_config.
+ALTERNATIVES = {
+    ("train.epochs", "train.steps"):
+        "train.epochs (passes over the data) or train.steps (optimizer steps)",
+    ("model.path", "model.init_config"):
+        "model.path (a checkpoint to fine-tune) or model.init_config (a config.json for random "
+        "init)",
+}
+
+
+def _steps_set(t: TrainConfig, given: set) -> bool:
+    # train.steps has a default, so only a value set on purpose (in the file, an override, or in
+    # code: other than the default) conflicts with train.epochs; 0 is "not set".
+    return t.steps != 0 and ("train.steps" in given or t.steps != TrainConfig.steps)
+
+
+def _value(config: RunConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _is_set(config: RunConfig, key: str) -> bool:
+    """Whether `key` of ALTERNATIVES holds a value of its own (not its "off" value)."""
+    if key == "train.steps":
+        return _steps_set(config.train, config.given)
+    if key == "train.epochs":
+        return config.train.epochs > 0
+    return bool(_value(config, key))   # model.path, model.init_config: a path or ""
+
+
+def _displace_file_alternatives(config: RunConfig, path: str) -> None:
+    """The command line is the user's latest word: where it sets one key of an ALTERNATIVES pair
+    and only the file set the other, the file's key goes back to its default, said in a log line
+    (so `--train.epochs=1` on a file with train.steps means one pass). Conflicts within one
+    source are left for the checks to refuse: neither value is later than the other."""
+    for (a, b), choice in ALTERNATIVES.items():
+        if not (_is_set(config, a) and _is_set(config, b)):
+            continue
+        if (a in config.command_line) == (b in config.command_line):
+            continue
+        kept, dropped = (a, b) if a in config.command_line else (b, a)
+        old = _value(config, dropped)
+        section, name = dropped.split(".")
+        values = getattr(config, section)
+        setattr(values, name, getattr(type(values)(), name))
+        config.given.discard(dropped)
+        log.info(f"{dropped} = {old!r} from {path} is ignored: the command line sets {kept} = "
+                 f"{_value(config, kept)!r}, and a run takes {choice}, not both")
+
+
 def _check_train(t: TrainConfig, c: CheckpointConfig, given: set) -> None:
     _one_of("train.device", t.device, DEVICES)
     if not 0 <= t.epochs < math.inf:
         raise ConfigError(f"train.epochs = {t.epochs}: must be a finite number >= 0 (0 = use "
                           "train.steps)")
-    # train.steps has a default, so only a value set on purpose (in the file, an override, or in
-    # code: other than the default) conflicts with train.epochs.
-    if t.epochs > 0 and ("train.steps" in given or t.steps != TrainConfig.steps):
+    # train.steps = 0 says "no step count", as train.epochs = 0 does: with train.epochs the steps
+    # are derived from the data, so `--train.steps=0` can clear a file's steps explicitly.
+    if t.steps < (1 if t.epochs == 0 else 0):
+        raise ConfigError(f"train.steps = {t.steps}: must be >= 1 (or 0 with train.epochs set: "
+                          "the steps are then derived from the passes)")
+    if t.epochs > 0 and _steps_set(t, given):
         raise ConfigError(f"train.epochs = {t.epochs} and train.steps = {t.steps} are both set; "
-                          "give one: train.epochs (passes over the data) or train.steps")
+                          f"give one: {ALTERNATIVES[('train.epochs', 'train.steps')]}")
     _at_least({"train.threads": t.threads}, 0)
-    _at_least({"train.steps": t.steps, "train.micro_batch_size": t.micro_batch_size,
+    _at_least({"train.micro_batch_size": t.micro_batch_size,
                "train.grad_accum": t.grad_accum, "train.log_every": t.log_every}, 1)
     _at_least({"train.warmup_steps": t.warmup_steps, "train.grad_clip": t.grad_clip,
                "train.weight_decay": t.weight_decay, "checkpoint.every": c.every,
@@ -546,11 +613,14 @@ def _read_toml(path: str) -> dict:
 
 def load_config(path: str | os.PathLike | None = None,
                 overrides: typing.Iterable[str] = ()) -> RunConfig:
-    """Defaults, then the TOML file, then the overrides in order."""
+    """Defaults, then the TOML file, then the overrides in order (the command line's: a key they
+    set displaces the file's alternative to it, see ALTERNATIVES)."""
     config = RunConfig()
     if path is not None:
         path = os.fspath(path)
         _apply(config, _read_toml(path), path)
     for text in overrides:
-        _apply(config, parse_override(text), f"override '{text}'")
+        config.command_line |= _apply(config, parse_override(text), f"override '{text}'")
+    if path is not None:
+        _displace_file_alternatives(config, path)
     return validate_config(config)

@@ -123,12 +123,15 @@ def test_a_key_merely_resembling_another_gets_the_section_keys_not_a_suggestion(
 
 def test_epochs_or_steps_but_not_both(tmp_path):
     assert load_config(None, ["--train.epochs=2.5"]).train.epochs == 2.5
-    with pytest.raises(ConfigError, match=r"train.epochs = 3.0 and train.steps = 5 are both set"):
+    # two alternatives on the command line: neither is the later word
+    with pytest.raises(ConfigError, match=r"train.epochs = 3.0 and train.steps = 5 are both set; "
+                                          r"give one: train.epochs \(passes over the data\) or "
+                                          r"train.steps"):
         load_config(None, ["--train.steps=5", "--train.epochs=3"])
-    # steps given at its default value still counts as given
-    path = write(tmp_path, "[train]\nsteps = 100\n")
-    with pytest.raises(ConfigError, match=r"are both set"):
-        load_config(path, ["--train.epochs=1"])
+    # two in the file alone, even at steps' default value (given on purpose all the same)
+    path = write(tmp_path, "[train]\nsteps = 100\nepochs = 1\n")
+    with pytest.raises(ConfigError, match=r"train.epochs = 1.0 and train.steps = 100 are both set"):
+        load_config(path, ["--train.lr=1e-3"])
     with pytest.raises(ConfigError, match=r"train.epochs = -1.0: must be a finite number >= 0"):
         load_config(None, ["--train.epochs=-1"])
     # a config built in code: steps other than the default is a value set on purpose
@@ -139,6 +142,66 @@ def test_epochs_or_steps_but_not_both(tmp_path):
     config.train.steps = 50
     with pytest.raises(ConfigError, match=r"are both set"):
         validate_config(config)
+
+
+def test_a_command_line_key_displaces_the_files_alternative(tmp_path, capsys):
+    # The command line is the user's latest word: --train.epochs=1 on a file with train.steps is
+    # one pass (train.steps back to its default, ignored by train), and the log says why.
+    path = write(tmp_path, "[train]\nsteps = 40\nlr = 1e-3\n")
+    config = load_config(path, ["--train.epochs=1"])
+    assert (config.train.epochs, config.train.steps, config.train.lr) == (1.0, 100, 1e-3)
+    assert (f"train.steps = 40 from {path} is ignored: the command line sets train.epochs = 1.0, "
+            "and a run takes train.epochs (passes over the data) or train.steps") \
+        in capsys.readouterr().err
+    # and the other way round
+    path = write(tmp_path, "[train]\nepochs = 2\n")
+    config = load_config(path, ["--train.steps=7"])
+    assert (config.train.epochs, config.train.steps) == (0.0, 7)
+    assert f"train.epochs = 2.0 from {path} is ignored" in capsys.readouterr().err
+    # the command line also settles a conflict within the file (its key is the later word)
+    path = write(tmp_path, "[train]\nsteps = 40\nepochs = 2\n")
+    assert load_config(path, ["--train.epochs=3"]).train.epochs == 3.0
+    assert f"train.steps = 40 from {path} is ignored" in capsys.readouterr().err
+    # and two on the command line are refused, whatever the file holds
+    with pytest.raises(ConfigError, match=r"train.epochs = 3.0 and train.steps = 5 are both set"):
+        load_config(path, ["--train.epochs=3", "--train.steps=5"])
+    # a value that is no alternative (epochs 0: "use train.steps") displaces nothing
+    path = write(tmp_path, "[train]\nsteps = 40\n")
+    assert load_config(path, ["--train.epochs=0"]).train.steps == 40
+    assert "ignored" not in capsys.readouterr().err
+
+
+def test_train_steps_zero_means_derived_from_epochs(tmp_path):
+    path = write(tmp_path, "[train]\nsteps = 40\n")
+    config = load_config(path, ["--train.epochs=1", "--train.steps=0"])
+    assert (config.train.epochs, config.train.steps) == (1.0, 0)
+    path = write(tmp_path, "[train]\nepochs = 1\n")
+    assert load_config(path, ["--train.steps=0"]).train.epochs == 1.0
+    with pytest.raises(ConfigError, match=r"train.steps = 0: must be >= 1 \(or 0 with "
+                                          r"train.epochs set"):
+        load_config(None, ["--train.steps=0"])
+    with pytest.raises(ConfigError, match=r"train.steps = -1: must be >= 1"):
+        load_config(None, ["--train.epochs=1", "--train.steps=-1"])
+
+
+def test_model_path_or_init_config_the_command_line_wins_over_the_file(tmp_path, capsys):
+    from rega_engine.train.parallel import model_source
+    path = write(tmp_path, '[model]\ninit_config = "tiny.json"\n')
+    config = load_config(path, ["--model.path=ckpt"])
+    assert (config.model.path, config.model.init_config) == ("ckpt", "")
+    assert (f"model.init_config = 'tiny.json' from {path} is ignored: the command line sets "
+            "model.path = 'ckpt'") in capsys.readouterr().err
+    path = write(tmp_path, '[model]\npath = "ckpt"\n')
+    config = load_config(path, ["--model.init_config=tiny.json"])
+    assert (config.model.path, config.model.init_config) == ("", "tiny.json")
+    # both in the file, or both on the command line: refused where the model is built (only train
+    # reads model.init_config), naming both values
+    path = write(tmp_path, '[model]\npath = "ckpt"\ninit_config = "tiny.json"\n')
+    for config in (load_config(path),
+                   load_config(None, ["--model.path=ckpt", "--model.init_config=tiny.json"])):
+        with pytest.raises(ConfigError, match=r"model.path = 'ckpt' and model.init_config = "
+                                              r"'tiny.json' are both set; give one"):
+            model_source(config.model)
 
 
 def test_path_lists_take_one_path_or_a_list():

@@ -342,7 +342,8 @@ def _set_up(config: RunConfig, runtime: Runtime,
                               grad_accum=t.grad_accum, world_size=runtime.world_size)
     if t.epochs > 0:
         steps = steps_for_epochs(t.epochs, per_pass, t.grad_accum)
-        pass_line += f"; train.epochs = {t.epochs:g}: {steps} steps"
+        pass_line += (f"; train.epochs = {t.epochs:g}: {steps} steps (train.steps derived from "
+                      "train.epochs)")
         config = dataclasses.replace(config, train=dataclasses.replace(t, steps=steps))
         t = config.train
     model, compute_dtype = build_model(config.model, runtime, seed=t.seed, precision=t.precision,

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rega_engine.config import ConfigError, ModelConfig
+from rega_engine.config import ALTERNATIVES, ConfigError, ModelConfig
 from rega_engine.distributed import launched_by_torchrun
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -163,8 +163,11 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype) -> None:
 def model_source(config: ModelConfig) -> tuple[str, Path]:
     """("path", dir) or ("init_config", file); a clear error naming what is missing."""
     if config.path and config.init_config:
-        raise ConfigError("set either model.path (a checkpoint to fine-tune) or model.init_config "
-                          "(a config.json for random init), not both")
+        # Both from one source (the file, or the command line): load_config only settles a
+        # command-line key against the file's (config.ALTERNATIVES).
+        raise ConfigError(f"model.path = {config.path!r} and model.init_config = "
+                          f"{config.init_config!r} are both set; give one: "
+                          f"{ALTERNATIVES[('model.path', 'model.init_config')]}")
     if config.path:
         path = Path(config.path)
         if not path.is_dir():
