@@ -1,32 +1,43 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
-# Both create (or reuse) a virtual environment in $(VENV) and build the C++ extension when needed.
+# Both create (or reuse) a virtual environment in $(VENV) with the exact versions of
+# requirements.lock (.ci/make_venv.sh says how torch is chosen) and build the C++ extension.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.rega-installed
-# Rebuild when the build description or the C++ sources change.
-SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+# Reinstall when the lock, the build description or the C++ sources change.
+SOURCES := requirements.lock pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint test-gpu gpu-check bench-quick clean
+.PHONY: install demo test lint test-latest test-oldest lock wheel-check test-gpu gpu-check \
+	bench-quick clean
 
 install: $(STAMP)
 
-# torch first and on purpose: a machine that already has torch keeps it (the venv sees the system
-# site-packages); one without an NVIDIA GPU gets the CPU build and never downloads a CUDA build.
 $(STAMP): $(SOURCES)
-	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
-	@if $(PY) -c "import torch" 2>/dev/null; then \
-	  echo "keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
-	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	  $(PIP) install "torch>=2.4"; \
-	else \
-	  $(PIP) install --timeout 10 --retries 1 --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
-	  || $(PIP) install --timeout 10 --retries 1 --index-url https://download.pytorch.org/whl/cpu "torch>=2.4,<2.15"; \
-	fi
-	$(PIP) install "setuptools>=64" wheel "pybind11>=2.12"
-	$(PIP) install --no-build-isolation -e ".[test]"
+	.ci/make_venv.sh $(VENV) locked
 	touch $(STAMP)
+
+# The same suite on the newest releases the ranges in pyproject.toml allow (in .venv-latest):
+# run it on purpose, e.g. before `make lock`, to learn what upstream changed before CI does.
+test-latest:
+	.ci/make_venv.sh .venv-latest latest
+	.venv-latest/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The same suite on exactly the declared lower bounds (in .venv-oldest): the floor of each range
+# is a claim that this passes.
+test-oldest:
+	.ci/make_venv.sh .venv-oldest oldest
+	.venv-oldest/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Refresh requirements.lock from the newest releases (in a clean .venv-lock); commit it once
+# `make test` passes with it.
+lock:
+	rm -rf .venv-lock
+	.ci/make_venv.sh .venv-lock lock
+
+# Build the wheel, install it in a fresh environment and use it from outside the checkout.
+wheel-check:
+	.ci/wheel_check.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/rega-engine demo
@@ -41,18 +52,20 @@ lint: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
-# The first thing to run on a CUDA machine, and all a short GPU slot needs: builds the extension in
-# place from what is installed (never the network), runs the GPU tests, the kernel and end-to-end
-# benchmarks, and writes benchmarks/results/gpu_check_<device>.{json,md}. `make gpu-check
-# ONLY=kernels` reruns one part (tests, kernels, e2e). It uses the venv where one exists, else the
+# The first thing to run on a CUDA machine, and all a short GPU slot needs: makes rega_engine
+# importable from what is installed (never the network), runs the GPU tests, the kernel, end-to-end
+# and FP8 benchmarks in that order, ends by a deadline (DEADLINE seconds, 480 by default) and
+# writes benchmarks/results/gpu_check_<device>.{json,md} as it goes. `make gpu-check ONLY=kernels`
+# runs some parts (tests, kernels, e2e, fp8). It uses the venv where one exists, else the
 # machine's python3, and deliberately does not depend on $(STAMP), which would install packages.
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 ONLY ?=
+DEADLINE ?=
 gpu-check:
-	$(GPU_PYTHON) benchmarks/gpu_check.py $(if $(ONLY),--only $(ONLY))
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(if $(ONLY),--only $(ONLY)) $(if $(DEADLINE),--deadline $(DEADLINE))
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/rega-engine bench --quick
 
 clean:
-	rm -rf build *.egg-info rega_engine/_C*.so
+	rm -rf build *.egg-info rega_engine/_C*.so .venv-latest .venv-oldest .venv-lock
