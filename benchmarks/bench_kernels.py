@@ -33,6 +33,7 @@ benchmarks/results/kernels_<device>.md (plus the JSON next to it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -108,7 +109,7 @@ def _attention_impls(device: torch.device):
     if device.type == "cuda":
         try:
             from flash_attn import flash_attn_varlen_func
-        except ImportError:
+        except Exception:  # missing, or built for another torch: a comparison fewer, no failure
             pass
         else:
             impls["flash-attn"] = lambda q, k, v, cu, max_len, offsets: flash_attn_varlen_func(
@@ -127,10 +128,12 @@ def _add_speedups(per_mode: dict) -> None:
 
 def bench_attention(tokens=(8192, 16384, 32768, 65536), head_dims=(64, 128), num_heads=32,
                     num_kv_heads=8, dtype=torch.bfloat16, warmup=3, reps=10, doc_lens=None,
-                    device=None) -> list[dict]:
+                    device=None, on_row=None) -> list[dict]:
     """One dict per (implementation, head dim, row, mode) with ms, TFLOP/s and the ratio of
     rega's speed to each other implementation's (>1: rega is faster). Rows hold log-uniform
-    documents, or documents of exactly each length in `doc_lens` (one row per length)."""
+    documents, or documents of exactly each length in `doc_lens` (one row per length).
+    `on_row(row)` is called with each row as soon as it is measured (gpu_check saves it then),
+    and again with rega's rows once their ratios are known."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     impls = _attention_impls(device)
     layouts = ([(total, equal_documents(total, n)) for total in tokens for n in doc_lens]
@@ -139,12 +142,13 @@ def bench_attention(tokens=(8192, 16384, 32768, 65536), head_dims=(64, 128), num
     for head_dim in head_dims:
         for _, lens in layouts:
             rows += _bench_attention_row(impls, lens, head_dim, num_heads, num_kv_heads, dtype,
-                                         warmup, reps, device, equal=bool(doc_lens))
+                                         warmup, reps, device, equal=bool(doc_lens),
+                                         on_row=on_row or (lambda row: None))
     return rows
 
 
 def _bench_attention_row(impls, lens, head_dim, num_heads, num_kv_heads, dtype, warmup, reps,
-                         device, equal) -> list[dict]:
+                         device, equal, on_row) -> list[dict]:
     total = sum(lens)
     offsets = [0, *torch.tensor(lens).cumsum(0).tolist()]
     cu = torch.tensor(offsets, dtype=torch.int32, device=device)
@@ -170,17 +174,23 @@ def _bench_attention_row(impls, lens, head_dim, num_heads, num_kv_heads, dtype, 
             row = {**shape, "impl": name, "mode": mode}
             try:
                 ms = time_ms(step, device, warmup, reps)
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            except Exception as e:  # Triton's compile and out-of-resources errors included
                 row["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
                 rows.append(row)
+                on_row(row)
+                if device.type == "cuda":
+                    with contextlib.suppress(Exception):  # fails too after a device fault
+                        torch.cuda.empty_cache()
                 continue
             tflops = attention_flops(lens, num_heads, head_dim, mode) / ms / 1e9
             row.update(status="ok", ms=round(ms, 3), tflops=round(tflops, 3))
             per_mode.setdefault(mode, {})[name] = row
             rows.append(row)
+            on_row(row)
     _add_speedups(per_mode)
+    for row in rows:
+        if row["impl"] == "rega" and row["status"] == "ok":
+            on_row(row)   # now with its speed-ups
     return rows
 
 
@@ -356,7 +366,7 @@ def _bench_small_row(op, case, impls, dtype, warmup, reps, device, peak) -> list
                    "mode": mode}
             try:
                 ms = time_ms(step, device, warmup, reps)
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            except Exception as e:  # Triton's compile and out-of-resources errors included
                 row["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
                 rows.append(row)
                 continue

@@ -51,9 +51,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
+
+# The helpers beside this file, also when run with PYTHONSAFEPATH=1 (gpu_check's in-place mode).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MEDIAN_LENGTH = 350
@@ -294,8 +298,6 @@ def _count_graphs(info: dict) -> None:
 
 
 def _setup_hf(spec: dict, system: str):
-    from importlib.util import find_spec
-
     import torch
     from transformers import DataCollatorWithFlattening, LlamaForCausalLM
 
@@ -313,7 +315,7 @@ def _setup_hf(spec: dict, system: str):
                            f"unexpected {unexpected}")
     attention = "sdpa"
     if system in ("hf-flatten",
-                  "hf-flatten-liger") and device.type == "cuda" and find_spec("flash_attn"):
+                  "hf-flatten-liger") and device.type == "cuda" and importable("flash_attn"):
         # what padding-free training with transformers is meant for
         attention = "flash_attention_2"
     model.set_attn_implementation(attention)
@@ -501,13 +503,23 @@ def _device_description(device: str) -> tuple[str, str]:
     return name, "-".join(part for part in slug.split("-") if part)
 
 
+def importable(module: str) -> bool:
+    """Whether an optional package imports: one that is present but broken (built for another
+    torch, say) counts as missing, so that its system is skipped rather than failed."""
+    import importlib
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True
+
+
 def _skip_reason(system: str, device: str) -> str | None:
-    from importlib.util import find_spec
     if system == "hf-flatten-liger":
         if device != "cuda":
             return "Liger kernels need CUDA"
-        if find_spec("liger_kernel") is None:
-            return "liger-kernel is not installed"
+        if not importable("liger_kernel.transformers"):
+            return "liger-kernel is not installed (or does not import)"
     if system in FP8_BASELINE:
         from rega_engine.errors import ConfigError
         from rega_engine.train.fp8 import check_fp8_supported
@@ -535,20 +547,19 @@ def _failure(system: str, status: str, text: str, wall: float) -> dict:
 
 
 def _run_sequential(system: str, spec_path: Path, work_dir: Path, timeout: float) -> dict:
+    from _procs import run_bounded
+
     result_path = work_dir / f"result-{system}.json"
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run(_worker_command(system, spec_path, result_path, False),
-                              capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    # Its own process group, ended whole at the timeout: torch.compile's worker processes with it.
+    done = run_bounded(_worker_command(system, spec_path, result_path, False), timeout,
+                       work_dir / f"log-{system}.txt")
+    if done.timed_out:
         return {"system": system, "status": "timeout",
-                "reason": f"no result within {timeout:.0f} s"}
-    wall = time.perf_counter() - started
-    if proc.returncode == 0 and result_path.exists():
-        return {**json.loads(result_path.read_text()), "wall_s": wall}
-    return _failure(system, "error", proc.stderr or proc.stdout or f"exit code {proc.returncode}",
-                    wall)
+                "reason": f"no result within {timeout:.0f} s", "stderr_tail": done.tail(1500),
+                "wall_s": done.seconds}
+    if done.returncode == 0 and result_path.exists():
+        return {**json.loads(result_path.read_text()), "wall_s": done.seconds}
+    return _failure(system, "error", done.tail() or f"exit code {done.returncode}", done.seconds)
 
 
 class _Turns:
@@ -637,7 +648,9 @@ def _run_interleaved(systems: list[str], spec_path: Path, work_dir: Path, timeou
     return {worker.system: worker.row for worker in workers}
 
 
-def _ratios(rows: list[dict]) -> None:
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's ratios to the baselines, rega's speed-up and the FP8 systems' gain over their
+    bf16 pair, from the rows of one shape (gpu_check calls it on rows of several runs)."""
     by_system = {r["system"]: r for r in rows if r["status"] == "ok"}
     ours = by_system.get(OURS)
     for row in rows:
@@ -714,6 +727,29 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _record(path: Path | None, record: dict) -> None:
+    """One line of --rows-file, flushed to disk at once: a caller that ends this run at its
+    deadline (gpu_check) keeps every system measured before."""
+    if path is None:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_chart(report: dict, path: Path) -> str | None:
+    """The chart, or why there is none: matplotlib is optional (a GPU image may lack it), and a
+    chart is never worth failing a run that measured everything."""
+    try:
+        chart(report, path)
+    except ImportError as error:
+        return f"no chart: matplotlib is not installed ({error})"
+    except Exception as error:
+        return f"no chart: {type(error).__name__}: {error}"
+    return None
+
+
 def chart(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg", force=True)
@@ -786,20 +822,36 @@ def run_shape(shape_name: str, args, device: str, work_root: Path) -> dict:
     skipped = {system: _skip_reason(system, device) for system in args.systems}
     runnable = [system for system in args.systems if not skipped[system]]
     interleaved = device == "cpu" and not args.sequential and os.name == "posix"
+    _record(args.rows_file, {"shape": shape_name, "settings": settings, "systems": args.systems})
     if interleaved:
         print(f"  {shape_name:>5} {len(runnable)} systems taking turns step by step ...",
               file=sys.stderr, flush=True)
         measured = _run_interleaved(runnable, spec_path, work_dir, args.timeout, num_steps)
     rows = []
     for system in args.systems:
+        left = None if args.deadline_at is None else args.deadline_at - time.time()
+        if not skipped[system] and not interleaved and left is not None and (
+                left < args.min_system_seconds):
+            skipped[system] = (f"deadline: {max(left, 0):.0f} s left, a system needs at least "
+                               f"{args.min_system_seconds:.0f} s")
         if skipped[system]:
-            rows.append({"system": system, "status": "skipped", "reason": skipped[system]})
+            row = {"system": system, "status": "skipped", "reason": skipped[system]}
+            rows.append(row)
+            _record(args.rows_file, {"shape": shape_name, "row": row})
             print(f"  {shape_name:>5} {system:<17} skipped: {skipped[system]}", file=sys.stderr,
                   flush=True)
             continue
-        row = measured[system] if interleaved else _run_sequential(system, spec_path, work_dir,
-                                                                   args.timeout)
+        timeout = args.timeout if left is None else min(args.timeout, left)
+        try:
+            row = measured[system] if interleaved else _run_sequential(system, spec_path, work_dir,
+                                                                       timeout)
+        except Exception as error:  # this driver's own failure for one system: the others go on
+            row = {"system": system, "status": "error", "reason": f"{type(error).__name__}: "
+                   f"{error}", "stderr_tail": traceback.format_exc()[-2000:]}
+        if row["status"] == "timeout" and timeout < args.timeout:
+            row["deadline"] = True   # ended by --deadline-at, not found too slow
         rows.append(row)
+        _record(args.rows_file, {"shape": shape_name, "row": row})
         if row["status"] == "ok":
             print(f"  {shape_name:>5} {system:<17} {row['tokens_per_s']:>12,.0f} real tokens/s  "
                   f"step {row['step_time_s']:.3f} s  loss@1 {row['loss_first_step']:.4f}  "
@@ -808,7 +860,7 @@ def run_shape(shape_name: str, args, device: str, work_root: Path) -> dict:
         else:
             print(f"  {shape_name:>5} {system:<17} {row['status']}: {row.get('reason')}",
                   file=sys.stderr, flush=True)
-    _ratios(rows)
+    add_ratios(rows)
     params = from_config({**shape, "model_type": "llama"},
                          device="meta").num_parameters(exclude_embeddings=False)
     return {"settings": settings, "parameters": params, "num_samples": num_samples,
@@ -841,6 +893,14 @@ def parse_args(argv=None):
                         "when interleaved for its set-up and for each step (default 300 with "
                         "--quick, else 1800)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--rows-file", type=Path,
+                        help="also append each system's row to this JSON-lines file as soon as "
+                             "it is measured (gpu_check reads it, also after ending this run)")
+    parser.add_argument("--deadline-at", type=float,
+                        help="a time.time() by which the run must end: a system is given at most "
+                             "the time left, and not started with less than --min-system-seconds")
+    parser.add_argument("--min-system-seconds", type=float, default=30.0,
+                        help="with --deadline-at: the least time worth starting a system with")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -921,11 +981,14 @@ def main(argv=None) -> int:
     table = markdown(report)
     Path(f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     Path(f"{stem}.md").write_text(table)
-    chart(report, Path(f"{stem}.png"))
+    no_chart = write_chart(report, Path(f"{stem}.png"))
     print(table)
-    print(f"wrote {stem}.json, .md and .png ({report['wall_s']:.0f} s)", file=sys.stderr)
-    failed = [r["system"] for s in shapes.values() for r in s["rows"] if r["status"] in ("error",
-                                                                                         "timeout")]
+    if no_chart:
+        print(f"bench_train: {no_chart}", file=sys.stderr)
+    print(f"wrote {stem}.json, .md{'' if no_chart else ' and .png'} "
+          f"({report['wall_s']:.0f} s)", file=sys.stderr)
+    failed = [r["system"] for s in shapes.values() for r in s["rows"]
+              if r["status"] in ("error", "timeout") and not r.get("deadline")]
     return 1 if failed else 0
 
 

@@ -127,4 +127,9 @@ def test_fused_peak_memory_is_a_fraction_of_eager():
     eager = run(lambda: F.cross_entropy(F.linear(hidden, weight).float(), labels,
                                         ignore_index=IGNORE))
     fused = run(lambda: ce.fused_linear_cross_entropy(hidden, weight, labels, backend="triton"))
-    assert fused <= 0.25 * eager, f"fused peak {fused / 2**30:.2f} GiB vs eager {eager / 2**30:.2f}"
+    # The target holds on the path that accumulates the weight gradient in place; the fallback
+    # (a torch without addmm(out_dtype=float32)) adds a (V, H) temporary per chunk: say which ran.
+    path = ("addmm(out_dtype=float32) in place" if ce._FP32_OUT_ADDMM.get("cuda")
+            else "the fallback with a (V, H) temporary per chunk")
+    assert fused <= 0.25 * eager, (f"fused peak {fused / 2**30:.2f} GiB vs eager "
+                                   f"{eager / 2**30:.2f} GiB; weight gradient through {path}")

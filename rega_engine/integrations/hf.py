@@ -88,6 +88,26 @@ class _SegmentsMemo:
 _SEGMENTS = _SegmentsMemo()
 
 
+def _checked_cu_seqlens(cu_seq_lens_q: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor,
+                                                                              int]:
+    """A padding-free collator's cu_seq_lens_q as int32, and its longest segment, after checking
+    that it covers all `num_tokens` of the flattened batch: one host sync for both figures."""
+    cu_seqlens = cu_seq_lens_q.to(torch.int32)
+    if cu_seqlens.numel() < 2:
+        end = int(cu_seqlens[-1]) if cu_seqlens.numel() else "nothing"
+    else:
+        end, longest = torch.stack([cu_seqlens[-1], (cu_seqlens[1:] - cu_seqlens[:-1]).max()]
+                                   ).tolist()
+    if cu_seqlens.numel() < 2 or end != num_tokens:
+        raise ValueError(
+            f"cu_seq_lens_q ends at {end} but the batch holds {num_tokens} tokens; "
+            "cu_seq_lens_q must cover every token of the flattened batch (PaddingFreeCollator "
+            "and PackedBatch.as_hf_kwargs do). With the HF Trainer on an iterable dataset, pass "
+            "accelerator_config={'dispatch_batches': False}: dispatching slices every tensor, "
+            "cu_seq_lens_q included, to the batch size")
+    return cu_seqlens, longest
+
+
 def _segments_from_padding_mask(attention_mask: torch.Tensor, batch_size: int):
     # Each row's real tokens are one document: (indices of real tokens, cu_seqlens, longest).
     real = attention_mask.to(torch.bool)
@@ -179,19 +199,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                                                      _segments_from_padding_mask)
         q, k, v = q.index_select(0, keep), k.index_select(0, keep), v.index_select(0, keep)
     elif kwargs.get("cu_seq_lens_q") is not None:
-        cu_seqlens = kwargs["cu_seq_lens_q"].to(device=q.device, dtype=torch.int32)
+        # Checked once per batch, not per layer: every layer gets the same tensor, and reading
+        # its end (and longest segment) from the GPU is a device-to-host sync each time.
+        cu_seqlens, longest = _SEGMENTS.get(kwargs["cu_seq_lens_q"], batch * length,
+                                            _checked_cu_seqlens)
+        cu_seqlens = cu_seqlens.to(q.device)
         max_seqlen = kwargs.get("max_length_q")
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        max_seqlen = int(max_seqlen)
-        if cu_seqlens.numel() < 2 or int(cu_seqlens[-1]) != batch * length:
-            raise ValueError(
-                f"cu_seq_lens_q ends at {int(cu_seqlens[-1]) if cu_seqlens.numel() else 'nothing'} "
-                f"but the batch holds {batch}x{length}={batch * length} tokens; cu_seq_lens_q must "
-                "cover every token of the flattened batch (PaddingFreeCollator and "
-                "PackedBatch.as_hf_kwargs do). With the HF Trainer on an iterable dataset, pass "
-                "accelerator_config={'dispatch_batches': False}: dispatching slices every "
-                "tensor, cu_seq_lens_q included, to the batch size")
+        max_seqlen = longest if max_seqlen is None else int(max_seqlen)
     elif kwargs.get("position_ids") is not None:
         cu_seqlens, max_seqlen = _SEGMENTS.get(kwargs["position_ids"], batch,
                                                segments_from_position_ids)

@@ -28,8 +28,10 @@ from torch import nn
 
 from rega_engine.config import ALTERNATIVES, ConfigError, ModelConfig
 from rega_engine.distributed import launched_by_torchrun
+from rega_engine.log import get_logger
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+log = get_logger(__name__)
 
 
 @dataclass
@@ -55,8 +57,9 @@ class Runtime:
 
 def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     """Picks the device and compute dtype, and initialises the process group when launched by
-    torchrun (NCCL on GPUs, gloo on CPU) or for mixed precision (a group of one, for FSDP2).
-    The values are train.device and model.dtype as validate_config checked them."""
+    torchrun (NCCL on GPUs, gloo on CPU) or for mixed precision (a group of one, for FSDP2; where
+    that cannot start, one warning and no group: _start_group_of_one). The values are
+    train.device and model.dtype as validate_config checked them."""
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device = 'cuda' but torch sees no CUDA device "
                            f"(torch {torch.__version__}); use --train.device=cpu")
@@ -77,22 +80,50 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     use_fsdp = torchrun or compute_dtype != torch.float32
     owns = False
     mesh = None
-    if use_fsdp:
+    if use_fsdp and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        if not dist.is_initialized():
-            kwargs = {"device_id": dev} if use_cuda else {}
-            if torchrun:
-                dist.init_process_group(backend, **kwargs)
-            else:
-                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                        **kwargs)
+        kwargs = {"device_id": dev} if use_cuda else {}
+        if torchrun:
+            dist.init_process_group(backend, **kwargs)
             owns = True
+        else:
+            owns = use_fsdp = _start_group_of_one(backend, dev, compute_dtype, kwargs)
+    if use_fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
         rank, world = dist.get_rank(), dist.get_world_size()
     return Runtime(device=dev, dtype=compute_dtype, rank=rank, world_size=world,
                    local_rank=local_rank,
                    use_fsdp=use_fsdp, mesh=mesh, owns_process_group=owns)
+
+
+def _start_group_of_one(backend: str, device: torch.device, compute_dtype: torch.dtype,
+                        kwargs: dict) -> bool:
+    """The process group of one that FSDP2's mixed precision needs in a single process. Where the
+    backend cannot start (NCCL in a container without the shared memory or the devices it
+    wants), says so in one line and returns False: the run goes on without the group and without
+    FSDP2, its weights and optimizer state in the compute dtype."""
+    try:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+        # NCCL may set up its communicator lazily: one collective now, so that a failure shows
+        # here and not in the middle of the first step.
+        probe = torch.zeros(1, device=device)
+        dist.all_reduce(probe)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as error:  # DistBackendError and plain RuntimeErrors alike
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # the half-made group is dropped either way
+                pass
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        dtype_name = str(compute_dtype).removeprefix("torch.")
+        log.warning(f"{backend.upper()} could not start a process group of one ({reason}); "
+                    f"training on {device} without it: no FSDP2, so the weights and the optimizer "
+                    f"state are {dtype_name} instead of fp32 master weights")
+        return False
+    return True
 
 
 def teardown_runtime(runtime: Runtime) -> None:
