@@ -39,3 +39,6 @@ else:
 
     _yield_name_to_installed_package()
     del _yield_name_to_installed_package
+    # Still this shell: no submodule either, or `import kernels.attention` would register the
+    # ops a second time.
+    __path__ = []

@@ -31,6 +31,10 @@ from transformers import LlamaForCausalLM
 import rega_engine.kernels
 import torch
 import kernels
+try:
+    import kernels.attention
+except ImportError:
+    pass
 ours = sorted(name for name, module in sys.modules.items()
               if name.split(".")[0] == "kernels" and name != "kernels"
               and getattr(module, "__file__", "").startswith(sys.argv[1]))
