@@ -8,14 +8,22 @@ each stage's module is imported only when its subcommand runs, so `prepare` on a
 pays for importing the model code. `tokenizer` and `model-config` are tools with their own options.
 
 A user's mistake ends in one line on stderr and a non-zero exit, never a traceback: every
-deliberate error is a RegaError (exit 2 for bad configuration or input, 1 for a run that cannot go
-on), and a file the operating system cannot open is named with its reason. Anything else is a bug
-and keeps its traceback.
+deliberate error is a RegaError, and a file the operating system cannot open is named (absolute
+path) with its reason. Anything else is a bug and keeps its traceback. The exit status follows one
+rule (README "Exit status"; tests/test_cli_rules.py holds it):
+  0    done;
+  1    the run started and could not go on: a runtime failure (a non-finite loss, a full disk, a
+       crashed rank, an unreadable device) or a bug;
+  2    the command as given cannot run: usage, the configuration, or an input it names (missing,
+       malformed, no usable row): fix it and run the same command again;
+  130  interrupted (Ctrl-C);
+  143  train stopped by SIGTERM after saving a checkpoint: run it again with --resume.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import runpy
 import sys
 import textwrap
@@ -27,6 +35,15 @@ from .errors import RegaError
 # The operating system's refusals that come from a path the user gave: bad input, exit 2.
 _PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
                 FileExistsError)
+EXIT_INTERRUPTED = 130    # 128 + SIGINT, what a shell reports for a Ctrl-C'd program
+# What a job does when it is simply run again, for the --resume flag it does not take.
+_RERUN = {
+    "prepare": "prepare picks up an interrupted run by itself (complete shards are kept): run the "
+               "same command again",
+    "distill": "distill answers only the instructions that have no answer yet: run the same "
+               "command again",
+    "eval": "eval has nothing to resume: run the same command again",
+}
 
 JOBS = {
     "prepare": ("rega_engine.data.prepare", "prepare",
@@ -44,13 +61,14 @@ READS = {
     "prepare": ("data", "roles", "model.path", "train.micro_batch_size", "train.grad_accum",
                 "train.seed"),
     "train": ("model", "data.prepared", "data.seq_len", "data.kind_weights", "data.tokenizer",
-              "train",
+              "data.verify", "train",
               "checkpoint", "lora"),
     "distill": ("distill", "roles", "model.path", "model.dtype", "data.tokenizer", "data.general",
-                "data.chat_template", "data.bad_rows", "train.threads"),
+                "data.chat_template", "data.bad_rows", "train.threads", "train.progress",
+                "train.progress_every_s"),
     "eval": ("eval", "roles", "model.dtype", "data.tokenizer", "data.chat_template",
              "data.bad_rows",
-             "train.out_dir", "train.threads"),
+             "train.out_dir", "train.threads", "train.progress", "train.progress_every_s"),
 }
 TOOLS = {
     "tokenizer": "train a tokenizer on your text files (prints its vocabulary size and special "
@@ -109,20 +127,26 @@ def _run_job(name: str, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"rega-engine {name}", description=help_text,
                                      allow_abbrev=False, epilog=_keys_help(name),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="run configuration (TOML)")
-    parser.add_argument("--resume", action="store_true",
-                        help="train: resume from the newest checkpoint")
+    parser.add_argument("--config", help="run configuration (TOML); its relative paths are "
+                        "relative to its folder, those of --section.key=value overrides to the "
+                        "working directory")
+    if name == "train":   # only train resumes on request; the others resume by themselves
+        parser.add_argument("--resume", action="store_true",
+                            help="resume from the newest complete checkpoint in train.out_dir")
     if name == "prepare":
         parser.add_argument("--shard", metavar="I/N",
                             help="this process is I of N sharing the prepare (a job "
                             "array); under torchrun RANK/WORLD_SIZE say so instead")
     args, rest = parser.parse_known_args(argv)
-    overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
+    # --section.key=value, or a bare --section.key for a boolean switch (--train.overwrite)
+    overrides = [a for a in rest if a.startswith("--") and "." in a.split("=", 1)[0]]
     unknown = [a for a in rest if a not in overrides]
+    if "--resume" in unknown and name in _RERUN:
+        parser.error(f"--resume is train's; {_RERUN[name]}")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like "
                      "--train.lr=1e-4)")
-    if args.resume:
+    if getattr(args, "resume", False):
         overrides.append("--checkpoint.resume=true")
     config = load_config(args.config, overrides)
     if config.train.threads:   # train, distill and eval: torch's CPU threads, before any work
@@ -189,12 +213,19 @@ def main(argv: list[str] | None = None) -> int:
         if e.filename is None:   # not about a file we were given: a bug, keep the traceback
             raise
         return _fail(command, _os_error_text(e), 1)
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's own doing: no traceback, and the status a shell expects of it.
+        return _fail(command, "interrupted", EXIT_INTERRUPTED)
 
 
 def _os_error_text(e: OSError) -> str:
-    """"path: reason" for the operating system's own errors; our own messages as they are."""
+    """"absolute path: reason" for the operating system's own errors; our own messages as they
+    are."""
     if e.filename is not None and e.strerror:
-        return f"{e.filename}: {e.strerror}"
+        name = e.filename
+        if isinstance(name, (str, bytes, os.PathLike)):
+            name = os.path.abspath(os.fsdecode(name))
+        return f"{name}: {e.strerror}"
     return str(e)
 
 

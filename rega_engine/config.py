@@ -109,6 +109,11 @@ class DataConfig:
     # mapped files in data.prepared. Does not change the dataset.
     memory_gb: float = 4.0
     prepared: str = "runs/prepared"     # directory written by prepare, read by train
+    # prepare: replace a finished prepared dataset of another config in data.prepared
+    overwrite: bool = False
+    # train: hash every shard against meta.json also when resuming (a fresh run always does; the
+    # sizes are checked at every open)
+    verify: bool = False
     seed: int = 0                       # seed of the mixture: sampling data.sizes and the order
 
 
@@ -134,7 +139,16 @@ class TrainConfig:
     # torch CPU threads of train, distill and eval; 0 = torch's default
     threads: int = 0
     log_every: int = 1                  # steps between log records
-    progress: bool = True               # a progress bar on a terminal
+    # progress of train, distill and eval: a bar on a terminal, else a plain line every
+    # train.progress_every_s; false: none (train still prints its final summary)
+    progress: bool = True
+    progress_every_s: float = 30.0      # seconds between plain progress lines (not a terminal)
+    # start afresh in a train.out_dir that holds a finished run (hf/, eval.json, a completed log),
+    # removing its outputs and checkpoints
+    overwrite: bool = False
+    # seconds a collective may wait for the other ranks before the run stops (a frozen or lost
+    # rank); a stalled step names the ranks it waits for after a third of it
+    collective_timeout_s: float = 600.0
     tensorboard: bool = False           # also write TensorBoard events to out_dir
     plot: bool = True                   # PNG of loss curves per kind at the end
     # bf16 (every matmul in model.dtype) | fp8 (the decoder blocks' linear layers in FP8, torchao;
@@ -183,7 +197,10 @@ class DistillConfig:
     seed: int = 0                       # seed of the sampling
     max_repeat_fraction: float = 0.5    # drop answers whose repeated n-grams exceed this share
     repeat_ngram: int = 4               # n of the token n-grams max_repeat_fraction counts
-    restart: bool = False               # move an earlier run's files aside, answer all again
+    # replace an earlier run's answers: move its files into <output>.stale-<time>/ and answer
+    # every instruction again (without it a rerun only answers what has no answer yet)
+    overwrite: bool = False
+    restart: bool = False               # the former name of distill.overwrite; the same
 
 
 @dataclass
@@ -257,8 +274,9 @@ def _coerce(value, annotation, where: str):
     return value
 
 
-def _apply(config: RunConfig, values: dict, source: str) -> set[str]:
-    """Sets `values` ({section: {key: value}}) on config; returns the dotted keys set."""
+def _apply(config: RunConfig, values: dict, source: str, base: str | None = None) -> set[str]:
+    """Sets `values` ({section: {key: value}}) on config; returns the dotted keys set. The
+    relative paths among them (PATH_KEYS) are made absolute against the folder `base`."""
     applied = set()
     sections = {f.name: f for f in dataclasses.fields(config)}
     for section, entries in values.items():
@@ -274,7 +292,11 @@ def _apply(config: RunConfig, values: dict, source: str) -> set[str]:
                 raise ConfigError(f"{source}: unknown key '{section}.{key}'"
                                   f"{_closest(key, keys, section + '.')}")
             annotation = getattr(hints[key], "__name__", str(hints[key]))
-            setattr(target, key, _coerce(value, annotation, f"{source}: '{section}.{key}'"))
+            value = _coerce(value, annotation, f"{source}: '{section}.{key}'")
+            if base is not None and f"{section}.{key}" in PATH_KEYS:
+                _warn_if_moved(f"{section}.{key}", value, base, source)
+                value = absolute_paths(value, base)
+            setattr(target, key, value)
             applied.add(f"{section}.{key}")
     config.given |= applied
     return applied
@@ -282,10 +304,13 @@ def _apply(config: RunConfig, values: dict, source: str) -> set[str]:
 
 def parse_override(text: str) -> dict:
     """`--train.lr=1e-4` or `train.lr=1e-4` -> {"train": {"lr": 1e-4}}; the value is read as a
-    TOML value (numbers, booleans, quoted strings, inline tables) and as a bare string otherwise."""
+    TOML value (numbers, booleans, quoted strings, inline tables) and as a bare string otherwise.
+    A bare `--train.overwrite` is `--train.overwrite=true` (a boolean key's switch)."""
     body = text[2:] if text.startswith("--") else text
-    if "=" not in body or "." not in body.split("=", 1)[0]:
+    if "." not in body.split("=", 1)[0]:
         raise ConfigError(f"override '{text}': expected --section.key=value")
+    if "=" not in body:
+        body += "=true"
     dotted, raw = body.split("=", 1)
     section, key = dotted.split(".", 1)
     try:
@@ -393,7 +418,12 @@ def _check_data(d: DataConfig, roles: RolesConfig) -> None:
     _paths_list("data.pretrain", d.pretrain)
     # Rows of data.files may belong to any domain of the role table.
     file_domains = list(roles.prompts) if d.files and isinstance(roles.prompts, dict) else []
-    _check_sizes(d.sizes, [*d.domains, *file_domains])
+    # Any domain of the role table may be kept empty on purpose (a role prompt without rows is
+    # refused otherwise, as the misspelling it usually is: data/mixture.py).
+    sizes = d.sizes if isinstance(d.sizes, dict) else {}
+    kept_empty = [domain for domain in (roles.prompts if isinstance(roles.prompts, dict) else {})
+                  if sizes.get(domain) == 0 or size_share(sizes.get(domain)) == 0]
+    _check_sizes(d.sizes, [*d.domains, *file_domains, *kept_empty])
     if not d.prepared:
         raise ConfigError("data.prepared is empty; set the directory of the prepared dataset")
 
@@ -472,6 +502,10 @@ def _check_train(t: TrainConfig, c: CheckpointConfig, given: set) -> None:
                "checkpoint.keep": c.keep, "train.seed": t.seed}, 0)
     if not 0 < t.lr < math.inf:
         raise ConfigError(f"train.lr = {t.lr}: must be a finite number > 0")
+    for key, seconds in (("train.progress_every_s", t.progress_every_s),
+                         ("train.collective_timeout_s", t.collective_timeout_s)):
+        if not 0 < seconds < math.inf:
+            raise ConfigError(f"{key} = {seconds}: must be a finite number of seconds > 0")
     if not t.eps > 0:
         raise ConfigError(f"train.eps = {t.eps}: must be > 0")
     _within("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0)
@@ -598,9 +632,10 @@ def config_keys() -> dict[str, list[tuple[str, object, str]]]:
 
 def _read_toml(path: str) -> dict:
     if os.path.isdir(path):
-        raise ConfigError(f"--config {path} is a directory; give the run's TOML file")
+        raise ConfigError(f"--config {os.path.abspath(path)} is a directory; give the run's TOML "
+                          "file")
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {os.path.abspath(path)}")
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -611,16 +646,71 @@ def _read_toml(path: str) -> dict:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
 
+# The keys whose values are paths (for a table or a list: its values). load_config makes each
+# absolute: a path the TOML file gives, or a default the file leaves (runs/prepared, runs/train),
+# is relative to the file's folder, so that one config names the same files from any working
+# directory (`rega-engine eval --config own/rega.toml` from the parent folder finds what
+# `cd own && rega-engine train --config rega.toml` wrote); a command-line override is relative to
+# the working directory, as a shell user expects. Absolute paths also make every error about a
+# file name the one that was looked at.
+PATH_KEYS = frozenset({
+    "model.path", "model.init_config", "data.tokenizer", "data.general", "data.domains",
+    "data.files", "data.pretrain", "data.corpora", "data.prepared", "train.out_dir",
+    "distill.instructions", "distill.output", "distill.model", "eval.checkpoint", "eval.general",
+    "eval.domains", "eval.files", "eval.output"})
+
+
+def absolute_paths(value, base: str):
+    """`value` (a path, or a table or list of paths) with every relative path joined to the
+    folder `base` (and `~` expanded); "" stays "" (it means "not set"), other types as they are
+    (validate_config names a wrong one)."""
+    if isinstance(value, str):
+        return os.path.normpath(os.path.join(base, os.path.expanduser(value))) if value else value
+    if isinstance(value, list):
+        return [absolute_paths(v, base) for v in value]
+    if isinstance(value, dict):
+        return {k: absolute_paths(v, base) for k, v in value.items()}
+    return value
+
+
+def _warn_if_moved(key: str, value, base: str, source: str) -> None:
+    """Relative paths in a config file were relative to the working directory before they were
+    relative to the file's folder: where only the old reading names something that exists (a
+    requeued `--resume` would otherwise start over in an empty folder), say so."""
+    cwd = os.getcwd()
+    if os.path.abspath(base) == cwd:
+        return
+    texts = value.values() if isinstance(value, dict) else value if isinstance(value, list) \
+        else [value]
+    for text in texts:
+        if not isinstance(text, str) or not text or os.path.isabs(os.path.expanduser(text)):
+            continue
+        now, before = os.path.join(base, text), os.path.join(cwd, text)
+        if not os.path.exists(now) and os.path.exists(before):
+            log.warning(f"{source}: {key} = {text!r} is relative to the config file's folder, "
+                        f"so it names {os.path.normpath(now)}, which does not exist; "
+                        f"{os.path.normpath(before)} (relative to the working directory) does: "
+                        "write the path relative to the config file, or absolute")
+
+
 def load_config(path: str | os.PathLike | None = None,
                 overrides: typing.Iterable[str] = ()) -> RunConfig:
     """Defaults, then the TOML file, then the overrides in order (the command line's: a key they
-    set displaces the file's alternative to it, see ALTERNATIVES)."""
+    set displaces the file's alternative to it, see ALTERNATIVES). Paths come out absolute (see
+    PATH_KEYS)."""
     config = RunConfig()
+    cwd = os.getcwd()
+    base = cwd
     if path is not None:
         path = os.fspath(path)
-        _apply(config, _read_toml(path), path)
+        base = os.path.dirname(os.path.abspath(path))
+        _apply(config, _read_toml(path), path, base)
     for text in overrides:
-        config.command_line |= _apply(config, parse_override(text), f"override '{text}'")
+        config.command_line |= _apply(config, parse_override(text), f"override '{text}'", cwd)
+    for key in PATH_KEYS - config.given:   # the defaults, as if the file had written them
+        section, name = key.split(".")
+        values = getattr(config, section)
+        setattr(values, name, absolute_paths(getattr(values, name), base))
     if path is not None:
         _displace_file_alternatives(config, path)
     return validate_config(config)

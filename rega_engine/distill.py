@@ -23,10 +23,16 @@ Provenance: `<output>.provenance.json` records what produced the answers: a fing
 model (weights, config.json, generation_config.json), the tokenizer, the chat template setting,
 the central prompt, the sampling settings, the filters and the instruction file's sha256. A run
 that finds earlier answers made otherwise refuses to add to them, naming every setting that
-changed (old -> new); `distill.restart = true` (for one run: --distill.restart=true) moves the
-earlier files into `<output>.stale-<time>/` and answers every instruction again. A changed
-instruction file is no reason to refuse (answers are keyed by instruction); answers to
-instructions no longer in it are counted and stay.
+changed (old -> new); `distill.overwrite = true` (for one run: --distill.overwrite=true; its
+former name distill.restart means the same) moves the earlier files into `<output>.stale-<time>/`
+and answers every instruction again. A changed instruction file is no reason to refuse (answers
+are keyed by instruction); answers to instructions no longer in it are counted and stay.
+
+Nothing finished is replaced without that word: a rerun adds answers (or, with none to add, leaves
+the earlier run's report as it was); an output file holding rows distill did not write (a chats
+file given as distill.output or data.general, say) is refused rather than appended to or cut.
+A distill.instructions file without a single usable instruction (a chats file whose rows already
+end with an answer, say) is an error naming the file and what its rows are.
 
 Several processes (torchrun): the pending instructions are dealt round-robin (rank r answers
 pending[r::world_size]); each rank appends its answers to `<output>.part-<rank>` as it goes, and
@@ -42,7 +48,6 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -51,7 +56,7 @@ from . import distributed
 from .batch import GENERAL_DOMAIN
 from .config import ConfigError, RunConfig, validate_config
 from .data.records import RowStats, read_instructions
-from .errors import RegaError
+from .errors import DataError, RegaError
 from .log import get_logger
 from .tokenizer import load_tokenizer
 
@@ -320,12 +325,18 @@ def provenance_changes(old: dict, new: dict) -> list[str]:
             for key in now if before.get(key) != now[key]]
 
 
+def _overwrite(config: RunConfig) -> bool:
+    """distill.overwrite, or distill.restart, its former name."""
+    return config.distill.overwrite or config.distill.restart
+
+
 def _move_aside(paths: DistillPaths) -> None:
-    """distill.restart: the earlier run's files go into <output>.stale-<time>/, none is deleted."""
+    """distill.overwrite: the earlier run's files go into <output>.stale-<time>/, none is
+    deleted."""
     files = [p for p in (paths.output, paths.rejected, paths.report, paths.provenance,
                          *paths.parts()) if os.path.exists(p)]
     if not files:
-        log.info("distill.restart = true: no earlier output to move aside")
+        log.info("distill.overwrite = true: no earlier output to move aside")
         return
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target, n = f"{paths.output}.stale-{stamp}", 1
@@ -335,27 +346,53 @@ def _move_aside(paths: DistillPaths) -> None:
     os.makedirs(target)
     for path in files:
         os.replace(path, os.path.join(target, os.path.basename(path)))
-    log.warning(f"distill.restart = true: moved the earlier run's "
+    log.warning(f"distill.overwrite = true: moved the earlier run's "
                 f"{', '.join(os.path.basename(p) for p in files)} to {target}/; every instruction "
-                "is answered again (set distill.restart back to false, or the next run starts "
+                "is answered again (set distill.overwrite back to false, or the next run starts "
                 "over too)")
+
+
+def _foreign_row(path: str) -> str | None:
+    """"line N: why" for the first row of `path` that distill did not write (every row it writes
+    is a chat ending with the answer, marked "distilled": true); None when all are such rows."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                if not raw.endswith(b"\n"):   # an unfinished last line of an interrupted run
+                    return None
+                return f"line {number}: not JSON"
+            if not isinstance(row, dict) or row.get("distilled") is not True:
+                return f"line {number}: no \"distilled\": true"
+    return None
 
 
 def _check_provenance(config: RunConfig, paths: DistillPaths, tokenizer,
                       central_prompt: str) -> str | None:
     """On rank 0: moves earlier files aside when asked to, compares what produced any earlier
     answers with this run, and writes this run's record. Returns the refusal, or None."""
-    if config.distill.restart:
+    if _overwrite(config):
         _move_aside(paths)
     current = provenance_of(config, paths, tokenizer, central_prompt)
     earlier = paths.results()
     if earlier:
+        foreign = (_foreign_row(paths.output) if not os.path.isfile(paths.provenance)
+                   and os.path.isfile(paths.output) else None)
+        if foreign:
+            key = "distill.output" if config.distill.output else "data.general"
+            return (f"{key} = {paths.output} holds rows distill did not write ({foreign}), "
+                    "so they are not an earlier run's answers to resume; adding to them would mix "
+                    f"the two. Set {key} to a new file, or distill.overwrite = true "
+                    "(--distill.overwrite=true) to move it aside and answer every instruction")
         if not os.path.isfile(paths.provenance):
             log.warning(f"distill: {paths.output} holds earlier answers but there is no "
                         f"{paths.provenance} saying what produced them (an older rega-engine or "
                         "another tool wrote them), so they cannot be checked against this run; "
                         "resuming, and recording the current settings from now on. Set "
-                        "distill.restart = true to answer everything again")
+                        "distill.overwrite = true to answer everything again")
         else:
             from .files import read_json_object
             recorded = read_json_object(paths.provenance, error=ConfigError,
@@ -363,12 +400,13 @@ def _check_provenance(config: RunConfig, paths: DistillPaths, tokenizer,
                                             "true")
             changes = provenance_changes(recorded, current)
             if changes:
-                return (f"distill: the answers in {', '.join(earlier)} were made with other "
+                return (f"the answers in {', '.join(earlier)} were made with other "
                         f"settings than this run's (recorded in {paths.provenance}): "
                         f"{'; '.join(changes)}. "
-                        "Adding to them would mix the two. Set distill.restart = true "
-                        "(--distill.restart=true) to move them aside and answer every instruction "
-                        "again, set distill.output to a new file, or restore the earlier settings")
+                        "Adding to them would mix the two. Set distill.overwrite = true "
+                        "(--distill.overwrite=true) to move them aside and answer every "
+                        "instruction again, set distill.output to a new file, or restore the "
+                        "earlier settings")
             if recorded.get("instructions_sha256") != current["instructions_sha256"]:
                 log.info(f"distill: distill.instructions = {paths.instructions} changed since the "
                          "earlier run; only instructions without an answer are answered")
@@ -404,6 +442,9 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
     stats = RowStats()
     records = list(read_instructions(paths.instructions, bad_rows=config.data.bad_rows,
                                      stats=stats))
+    if not records:   # every rank reads the same file and stops here, before any collective
+        raise DataError(_no_instruction(paths.instructions, stats), "no instruction",
+                        paths.instructions)
     keyed, duplicates = [], 0
     seen: set[str] = set()
     for index, record in enumerate(records):
@@ -446,7 +487,7 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
     if orphans and rank == 0:
         log.warning(f"distill: {orphans} answers in {paths.output} are to instructions no longer "
                     f"in distill.instructions = {paths.instructions}; they stay in the output "
-                    "(and so in training). Set distill.restart = true to answer the current "
+                    "(and so in training). Set distill.overwrite = true to answer the current "
                     "instructions afresh without them")
 
     renderer = ChatRenderer(tokenizer, config.data.chat_template)
@@ -465,12 +506,13 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
              f"process(es)); model {paths.model}")
     part_path = paths.part(rank)
     if kept_items:
-        from tqdm import tqdm
+        from .progress import progress
 
         model = load_model(paths.model, device="auto", dtype=config.model.dtype)
-        bar = tqdm(total=len(prompts), desc="distill", unit="instr",
-                   disable=rank != 0 or not sys.stderr.isatty(),
-                   file=sys.stderr)
+        # A bar on a terminal, a plain line every train.progress_every_s elsewhere; rank 0's.
+        bar = progress(len(prompts), desc="distill", unit="instruction",
+                       enabled=rank == 0 and config.train.progress,
+                       every_s=config.train.progress_every_s)
         chunk = max(d.batch_size * 8, 1)
         with open(part_path, "a", encoding="utf-8") as part, bar:
             # Written chunk by chunk and flushed: an interruption loses at most one chunk.
@@ -516,10 +558,35 @@ def _distill(config: RunConfig, paths: DistillPaths, rank: int, world: int, star
             "provenance": paths.provenance,
             "seconds": round(time.time() - started, 3),
         }
-        with open(paths.report, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        if counts["answered"] or not os.path.isfile(paths.report):
+            with open(paths.report, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+        else:   # nothing new: the finished run's report (what it answered, filtered) stays
+            log.info(f"distill: nothing new to answer; {paths.report} keeps the report of the run "
+                     "that answered them")
         print(format_report(report))
     return distributed.broadcast_from_rank0(report)
+
+
+def _no_instruction(path: str, stats: RowStats) -> str:
+    """Why a distill.instructions file gave no instruction, and what an instruction is."""
+    shape = ("an instruction is a chat that ends with the user turn to answer, "
+             "{\"messages\": [{\"role\": \"user\", \"content\": \"...\"}]}")
+    read = stats.files.get(path, {}).get("read", 0)
+    if not read:
+        return (f"distill.instructions = {path}: the file holds no rows; give the general "
+                f"instructions: {shape}")
+    reasons = ", ".join(f"{reason} {n}" for reason, n in stats.rejected.most_common())
+    top = stats.rejected.most_common(1)[0][0]
+    origin, detail = stats.first[top]
+    if top == "not an instruction" and "'assistant'" in detail:
+        hint = ("its rows are chats that already end with an answer (training data, or distill's "
+                f"own output?), not instructions: {shape}; point distill.instructions at the "
+                "general instructions, or drop the final assistant turns")
+    else:
+        hint = shape
+    return (f"distill.instructions = {path}: none of its {read} rows is an instruction to answer "
+            f"({reasons}; first: {origin}: {detail}); {hint}")
 
 
 def _part_row(index: int, key: str, record, answer, d) -> dict:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -182,7 +181,8 @@ def evaluate_model(model_dir: str | os.PathLike, sets: Mapping[str, Sequence], *
                    role_prompts: Mapping[str, str] | None = None, tokenizer_dir: str = "",
                    chat_template: str = "auto", max_new_tokens: int = 64, batch_size: int = 16,
                    device: str = "auto", dtype: str = "auto", keep_predictions: bool = False,
-                   model=None, progress: bool = False) -> dict:
+                   model=None, progress: bool = False,
+                   progress_every_s: float | None = None) -> dict:
     """Evaluates a model directory on `sets` (name -> conversations, Records or EvalItems, each
     ending with the reference answer) under `central_prompt`; with `role_prompts` (domain ->
     prompt), also the sets named after a domain under its role prompt. `model` reuses an already
@@ -207,11 +207,11 @@ def evaluate_model(model_dir: str | os.PathLike, sets: Mapping[str, Sequence], *
     if model is None:
         model = load_model(model_dir, device=device, dtype=dtype)
     bar = None
-    if progress:
-        from tqdm import tqdm
+    if progress:   # a bar on a terminal, a plain line every progress_every_s elsewhere
+        from .progress import progress as progress_bar
         total = sum(len(v) for v in sets.values())
         total += sum(len(v) for k, v in sets.items() if role_prompts and k in role_prompts)
-        bar = tqdm(total=total, desc="eval", unit="sample", file=sys.stderr)
+        bar = progress_bar(total, desc="eval", unit="sample", every_s=progress_every_s)
     kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size,
                   keep_predictions=keep_predictions,
                   progress=bar)
@@ -283,12 +283,19 @@ def _format_by_tag(result: dict) -> list[str]:
 
 def load_eval_sets(config: RunConfig) -> dict:
     """{"general": Records, domain: Records} from eval.general, eval.domains and eval.files (each
-    row of those names its own set in its "domain" field; the file is read once)."""
+    row of those names its own set in its "domain" field; the file is read once).
+
+    A row is accepted as prepare accepts it: a domain it names must have a role prompt (or be a
+    set of eval.domains); others are rejected, counted and, where the rejected rows name a domain
+    close to one of roles.prompts that has no rows, refused as the misspelling it is."""
     from .data.records import RowStats, read_samples, read_tagged_samples
+    from .data.roles import RoleTable, check_declared_domains
 
     e = config.eval
     if not isinstance(e.domains, dict):
         raise ConfigError("eval.domains must be a table of domain = \"path.jsonl\"")
+    roles = RoleTable.from_config(config.roles)
+    known = [*roles.domains, *(d for d in e.domains if d not in roles.domains)]
     sources = ([(GENERAL_DOMAIN, e.general, "eval.general")] if e.general else [])
     sources += [(d, p, f"eval.domains.{d}") for d, p in e.domains.items()]
     if not sources and not e.files:
@@ -299,8 +306,8 @@ def load_eval_sets(config: RunConfig) -> dict:
             raise ConfigError("eval.domains.general: the general set is eval.general")
         if not isinstance(path, str) or not os.path.isfile(path):
             raise ConfigError(f"{key} = {path!r}: file not found")
-        records = list(read_samples(path, source=name, bad_rows=config.data.bad_rows, stats=stats,
-                                    source_key=key))
+        records = list(read_samples(path, source=name, known_domains=known,
+                                    bad_rows=config.data.bad_rows, stats=stats, source_key=key))
         tags = _read_tags(path, {r.line for r in records}, key)
         sets[name] = [EvalItem(r.messages, r.origin, tags.get(r.line)) for r in records]
         if not sets[name]:
@@ -309,14 +316,16 @@ def load_eval_sets(config: RunConfig) -> dict:
         key = f"eval.files[{i}]"
         if not os.path.isfile(path):
             raise ConfigError(f"{key} = {path!r}: file not found")
-        records = list(read_tagged_samples(path, source_key=key, bad_rows=config.data.bad_rows,
-                                           stats=stats))
+        records = list(read_tagged_samples(path, source_key=key, known_domains=known,
+                                           bad_rows=config.data.bad_rows, stats=stats))
         if not records:
             raise ConfigError(f"{key} = {path!r} has no usable rows (see the rejected rows above)")
         tags = _read_tags(path, {r.line for r in records}, key)
         for r in records:
             sets.setdefault(r.domain, []).append(EvalItem(r.messages, r.origin, tags.get(r.line)))
     sets = {name: sets[name] for name in sorted(sets, key=lambda name: name != GENERAL_DOMAIN)}
+    check_declared_domains({d: f"roles.prompts.{d}" for d in roles.role_prompts}, set(sets), stats,
+                           misspelt_only=True)
     if stats.rejected:
         log.warning("eval: rows rejected: "
                     + ", ".join(f"{r} {n}" for r, n in sorted(stats.rejected.items())))
@@ -374,7 +383,8 @@ def evaluate(config: RunConfig) -> dict:
                             chat_template=config.data.chat_template,
                             max_new_tokens=e.max_new_tokens,
                             batch_size=e.batch_size, dtype=config.model.dtype,
-                            keep_predictions=True, progress=sys.stderr.isatty())
+                            keep_predictions=True, progress=config.train.progress,
+                            progress_every_s=config.train.progress_every_s)
     result["seconds"] = round(time.time() - started, 3)
     output = e.output or os.path.join(config.train.out_dir, "eval.json")
     predictions = predictions_path(output)

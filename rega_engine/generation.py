@@ -66,6 +66,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dty
         raise ValueError(f"dtype {dtype!r}: expected auto, bf16, fp16 or fp32")
     from transformers.utils import logging as hf_logging
 
+    import_transformers_models()
     # transformers draws a progress bar per load; the demo loads a dozen models.
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -75,6 +76,32 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dty
         if bars:
             hf_logging.enable_progress_bar()
     return model.to(device).eval()
+
+
+def import_transformers_models() -> None:
+    """Imports transformers' model code with torchao's import-time noise held back.
+
+    Where torchao is installed (our fp8 extra), transformers' model code imports it for its
+    torchao quantizer, and torchao's import logs a "Failed to load ..._C_*.so" line for every
+    prebuilt extension its wheel has no match for here, and torch logs a deprecated-registration
+    warning for two of its enums: lines about torchao's own kernels, which distill and eval never
+    use, printed before every run's first line. The loggers are raised for this one import only;
+    train.precision = "fp8", which does use torchao, imports it under the same guard
+    (train/fp8.py)."""
+    import logging
+    import sys
+
+    if "transformers.modeling_utils" in sys.modules:
+        return
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import transformers.modeling_utils  # noqa: F401
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _check_checkpoint_files(path: str) -> None:

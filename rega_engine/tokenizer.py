@@ -84,10 +84,32 @@ def _load_named_class(path: str):
     return None
 
 
+BYTE_PIECES = 256      # byte fallback: one piece per byte value, always in the vocabulary
+
+
+def minimum_vocab_size(lines: Iterable[str], special_tokens: Sequence[str] = ()) -> int:
+    """The smallest vocab_size SentencePiece accepts for `lines`: every piece it reserves (unk,
+    bos, eos, pad, the extra special tokens, the newline and the 256 byte pieces) plus one piece
+    per distinct character of the text (character_coverage 1.0; a space is the piece marker)."""
+    characters = set()
+    for line in lines:
+        characters.update(line)
+    if " " in characters:   # spaces become the piece marker (no normalization otherwise)
+        characters.discard(" ")
+        characters.add("▁")
+    reserved = 4 + len(special_tokens) + 1 + BYTE_PIECES
+    return reserved + len(characters)
+
+
 def _train_sentencepiece(lines: list[str], vocab_size: int, special_tokens: Sequence[str],
                          seed: int):
     import sentencepiece as spm
 
+    # Checked here, in our words: SentencePiece's own refusal is a C++ assertion that suggests a
+    # --character_coverage option rega-engine does not have.
+    needed = minimum_vocab_size(lines, special_tokens)
+    if vocab_size < needed:
+        raise ValueError(_too_small(vocab_size, needed, special_tokens))
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
@@ -104,10 +126,24 @@ def _train_sentencepiece(lines: list[str], vocab_size: int, special_tokens: Sequ
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise ValueError(f"train_tokenizer: SentencePiece failed ({e}); with byte fallback the "
-                         "vocabulary needs the 256 byte pieces, the special tokens and every "
-                         f"character of the text: raise vocab_size (now {vocab_size})") from None
+        import re
+
+        # The same limit counted differently (a SentencePiece release that reserves more): its
+        # figure, never its assertion text.
+        found = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if found:
+            raise ValueError(_too_small(vocab_size, int(found.group(1)), special_tokens)) from None
+        raise ValueError(f"train_tokenizer: SentencePiece could not train on this text "
+                         f"({str(e).splitlines()[0][:300]})") from None
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def _too_small(vocab_size: int, needed: int, special_tokens: Sequence[str]) -> str:
+    characters = needed - (4 + len(special_tokens) + 1 + BYTE_PIECES)
+    return (f"vocabulary size {vocab_size} is too small for this text: it needs at least {needed} "
+            f"({BYTE_PIECES} byte pieces, {5 + len(special_tokens)} special pieces and the text's "
+            f"{characters} distinct characters); give a vocabulary of at least {needed} "
+            f"(--vocab-size {needed})")
 
 
 def _bpe_merges(vocab: dict[str, int], atomic: set[int]) -> list[tuple[str, str]]:
@@ -184,6 +220,57 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     return out_dir
 
 
+def read_training_text(path: str) -> tuple[list[str], str]:
+    """(texts, what was read) of one input file of `rega-engine tokenizer`. A .jsonl file gives
+    the text of its rows: every message's "content" of a chat row and the "text" of a plain-text
+    row (the JSON around them is not text the model will see); other files are read whole."""
+    from .errors import DataError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            if not path.endswith(".jsonl"):
+                text = f.read()
+                return [text], f"{len(text.splitlines())} lines of text"
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{os.path.abspath(path)}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                        "give UTF-8 text files", "bad text", path) from None
+    texts, chats, messages, plain, skipped, first_skip = [], 0, 0, 0, 0, ""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        found = []
+        if isinstance(row, dict):
+            if isinstance(row.get("text"), str):
+                found.append(row["text"])
+                plain += 1
+            turns = row.get("messages")
+            if isinstance(turns, list):
+                contents = [t["content"] for t in turns
+                            if isinstance(t, dict) and isinstance(t.get("content"), str)]
+                found += contents
+                chats += bool(contents)
+                messages += len(contents)
+        if not found:
+            skipped += 1
+            first_skip = first_skip or (f"line {number}: " + ("not a JSON object" if not
+                                        isinstance(row, dict) else "no 'messages' or 'text'"))
+        texts += found
+    if not texts:
+        raise DataError(f"{os.path.abspath(path)}: no text in it: a .jsonl file is read as rows "
+                        "of {\"messages\": [{\"role\": ..., \"content\": ...}]} or "
+                        "{\"text\": ...}" + (f" ({first_skip})" if first_skip else ""),
+                        "no text", path)
+    summary = f"{messages} messages of {chats} chats, {plain} text rows"
+    if skipped:
+        summary += f"; {skipped} lines without text skipped (first: {first_skip})"
+    return texts, summary
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m rega_engine.tokenizer") -> int:
     """`rega-engine tokenizer TEXT_FILE... --out DIR`: train a tokenizer on text files; prints the
     directory, the vocabulary size and the special token ids a model config needs."""
@@ -194,7 +281,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m rega_engine.t
         description="train a BPE tokenizer (SentencePiece pieces, saved for AutoTokenizer) on "
                     "UTF-8 text files; the same files and options always give the same tokenizer")
     parser.add_argument("texts", nargs="+",
-                        help="UTF-8 text files to train on (a JSONL file is text too)")
+                        help="UTF-8 text files to train on; of a .jsonl file, the text of its rows "
+                             "(each message's content, and \"text\" fields)")
     parser.add_argument("--out", required=True,
                         help="output directory (AutoTokenizer.from_pretrained loads it)")
     parser.add_argument("--vocab-size", type=int, default=1000,
@@ -207,9 +295,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m rega_engine.t
     args = parser.parse_args(argv)
     for name in [*args.texts, *([args.chat_template] if args.chat_template else [])]:
         if not os.path.isfile(name):
-            parser.error(f"{name}: file not found")
+            parser.error(f"{os.path.abspath(name)}: file not found")
     template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else None
-    texts = (Path(name).read_text(encoding="utf-8") for name in args.texts)
+    texts = []
+    for name in args.texts:
+        read, summary = read_training_text(name)
+        print(f"read {name}: {summary}")
+        texts += read
     try:
         out = train_tokenizer(texts, args.out, args.vocab_size, template, args.special_token)
     except ValueError as e:   # too small a vocabulary, no text: the user's to fix, in one line

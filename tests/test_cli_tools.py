@@ -40,13 +40,57 @@ def test_tokenizer_command_prints_what_a_model_config_needs(tmp_path, capsys):
     assert "special tokens: bos <s> = 1, eos </s> = 2, pad <pad> = 3, unk <unk> = 0" in out
     from transformers import AutoTokenizer
     assert len(AutoTokenizer.from_pretrained(tmp_path / "tok")) == 600
-    # too small a vocabulary is the user's to fix: one line, exit 2, no traceback
+    # too small a vocabulary is the user's to fix: one line saying the least that works, exit 2
     assert main(["tokenizer", str(SAMPLE / "corpus.txt"), "--out", str(tmp_path / "t2"),
                  "--vocab-size", "10"]) == 2
-    assert "raise vocab_size" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("rega-engine")] == [
+        "rega-engine tokenizer: vocabulary size 10 is too small for this text: it needs at least "
+        "329 (256 byte pieces, 5 special pieces and the text's 68 distinct characters); give a "
+        "vocabulary of at least 329 (--vocab-size 329)"]
+    assert "character_coverage" not in err and "trainer_interface" not in err
     with pytest.raises(SystemExit) as exited:
         main(["tokenizer", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t3")])
     assert exited.value.code == 2
+    assert f"{tmp_path / 'missing.txt'}: file not found" in capsys.readouterr().err
+
+
+def test_the_least_vocabulary_the_tokenizer_names_is_the_least_sentencepiece_takes(tmp_path,
+                                                                                   monkeypatch):
+    import rega_engine.tokenizer as tokenizer
+
+    text = "Grüße, 12 cows.\nÇa va?\tyes"
+    least = tokenizer.minimum_vocab_size(text.split("\n"), ["<|im_start|>"])
+    tokenizer.train_tokenizer([text], tmp_path / "a", least, special_tokens=["<|im_start|>"])
+    # one below: SentencePiece itself refuses (our check off), and its refusal reads as ours
+    monkeypatch.setattr(tokenizer, "minimum_vocab_size", lambda *args: 0)
+    with pytest.raises(ValueError, match=rf"too small for this text: it needs at least {least} "):
+        tokenizer.train_tokenizer([text], tmp_path / "b", least - 1,
+                                  special_tokens=["<|im_start|>"])
+
+
+def test_tokenizer_reads_the_text_of_a_jsonl_file_not_its_json(tmp_path, capsys):
+    chats = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "How many cows graze here?"},
+                          {"role": "assistant", "content": "Twelve cows graze here."}],
+             "domain": "law"},
+            {"text": "Cows graze in the meadow."}, [1, 2], {"other": "field"}]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n\n")
+    assert main(["tokenizer", str(chats), "--out", str(tmp_path / "tok"),
+                 "--vocab-size", "400"]) == 0
+    out = capsys.readouterr().out
+    assert (f"read {chats}: 3 messages of 1 chats, 1 text rows; 3 lines without text skipped "
+            "(first: line 3: not a JSON object)") in out
+    from transformers import AutoTokenizer
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "tok").get_vocab()
+    # trained on what the messages say, not on the JSON around them
+    assert not any(piece in vocab for piece in ('{"', '":', "role", "content", "messages"))
+    assert "▁graze" in vocab and "▁cows" in vocab
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"other": 1}\n')
+    assert main(["tokenizer", str(empty), "--out", str(tmp_path / "t2")]) == 2
+    assert f"{empty}: no text in it" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset, parameters", [("tiny", None), ("1b", 1.236e9), ("8b", 8.030e9)])

@@ -52,6 +52,14 @@ def test_override_values_parse_as_toml_then_as_bare_strings():
         parse_override("--lr=3")
 
 
+def test_a_bare_boolean_key_is_switched_on():
+    assert parse_override("--train.overwrite") == {"train": {"overwrite": True}}
+    assert load_config(None, ["--train.overwrite"]).train.overwrite is True
+    # on a key that is not a switch, the bare form is refused naming the key and its type
+    with pytest.raises(ConfigError, match=r"'train.lr': expected float, got bool True"):
+        load_config(None, ["--train.lr"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("--model.dtype=bfloat16", r"model.dtype = 'bfloat16': expected one of auto, bf16, fp16, fp32"),
     ("--model.cross_entropy_backend=cuda", r"model.cross_entropy_backend = 'cuda'"),
@@ -184,32 +192,37 @@ def test_train_steps_zero_means_derived_from_epochs(tmp_path):
         load_config(None, ["--train.epochs=1", "--train.steps=-1"])
 
 
-def test_model_path_or_init_config_the_command_line_wins_over_the_file(tmp_path, capsys):
+def test_model_path_or_init_config_the_command_line_wins_over_the_file(tmp_path, capsys,
+                                                                        monkeypatch):
     from rega_engine.train.parallel import model_source
+    monkeypatch.chdir(tmp_path)   # paths come out absolute: the file's and the command line's here
+    ckpt, tiny = tmp_path / "ckpt", tmp_path / "tiny.json"
     path = write(tmp_path, '[model]\ninit_config = "tiny.json"\n')
     config = load_config(path, ["--model.path=ckpt"])
-    assert (config.model.path, config.model.init_config) == ("ckpt", "")
-    assert (f"model.init_config = 'tiny.json' from {path} is ignored: the command line sets "
-            "model.path = 'ckpt'") in capsys.readouterr().err
+    assert (config.model.path, config.model.init_config) == (str(ckpt), "")
+    assert (f"model.init_config = '{tiny}' from {path} is ignored: the command line sets "
+            f"model.path = '{ckpt}'") in capsys.readouterr().err
     path = write(tmp_path, '[model]\npath = "ckpt"\n')
     config = load_config(path, ["--model.init_config=tiny.json"])
-    assert (config.model.path, config.model.init_config) == ("", "tiny.json")
+    assert (config.model.path, config.model.init_config) == ("", str(tiny))
     # both in the file, or both on the command line: refused where the model is built (only train
     # reads model.init_config), naming both values
     path = write(tmp_path, '[model]\npath = "ckpt"\ninit_config = "tiny.json"\n')
     for config in (load_config(path),
                    load_config(None, ["--model.path=ckpt", "--model.init_config=tiny.json"])):
-        with pytest.raises(ConfigError, match=r"model.path = 'ckpt' and model.init_config = "
-                                              r"'tiny.json' are both set; give one"):
+        with pytest.raises(ConfigError, match=rf"model.path = '{ckpt}' and model.init_config = "
+                                              rf"'{tiny}' are both set; give one"):
             model_source(config.model)
 
 
-def test_path_lists_take_one_path_or_a_list():
+def test_path_lists_take_one_path_or_a_list(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # command-line paths are relative to the working directory
     config = load_config(None, ["--data.files=mixed.jsonl",
                                 '--data.pretrain=["a.jsonl", "b.jsonl"]',
                                 "--eval.files=eval.jsonl"])
-    assert config.data.files == ["mixed.jsonl"] and config.data.pretrain == ["a.jsonl", "b.jsonl"]
-    assert config.eval.files == ["eval.jsonl"]
+    assert config.data.files == [str(tmp_path / "mixed.jsonl")]
+    assert config.data.pretrain == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert config.eval.files == [str(tmp_path / "eval.jsonl")]
     with pytest.raises(ConfigError, match=r"'data.files': expected list, got int"):
         load_config(None, ["--data.files=3"])
     with pytest.raises(ConfigError, match=r"data.pretrain\[1\] = '': expected the path"):

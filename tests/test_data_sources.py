@@ -85,9 +85,14 @@ def test_listing_a_mixed_file_under_one_domain_rejects_the_others_and_points_to_
     from rega_engine.data.mixture import build_mixture
     path = mixed_file(tmp_path, general=0, untagged=0)
     config = config_for(tmp_path, domains={"law": path}, self_distillation=False)
-    m = build_mixture(config)
-    assert dict(m.rows.rejected) == {"domain mismatch": 4}
+    # medicine's rows were all in that file: the domain would train on nothing
+    with pytest.raises(ConfigError, match=r"roles.prompts.medicine: no row of the data has domain "
+                                          r"'medicine' where it counts: its 4 rows were skipped .*"
+                                          r"a file holding several domains goes in data.files"):
+        build_mixture(config)
     assert "a file holding several domains goes in data.files" in capsys.readouterr().err
+    config.roles.prompts = {"law": ROLES["law"]}   # law alone: the other rows are unknown domains
+    assert dict(build_mixture(config).rows.rejected) == {"unknown domain": 4}
 
 
 def test_self_distillation_needs_general_rows_somewhere(tmp_path):
@@ -114,6 +119,7 @@ def test_eval_files_split_by_each_rows_domain(tmp_path):
     from rega_engine.evaluate import load_eval_sets
     path = mixed_file(tmp_path)
     config = RunConfig()
+    config.roles.prompts = {"law": "L", "medicine": "M"}   # eval accepts the rows prepare does
     config.eval.files = [path]
     sets = load_eval_sets(config)
     assert list(sets) == ["general", "law", "medicine"]          # general first
@@ -134,7 +140,8 @@ def test_pretrain_rows_are_a_kind_of_their_own_text_trained_on_every_token(tmp_p
     pretrain = write_jsonl(tmp_path / "pretrain.jsonl", [
         {"text": "The capital of Eskel is Varn."}, chat("How much is 2 + 2?", "4."), {"text": "  "},
         {"text": "x", "messages": []}])
-    # pretraining alone: no data.general needed, although self_distillation is on by default
+    # pretraining alone: no data.general needed, although self_distillation is on by default (and
+    # the role table, for eval and the later stages, declares no data of its own here)
     report = prepare(config_for(tmp_path, pretrain=[pretrain]))
     out = capsys.readouterr().out
     assert "samples per kind:   distilled 0, role 0, integration 0, pretrain 2" in out

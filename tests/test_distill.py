@@ -220,7 +220,7 @@ def test_resume_after_the_model_or_settings_changed_is_refused_naming_each_chang
     assert "distill.temperature: 0.7 -> 1.0" in message
     assert 'roles.central_prompt: "You are a helpful assistant." -> "You are terse."' in message
     assert "distill.seed" not in message and "tokenizer" not in message   # only what changed
-    assert "distill.restart = true" in message
+    assert "distill.overwrite = true" in message
     assert open(config.distill.output).read() == before                  # nothing touched
 
     same_model_elsewhere = make_config(tmp_path, _copy(base_model, tmp_path / "moved"), seed=1)
@@ -235,15 +235,16 @@ def _copy(src, dst):
     return str(dst)
 
 
-def test_restart_moves_the_earlier_run_aside_and_answers_everything_again(tmp_path, base_model,
-                                                                          capsys):
+@pytest.mark.parametrize("key", ["overwrite", "restart"])   # restart: overwrite's former name
+def test_overwrite_moves_the_earlier_run_aside_and_answers_everything_again(tmp_path, base_model,
+                                                                            capsys, key):
     config = make_config(tmp_path, base_model)
     first = distill(config)
     old = {name: open(tmp_path / name).read()
            for name in ("general.jsonl", "general.jsonl.rejected.jsonl",
                         "general.jsonl.provenance.json")}
 
-    config = make_config(tmp_path, base_model, seed=3, restart=True)
+    config = make_config(tmp_path, base_model, seed=3, **{key: True})
     report = distill(config)
     assert report["already_done"] == 0 and report["answered"] == first["answered"] == 60
     stale = [p for p in tmp_path.iterdir() if p.name.startswith("general.jsonl.stale-")]
@@ -255,7 +256,7 @@ def test_restart_moves_the_earlier_run_aside_and_answers_everything_again(tmp_pa
                           + ".provenance.json"))["produced_by"]["distill.seed"] == 3
     assert open(config.distill.output).read() != old["general.jsonl"]
 
-    config.distill.restart = False                      # the new record is the one checked now
+    setattr(config.distill, key, False)                 # the new record is the one checked now
     assert distill(config)["already_done"] == 60
 
 
@@ -282,3 +283,57 @@ def test_an_output_without_provenance_resumes_with_a_warning(tmp_path, base_mode
     assert distill(config)["already_done"] == 60
     assert "cannot be checked against this run" in capsys.readouterr().err
     assert (tmp_path / "general.jsonl.provenance.json").is_file()
+
+
+def test_a_file_without_a_usable_instruction_is_an_error_naming_what_it_holds(tmp_path,
+                                                                              base_model):
+    from rega_engine.errors import DataError
+
+    config = make_config(tmp_path, base_model)
+    answered = [{"messages": [{"role": "user", "content": f"q{i}"},
+                              {"role": "assistant", "content": "a"}]} for i in range(3)]
+    with open(config.distill.instructions, "w") as f:   # a chats file given by mistake
+        f.writelines(json.dumps(row) + "\n" for row in answered)
+    with pytest.raises(DataError) as error:
+        distill(config)
+    message = str(error.value)
+    assert message.startswith(f"distill.instructions = {config.distill.instructions}: none of its "
+                              "3 rows is an instruction to answer (not an instruction 3; first: "
+                              f"{config.distill.instructions}:1: the last turn is 'assistant'")
+    assert "already end with an answer" in message
+    assert not (tmp_path / "general.jsonl").exists()   # nothing written, "distilled 0 of 0" gone
+
+    open(config.distill.instructions, "w").close()
+    with pytest.raises(DataError, match="the file holds no rows"):
+        distill(config)
+    with open(config.distill.instructions, "w") as f:
+        f.write(json.dumps({"text": "no chat"}) + "\n")
+    with pytest.raises(DataError, match=r"missing messages 1.*an instruction is a chat that ends "
+                                        r"with the user turn"):
+        distill(config)
+
+
+def test_an_output_distill_did_not_write_is_refused_unless_overwritten(tmp_path, base_model):
+    config = make_config(tmp_path, base_model)
+    mine = [{"messages": [{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "my own answer"}],
+             "domain": "general"}]
+    text = "".join(json.dumps(row) + "\n" for row in mine) + '{"messages": []}'   # no final \n
+    (tmp_path / "general.jsonl").write_text(text)
+    with pytest.raises(ConfigError, match=r"distill.output = .*general.jsonl holds rows distill "
+                                          r"did not write \(line 1: no \"distilled\": true\)"):
+        distill(config)
+    assert (tmp_path / "general.jsonl").read_text() == text   # neither appended to nor cut
+    config.distill.overwrite = True
+    assert distill(config)["answered"] == 60
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith("general.jsonl.stale-")]
+    assert (stale[0] / "general.jsonl").read_text() == text
+
+
+def test_a_rerun_with_nothing_new_keeps_the_finished_runs_report(tmp_path, base_model, capsys):
+    config = make_config(tmp_path, base_model)
+    first = distill(config)
+    again = distill(config)
+    assert again["answered"] == 0 and again["already_done"] == 60
+    assert json.load(open(config.distill.output + ".report.json")) == first
+    assert "keeps the report of the run that answered them" in capsys.readouterr().err

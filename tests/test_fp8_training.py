@@ -134,12 +134,8 @@ def smoke_prepared(tmp_path_factory):
     from rega_engine.data.prepare import prepare
 
     prepared = tmp_path_factory.mktemp("smoke") / "prepared"
-    cwd = os.getcwd()
-    os.chdir(REPO)   # the smoke config's paths are relative to the repository root
-    try:
-        prepare(load_config(REPO / "configs" / "smoke.toml", [f"--data.prepared={prepared}"]))
-    finally:
-        os.chdir(cwd)
+    # the smoke config's paths are relative to configs/: any working directory will do
+    prepare(load_config(REPO / "configs" / "smoke.toml", [f"--data.prepared={prepared}"]))
     return prepared
 
 

@@ -2,6 +2,7 @@
 packer."""
 import gc
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -445,3 +446,43 @@ def test_interpreter_exits_with_a_live_iterator(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_token_id_outside_the_vocabulary_names_its_shard_and_sample(tmp_path):
+    """A damaged tokens.bin (no checksum in format 1 to catch it) must not reach the embedding as
+    a bare IndexError: the batch that holds it names the file and the sample."""
+    from rega_engine.errors import DataError
+
+    _, samples = write_dataset(tmp_path / "ds", [5] * 12, vocab=500)
+    tokens = np.memmap(tmp_path / "ds" / "tokens.bin", dtype=np.int32, mode="r+")
+    tokens[7 * 5 + 2] = 60000   # sample 7, position 2
+    tokens.flush()
+    del tokens
+    loader = PackedLoader(TokenDataset(tmp_path / "ds"), seq_len=16, batch_size=2, shuffle=False,
+                          prefetch=2)
+    with pytest.raises(DataError, match=re.escape(
+            f"{tmp_path / 'ds' / 'tokens.bin'}: sample 7 of the shard (sample 7 of the dataset) "
+            "holds token id 60000 at position 2, outside the vocabulary 0..499 of ") +
+            r".*the shard is damaged: run `rega-engine prepare` again"):
+        for _ in loader:
+            pass
+
+
+def test_kind_and_domain_ids_are_checked_when_a_dataset_is_opened(tmp_path):
+    from rega_engine.errors import DataError
+
+    write_dataset(tmp_path / "ds", [5] * 4)
+    domains = np.load(tmp_path / "ds" / "domains.npy")
+    domains[2] = 9   # 3 domains
+    np.save(tmp_path / "ds" / "domains.npy", domains)
+    with pytest.raises(DataError, match=re.escape(
+            f"{tmp_path / 'ds' / 'domains.npy'}: sample 2 has id 9, outside 0..2")):
+        TokenDataset(tmp_path / "ds")
+
+
+def test_a_state_of_another_plan_is_named_before_anything_is_loaded(tmp_path):
+    dataset, _ = write_dataset(tmp_path / "ds", [5] * 10)
+    loader = PackedLoader(dataset, seq_len=16, batch_size=2)
+    state = {**loader.state_dict(), "num_samples": 1227, "seq_len": 8}
+    assert loader.state_mismatches(state) == [("num_samples", 1227, 10), ("seq_len", 8, 16)]
+    assert loader.state_mismatches(loader.state_dict()) == []

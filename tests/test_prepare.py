@@ -72,7 +72,8 @@ def test_tokenizer_command_line_and_too_small_vocabulary(tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert len(tok) == 600 and tok.chat_template == CHATML
     assert tok.convert_tokens_to_ids("<|im_end|>") == 5
-    with pytest.raises(ValueError, match=r"raise vocab_size \(now 100\)"):
+    with pytest.raises(ValueError, match=r"vocabulary size 100 is too small for this text: it "
+                                         r"needs at least 269 "):
         train_tokenizer(["hello world"], tmp_path / "small", vocab_size=100)
 
 
@@ -223,7 +224,8 @@ def test_too_long_truncate_drop_and_error(tmp_path, capsys):
     assert report["truncated"] == longer and len(data) == len(lengths) - report["dropped_no_loss"]
     assert data.lengths.max() == seq_len
 
-    report = prepare(sample_config(tmp_path, seq_len=seq_len, too_long="drop"))
+    # the same output, another config: replacing a finished dataset takes data.overwrite
+    report = prepare(sample_config(tmp_path, seq_len=seq_len, too_long="drop", overwrite=True))
     assert report["dropped_too_long"] == longer and report["truncated"] == 0
     assert len(TokenDataset(tmp_path / "prepared")) == len(lengths) - longer
 
@@ -259,7 +261,7 @@ def test_bad_rows_and_unrenderable_samples_are_reported(tmp_path, capsys):
     assert report["rows_rejected"] == {"bad JSON": 1}
     assert report["samples_unrenderable"] == {"special token in text": 1}
     assert report["samples"]["kind"]["role"] == 82
-    config.data.bad_rows = "error"
+    config.data.bad_rows, config.data.overwrite = "error", True
     with pytest.raises(DataError, match=r"law.jsonl:83: invalid JSON"):
         prepare(config)
 

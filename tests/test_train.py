@@ -45,7 +45,7 @@ def sample_tokenizer(tmp_path_factory):
 @pytest.mark.slow
 def test_smoke_config_learns(tmp_path, sample_tokenizer, monkeypatch):
     from rega_engine.data.prepare import prepare
-    monkeypatch.chdir(REPO)   # the smoke config's paths are relative to the repository root
+    # the smoke config's paths are relative to configs/: any working directory will do
     config = load_config(REPO / "configs" / "smoke.toml", [
         f"--data.tokenizer={sample_tokenizer}", f"--data.prepared={tmp_path / 'prepared'}",
         f"--train.out_dir={tmp_path / 'train'}", "--train.progress=false", "--train.steps=30",
@@ -128,12 +128,13 @@ def test_log_has_per_kind_and_per_domain_fields(tmp_path):
     train(config)
     log = read_log(tmp_path / "run")
     assert [r["step"] for r in log] == [2, 4, 5]   # every 2 steps, and the last one
-    expected_keys = {"step", "loss", "loss_by_kind", "loss_by_domain", "tokens", "tokens_per_s",
-                     "mfu", "grad_norm", "lr", "peak_memory_gib", "elapsed_s",
+    expected_keys = {"step", "total_steps", "loss", "loss_by_kind", "loss_by_domain", "tokens",
+                     "tokens_per_s", "mfu", "grad_norm", "lr", "peak_memory_gib", "elapsed_s",
                      "loss_tokens_by_kind", "loss_tokens_by_domain"}
     dataset_tokens_per_row_max = 64
     for r in log:
         assert set(r) == expected_keys
+        assert r["total_steps"] == 5
         assert list(r["loss_by_kind"]) == list(KINDS)
         assert list(r["loss_by_domain"]) == DOMAINS
         # the label tokens behind those losses: the same tokens counted by kind and by domain

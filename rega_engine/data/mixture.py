@@ -57,7 +57,7 @@ from .records import (
     read_samples,
     read_tagged_samples,
 )
-from .roles import RoleTable
+from .roles import RoleTable, check_declared_domains
 from .tables import TableStore, choose_sorted, seeded_rng, shuffle_into
 
 log = get_logger(__name__)
@@ -329,6 +329,7 @@ def build_mixture(config: RunConfig, *, tokenizer=None, template: str | None = N
 
     pools = {name: appender.finish() for name, appender in pooled.items()}
     pretrain = text_pool.finish()
+    _check_declared(data, roles, pools, corpora, rows)
     domain_rows = sum(len(t) for d, t in pools.items() if d != GENERAL_DOMAIN)
     if data.self_distillation and not len(pools[GENERAL_DOMAIN]) and domain_rows:
         raise ConfigError("data.self_distillation = true but there are no general exemplars: set "
@@ -372,6 +373,29 @@ def build_mixture(config: RunConfig, *, tokenizer=None, template: str | None = N
     return Mixture(mixture_samples, known, kind_weights, rows, count_samples(mixture_samples,
                                                                              known),
                    share_info, table_bytes)
+
+
+def _check_declared(data, roles: RoleTable, pools: dict, corpora: dict, rows: RowStats) -> None:
+    """Every domain the config declares (roles.prompts, data.domains, data.sizes) has rows, unless
+    data.sizes gives it 0 on purpose: a misspelt domain must not end with no sample while its rows
+    are skipped one by one (check_declared_domains names the closest domain of the rows). The role
+    table declares the data's domains where the data has domains (data.domains, data.files); a
+    base model's config (data.pretrain, data.general) may carry it for eval and later stages."""
+    declared = {}
+    for domain in roles.role_prompts if data.domains or data.files else ():
+        declared.setdefault(domain, f"roles.prompts.{domain}")
+    for domain in data.domains:
+        declared.setdefault(domain, f"data.domains.{domain}")
+    for domain in data.sizes:
+        if domain not in (GENERAL_DOMAIN, "pretrain"):
+            declared.setdefault(domain, f"data.sizes.{domain}")
+    empty_on_purpose = {d for d, n in data.sizes.items() if n == 0 or size_share(n) == 0}
+    with_rows = {d for d, table in pools.items() if len(table)} | set(corpora)
+    check_declared_domains(
+        {d: key for d, key in declared.items() if d not in empty_on_purpose}, with_rows, rows,
+        fix=": give it rows (data.domains.{domain}, or rows of data.files with \"domain\": "
+            "\"{domain}\"), remove {key}, or set data.sizes.{domain} = 0 to keep it empty on "
+            "purpose")
 
 
 def draw_samples(plan: list, counts: dict, integration: dict, seed: int, store: TableStore,

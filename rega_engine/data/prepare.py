@@ -14,7 +14,13 @@ Shards are the unit of work and of resumption:
   the same. Each process tokenizes in `data.workers` worker processes of its own;
 - a shard is written under a temporary name and renamed when complete, with the fingerprint of
   the config that made it; a prepare run that finds a complete shard of the same fingerprint
-  keeps it, so an interrupted prepare resumes from its complete shards;
+  keeps it once its files match the sha256 sums of its shard.json (a damaged one is written
+  again), so an interrupted prepare resumes from its complete shards; the temporaries a process
+  that died left of its shards are removed first;
+- a finished dataset (meta.json) of another config is refused as an output unless
+  data.overwrite: a rerun must not replace a dataset another run may train on;
+- a write that fails (a full disk) ends in one line naming the disk and the folder, and keeps
+  the complete shards;
 - the index (meta.json) is written once every shard is complete, by whichever process finds the
   last shard complete (two that finish together may both write it: the contents are equal).
   Processes never talk to each other, torchrun's included (no process group: it would import
@@ -27,6 +33,7 @@ the counts over all shards (so over all processes), and the report printed at th
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -38,6 +45,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import ConfigError, RunConfig, validate_config
+from ..files import describe_disk, disk_full, first_line
 from ..kinds import KINDS
 from ..log import get_logger
 from ..tokenizer import load_tokenizer
@@ -46,6 +54,7 @@ from .dataset import (
     META_FILE,
     dataset_file,
     read_shard_record,
+    shard_damage,
     write_index,
 )
 from .mixture import Mixture, build_mixture
@@ -117,7 +126,7 @@ def run_fingerprint(config: RunConfig, tokenizer_dir: str) -> tuple[str, dict]:
     """(sha256, the settings it covers): the config keys that shape the dataset, the tokenizer's
     files, each source file's size and modification time, and this rega-engine's version."""
     data = dataclass_dict(config.data)
-    for key in ("workers", "prepared", "memory_gb"):   # how and where, not what
+    for key in ("workers", "prepared", "memory_gb", "overwrite", "verify"):   # how, not what
         data.pop(key, None)
     sources = {}
     for p in _source_files(config.data):
@@ -149,9 +158,11 @@ def _this_process(shard: tuple[int, int] | str | None) -> tuple[int, int, bool]:
     return 0, 1, False
 
 
-def _clear_stale(out: Path, fingerprint: str) -> None:
+def _clear_stale(out: Path, fingerprint: str, settings: dict, overwrite: bool) -> None:
     """Makes `out` a place to build this config's dataset: refuses a directory holding anything
-    else; drops an index of another config and the files of a format-1 dataset."""
+    else, and a finished dataset of another config unless data.overwrite; then drops that index
+    and the files of a format-1 dataset. A finished dataset of this very config stays (a rerun
+    verifies it), and so do the shards of an unfinished one (a rerun resumes from them)."""
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"data.prepared = {out} exists and is not a directory; choose "
@@ -164,13 +175,67 @@ def _clear_stale(out: Path, fingerprint: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = out / META_FILE
     try:
-        stale = json.loads(meta.read_text()).get("fingerprint") != fingerprint
-    except (OSError, ValueError):
-        stale = meta.exists()
+        old = json.loads(meta.read_text())
+        stale = old.get("fingerprint") != fingerprint
+    except (OSError, ValueError, AttributeError):
+        # no index (an unfinished prepare), or one too damaged to be anybody's finished dataset
+        old, stale = None, meta.exists()
+    if stale and isinstance(old, dict) and not overwrite:
+        raise FileExistsError(
+            f"data.prepared = {out} holds a finished prepared dataset made from another config "
+            f"({_what_differs(old, settings)}); pass --data.overwrite=true to replace it, or "
+            "choose another data.prepared")
     if stale:
         meta.unlink(missing_ok=True)
     for name in DATA_FILES:   # a format-1 dataset written here before
         (out / name).unlink(missing_ok=True)
+
+
+def _what_differs(old: dict, settings: dict) -> str:
+    """The settings of `old` (a meta.json) that differ from `settings`, as 'key old -> new'."""
+    if old.get("format") != 2 or not isinstance(old.get("config"), dict):
+        return f"a dataset of format {old.get('format')!r}, written by another version"
+
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items()
+                    for k, v in flat(item, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    before, after = flat(old["config"]), flat(settings)
+    changed = []
+    for key in sorted(before.keys() | after.keys()):
+        if before.get(key) == after.get(key):
+            continue
+        if key.startswith("sources."):
+            changed.append(f"{key[len('sources.'):]} changed (size or modification time)")
+        elif key == "tokenizer":
+            changed.append("the tokenizer's files changed")
+        else:
+            changed.append(f"{key} {_short(before.get(key))} -> {_short(after.get(key))}")
+    if not changed:
+        return "its fingerprint differs"
+    return ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+
+
+def _short(value, width: int = 48) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else f"{text[:width // 2 - 2]}...{text[-(width // 2 - 1):]}"
+
+
+def _remove_stale_temporaries(out: Path, prefixes: list[str]) -> int:
+    """Removes the temporary files and directories under `out` whose names start with one of
+    `prefixes`: what a prepare that died (killed, or a full disk) left behind. Only names this
+    process alone may own are passed in, so a live process's work is never removed."""
+    removed = 0
+    for path in out.iterdir():
+        if path.name.startswith(tuple(prefixes)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def prepare(config: RunConfig, *, shard: tuple[int, int] | str | None = None) -> dict:
@@ -192,13 +257,30 @@ def _prepare(config: RunConfig, index: int, count: int, torchrun: bool, started:
     fingerprint, settings = run_fingerprint(config, path)
     out = Path(data.prepared)
     created = not out.exists()
-    _clear_stale(out, fingerprint)
+    _clear_stale(out, fingerprint, settings, data.overwrite)
+    if count == 1:
+        # The planning scratch (.plan-*) and index temporaries of a process that died; with
+        # several processes another one's may be alive, and the shard temporaries below (each
+        # process's own shards) are what matter for the disk.
+        removed = _remove_stale_temporaries(out, [".plan-", f".{META_FILE}.tmp-"])
+        if removed:
+            log.info("prepare: removed %d temporary file(s) left in %s by an earlier prepare "
+                     "that stopped", removed, out)
     try:
-        # tables past data.memory_gb are mapped from files in the output directory
-        mixture = build_mixture(config, tokenizer=tokenizer, template=data.chat_template,
-                                scratch=out)
-        return _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint,
-                               settings, out, index, count, torchrun, started)
+        try:
+            # tables past data.memory_gb are mapped from files in the output directory
+            mixture = build_mixture(config, tokenizer=tokenizer, template=data.chat_template,
+                                    scratch=out)
+            return _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint,
+                                   settings, out, index, count, torchrun, started)
+        except WriteFailed:
+            raise
+        except OSError as e:
+            # The planning files (data.memory_gb) and the index are written to `out` too.
+            if e.errno not in _DISK_ERRNOS or (e.filename is not None
+                                               and not _inside(e.filename, out)):
+                raise
+            raise _write_failed(e, "", out, None) from None
     except BaseException:
         # Complete shards stay for the next run to resume from; an empty directory is not left
         # behind.
@@ -222,8 +304,15 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
     workers = data.workers or max(1, (os.cpu_count() or 1) // local)
     # no more workers than one shard has chunks for
     workers = min(workers, max(1, -(-min(per_shard, len(samples)) // CHUNK)))
-    todo = [k for k in mine
-            if (read_shard_record(out / names[k]) or {}).get("fingerprint") != fingerprint]
+    # Each shard belongs to one process: the temporaries of this process's shards were left by
+    # an earlier run that died (killed, or a full disk) and are removed before anything is written.
+    prefixes = ([".shard_"] if count == 1 else
+                [f".{names[k]}.{kind}-" for k in mine for kind in ("tmp", "replaced")])
+    removed = _remove_stale_temporaries(out, prefixes)
+    if removed:
+        log.info("prepare: removed %d temporary shard(s) left in %s by an earlier prepare that "
+                 "stopped", removed, out)
+    todo = [k for k in mine if not _reusable(out / names[k], fingerprint)]
     where = f" (process {index} of {count})" if count > 1 else ""
     log.info("prepare%s: %d samples in %d shard(s) of %d, %d of them this process's, %d already "
              "complete; %s chat template, tokenizer %s, %d worker process(es)", where, len(samples),
@@ -234,10 +323,16 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
         renderers = Renderers(tokenizer, path, data.chat_template, workers)
         warn = Warnings()
         try:
-            for k in todo:
+            for done, k in enumerate(todo):
                 first = k * per_shard
-                write_shard(out / names[k], samples[first:first + per_shard], renderers, data,
-                             fingerprint, first, warn)
+                try:
+                    write_shard(out / names[k], samples[first:first + per_shard], renderers, data,
+                                fingerprint, first, warn)
+                except OSError as e:
+                    if e.errno not in _DISK_ERRNOS or (e.filename is not None
+                                                       and not _inside(e.filename, out)):
+                        raise   # a source file the user named: the CLI says which, as ever
+                    raise _write_failed(e, names[k], out, done) from None
         finally:
             renderers.close()
 
@@ -269,6 +364,48 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
     else:
         log.warning("prepare: no sample was written to %s; see the counts above", data.prepared)
     return report
+
+
+def _reusable(shard: Path, fingerprint: str) -> bool:
+    """Whether a shard left by an earlier run is this config's and whole: its shard.json has this
+    fingerprint, its files their sizes and their sha256 sums. A damaged one is said and written
+    again. Hashing costs one read of the shard, only on a rerun."""
+    record = read_shard_record(shard)
+    if (record or {}).get("fingerprint") != fingerprint:
+        return False
+    damage = shard_damage(shard, record)
+    if damage:
+        log.warning("prepare: %s: the shard is damaged; writing it again", damage)
+        return False
+    return True
+
+
+def _inside(file, directory: Path) -> bool:
+    return Path(os.path.abspath(file)).is_relative_to(os.path.abspath(directory))
+
+
+class WriteFailed(OSError):
+    """A write to data.prepared failed (a full disk): an OSError naming the folder, so the CLI
+    prints it as one line, `<folder>: <what, which disk, what to do>`, exit 1."""
+
+
+# The errors of a write that no path of the user's explains: the disk or a quota is full, the
+# file-size limit is reached, the device fails or is read-only.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
+
+
+def _write_failed(error: OSError, shard: str, out: Path, done: int | None) -> WriteFailed:
+    """A failed write (a full disk, a quota, a failing device) as one line for the CLI: which
+    disk, which folder, what is kept and what to do."""
+    full = disk_full(error, out)
+    reason = "no space left on device" if full else (error.strerror or first_line(error))
+    fix = "free space" if full else "fix what stopped the write"
+    kept = ("the complete shards are kept" if done is None else
+            f"the {done} shard(s) this run completed before are kept")
+    return WriteFailed(error.errno, f"writing {shard or 'to it'} failed: {reason} "
+                       f"({describe_disk(out)}); {kept} and its temporary files removed: {fix} "
+                       "and run `rega-engine prepare` again, it resumes from the complete shards",
+                       str(out))
 
 
 def _index(config, mixture: Mixture, records: list, names: list, pad_id: int, vocab_size: int,

@@ -59,6 +59,14 @@ class RowStats:
     reason."""
     files: dict = field(default_factory=dict)       # path -> {"read", "blank", "kept", "rejected"}
     rejected: Counter = field(default_factory=Counter)   # reason -> rows
+    # domain -> rows rejected for naming it without a role prompt (a misspelt domain shows here)
+    unknown_domains: Counter = field(default_factory=Counter)
+    # domain -> rows rejected for naming it in a file listed under another domain
+    mismatched_domains: Counter = field(default_factory=Counter)
+    # reason -> ("path:line", detail) of its first rejected row, to show in a summary
+    first: dict = field(default_factory=dict)
+    # domain -> "path:line" of the first row rejected for it (unknown or mismatched)
+    domain_origin: dict = field(default_factory=dict)
 
     def file(self, path: str) -> dict:
         return self.files.setdefault(path, {"read": 0, "blank": 0, "kept": 0, "rejected": 0})
@@ -69,9 +77,9 @@ class RowStats:
 
 
 class _Reject(Exception):
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, domain: str | None = None):
         super().__init__(detail)
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail, self.domain = reason, detail, domain
 
 
 def _check_messages(row: dict, *, instruction: bool) -> tuple:
@@ -153,7 +161,7 @@ def _check_row(row, *, source: str | None, source_key: str, known_domains: Colle
         if known_domains is not None and domain not in known_domains:
             raise _Reject("unknown domain", f"domain {domain!r} has no role prompt "
                           f"(known: {', '.join(known_domains)}); add roles.prompts.{domain} or fix "
-                          "the row")
+                          "the row", domain)
         if source is not None and domain != source:
             section = source_key.split(".")[0]
             hint = (f"; a file holding several domains goes in {section}.files, where each row's "
@@ -161,7 +169,7 @@ def _check_row(row, *, source: str | None, source_key: str, known_domains: Colle
                         "eval") and source_key != "data.pretrain" else "")
             raise _Reject("domain mismatch",
                           f"domain {domain!r} disagrees with the source this file is listed "
-                          f"under ({source_key}){hint}")
+                          f"under ({source_key}){hint}", domain)
     if distilled and (domain if source is None else source) != GENERAL_DOMAIN:
         raise _Reject("domain mismatch", f"a distilled (general) exemplar listed under {source_key}"
                       + (f" with domain {domain!r}" if source is None else ""))
@@ -216,6 +224,11 @@ def _rows(path, source, source_key, known_domains, instruction, bad_rows, stats,
                                     line_no) from None
                 counts["rejected"] += 1
                 stats.rejected[r.reason] += 1
+                stats.first.setdefault(r.reason, (f"{path}:{line_no}", r.detail))
+                if r.domain is not None:
+                    (stats.unknown_domains if r.reason == "unknown domain"
+                     else stats.mismatched_domains)[r.domain] += 1
+                    stats.domain_origin.setdefault(r.domain, f"{path}:{line_no}")
                 if warned < WARN_FIRST:
                     warned += 1
                     more = (" (further rejected rows of this file are only counted)"

@@ -6,7 +6,8 @@ evaluation all read the ids from this table, so a domain keeps its id across run
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import difflib
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..config import ConfigError, RolesConfig
@@ -68,3 +69,50 @@ class RoleTable:
                 raise ConfigError(f"{key}.{domain} has no role prompt: add roles.prompts.{domain} "
                                   "= \"...\" (role prompts exist for: "
                                   f"{', '.join(self.role_prompts) or 'none'})")
+
+
+# How alike a domain without rows and a domain the rows name must be for eval to call it a
+# misspelling (difflib's ratio; 'cookery' / 'cooking' is 0.57, 'law' / 'medicine' 0).
+MISSPELT_CUTOFF = 0.5
+
+
+def check_declared_domains(declared: Mapping[str, str], with_rows: Collection[str], stats, *,
+                           misspelt_only: bool = False, fix: str = "") -> None:
+    """Refuses a declared domain (`declared`: domain -> the config key declaring it) that has no
+    row in `with_rows`, naming the closest domain the rows do name: those rejected for having no
+    role prompt (`stats.unknown_domains`, a records.RowStats) first, as a misspelling shows there,
+    then those with rows. A typo must not train (or evaluate) a domain on nothing while its data
+    is skipped row by row. `misspelt_only`: only when some rejected rows name a close domain (eval,
+    where a domain may have no evaluation set on purpose); `fix` (formatted with domain and key)
+    ends the message otherwise."""
+    unknown = stats.unknown_domains
+    for domain, key in declared.items():
+        if domain in with_rows:
+            continue
+        if stats.mismatched_domains.get(domain) and not misspelt_only:
+            origin = stats.domain_origin.get(domain, "")
+            raise ConfigError(
+                f"{key}: no row of the data has domain {domain!r} where it counts: its "
+                f"{stats.mismatched_domains[domain]} rows were skipped for sitting in a file "
+                f"listed under another domain (first at {origin}); a file holding several "
+                "domains goes in data.files, where each row's domain decides")
+        close = difflib.get_close_matches(domain, list(unknown), n=1, cutoff=MISSPELT_CUTOFF)
+        if misspelt_only and not close:
+            continue
+        others = [d for d in with_rows if d != GENERAL_DOMAIN]
+        closest = close or difflib.get_close_matches(domain, [*unknown, *others], n=1, cutoff=0.0)
+        text = f"{key}: no row of the data has domain {domain!r}"
+        if closest and closest[0] in unknown:
+            name = closest[0]
+            origin = stats.domain_origin.get(name, "")
+            text += (f"; the closest domain the rows name is {name!r}, in {unknown[name]} rows "
+                     f"skipped for having no role prompt (first at {origin}): rename {key} to "
+                     f"{name!r}, or the rows' \"domain\" to {domain!r}")
+        elif closest:
+            text += (f"; the closest domain the rows name is {closest[0]!r} "
+                     f"(domains with rows: {', '.join(sorted(others))})")
+        else:
+            text += f" (the rows name no domain but {GENERAL_DOMAIN})"
+        if not (closest and closest[0] in unknown):
+            text += fix.format(domain=domain, key=key)
+        raise ConfigError(text)

@@ -321,6 +321,9 @@ def run_seed(seed: int, out: Path, sizes: Sizes, world_name: str, device: str,
     from ..tokenizer import train_tokenizer
     started, cpu_started, children_started = time.time(), time.process_time(), _children_cpu()
     generation_device = "cpu" if device == "cpu" else "auto"
+    # Absolute: the stage configs written under <out>/configs name these paths, and a config's
+    # relative paths are relative to its own folder (config.PATH_KEYS).
+    out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     for name in OWNED:
         shutil.rmtree(out / name, ignore_errors=True)

@@ -252,9 +252,10 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
     labels or with `logits_to_keep`, the original forward runs unchanged (it returns logits).
     """
     shift_labels = kwargs.get("shift_labels")
-    # transformers >= 5.24 calls it `cache` (then it is in kwargs)
+    # transformers >= 5.24 calls it `cache` (then it is in kwargs) and warns at the old name:
+    # passed on under the name the model's own forward takes.
     if past_key_values is not None:
-        kwargs["past_key_values"] = past_key_values
+        kwargs[_cache_name(type(self).forward)] = past_key_values
     if (labels is None and shift_labels is None) or not self.training or logits_to_keep:
         return self._rega_original_forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -296,10 +297,24 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
-    result = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+    # The cache by its current field name: reading or setting `past_key_values` on transformers
+    # >= 5.24's outputs logs a deprecation warning at every run's first step.
+    cache_field = _cache_name(CausalLMOutputWithPast)
+    result = CausalLMOutputWithPast(loss=loss, logits=None,
+                                    **{cache_field: getattr(outputs, cache_field, None)},
                                     hidden_states=outputs.hidden_states,
                                     attentions=outputs.attentions)
     return result.to_tuple() if return_dict is False else result
+
+
+def _cache_name(target) -> str:
+    """"cache" where a forward (its parameters) or an output class (its fields) knows it, as
+    transformers >= 5.24 does; "past_key_values" before."""
+    import inspect
+
+    fields = getattr(target, "__dataclass_fields__", None)
+    names = fields if fields is not None else inspect.signature(target).parameters
+    return "cache" if "cache" in names else "past_key_values"
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """The training loop: `rega-engine train --config run.toml` (or torchrun ... for several processes).
 
+Before anything is written, rank 0 claims the run's folder (train/run_dir.py): an exclusive lock
+naming this run (a second run into the same train.out_dir is refused, naming the holder), and a
+folder holding a finished run (hf/, eval.json, a completed log) is refused unless
+train.overwrite = true replaces it or --resume continues it.
+
 A run, in the four steps `_train` reads as:
   1. set up: the seeded RNGs, the prepared dataset and this rank's loaders, the model (built and
      parallelised by train/parallel.py) and AdamW, held together by one `Run`;
@@ -8,9 +13,15 @@ A run, in the four steps `_train` reads as:
      optimizer, loader positions, RNG states); the metrics log then opens at that step;
   3. train: `optimizer_step` after `optimizer_step` up to train.steps, with a log record every
      train.log_every steps and a checkpoint when the Checkpointer says one is due or a SIGTERM asks
-     the run to stop (then it stops after that step);
+     the run to stop (then it stops after that step, writes <out_dir>/preempted.json and exits
+     143);
   4. export: <out_dir>/hf in the compute dtype with the tokenizer files (model/hf_io.py), loadable
-     by transformers, when the run finished.
+     by transformers, when the run finished; a run resumed at its last step only exports. Then
+     the summary line and the loss plot (a plot that fails is a warning: the model is safe).
+
+A StallWatchdog (train/watchdog.py) names the ranks a stalled step waits for, and a collective
+that times out (train.collective_timeout_s) or loses its peer ends the run in one line naming
+the step and the last complete checkpoint.
 
 One optimizer step (`optimizer_step`, forward and backward in `forward_backward`; the training
 benchmark, benchmarks/bench_train.py, calls the very same function):
@@ -30,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 import signal
 import threading
 from collections.abc import Iterator, Sequence
@@ -43,11 +55,12 @@ import torch.distributed as dist
 
 from rega_engine.batch import PackedBatch
 from rega_engine.config import ConfigError, RunConfig, TrainConfig, validate_config
-from rega_engine.errors import TrainingError
+from rega_engine.errors import RegaError, TrainingError
 from rega_engine.kinds import check_kind_weights
 from rega_engine.log import get_logger
 from rega_engine.model import hf_io
-from rega_engine.train.checkpoint import Checkpointer
+from rega_engine.train import run_dir
+from rega_engine.train.checkpoint import Checkpointer, latest_checkpoint
 from rega_engine.train.fp8 import after_optimizer_step as fp8_after_optimizer_step
 from rega_engine.train.metrics import (
     DeviceSums,
@@ -58,6 +71,7 @@ from rega_engine.train.metrics import (
 )
 from rega_engine.train.parallel import Runtime, build_model, setup_runtime, teardown_runtime
 from rega_engine.train.schedule import lr_at, one_pass_text, steps_for_epochs
+from rega_engine.train.watchdog import StallWatchdog, default_store
 
 if TYPE_CHECKING:   # imported when the run starts, so that importing the loop stays light
     from rega_engine.data.dataset import TokenDataset
@@ -68,7 +82,9 @@ log = get_logger(__name__)
 # The exit status of a run that a SIGTERM stopped after saving a checkpoint: 128 + SIGTERM (15),
 # what a shell reports for a process the signal killed, so `train && eval` does not go on to
 # evaluate a model that does not exist yet, and what schedulers that requeue pre-empted jobs
-# look for (Slurm's --requeue, a Kubernetes Job's podFailurePolicy on exit code 143).
+# look for (Slurm's --requeue, a Kubernetes Job's podFailurePolicy on exit code 143). torchrun
+# exits 1 whatever its workers' status, so the run also leaves <out_dir>/preempted.json
+# (run_dir.PREEMPTED_FILE) for a requeue script to read.
 PREEMPTED_EXIT_CODE = 143
 
 
@@ -90,9 +106,16 @@ def train(config: RunConfig, *, loader_deals: Sequence[tuple[int, int]] | None =
             "--data.prepared=... at its output")
     if config.train.threads:   # before anything runs: a shared machine's cores (train.threads)
         torch.set_num_threads(config.train.threads)
-    runtime = setup_runtime(config.train.device, config.model.dtype)
+    runtime = setup_runtime(config.train.device, config.model.dtype,
+                            timeout_s=config.train.collective_timeout_s)
     try:
-        return _train(config, runtime, loader_deals)
+        lock = run_dir.claim(config.train.out_dir, resume=config.checkpoint.resume,
+                             overwrite=config.train.overwrite)
+        try:
+            return _train(config, runtime, loader_deals)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         teardown_runtime(runtime)
 
@@ -301,30 +324,94 @@ class Run:
 
 def _train(config: RunConfig, runtime: Runtime,
            loader_deals: Sequence[tuple[int, int]] | None) -> int:
-    run = _set_up(config, runtime, loader_deals)                      # 1. set up, 2. resume
+    timeout_s = config.train.collective_timeout_s
+    # Heartbeats often enough that a stall is named well within a short timeout, at most 1/s.
+    watchdog = StallWatchdog(rank=runtime.rank, world_size=runtime.world_size,
+                             timeout_s=timeout_s, heartbeat_s=min(1.0, timeout_s / 20),
+                             store=default_store() if runtime.world_size > 1 else None).start()
     stop = _StopRequest()
-    stop.install()
+    run = None
     finished = False
     try:
-        finished = _train_steps(run, stop)                            # 3. train
+        watchdog.begin("set-up", 0)
+        run = _set_up(config, runtime, loader_deals)                  # 1. set up, 2. resume
+        watchdog.end(typical=False)
+        stop.install()
+        finished = _train_steps(run, stop, watchdog)                  # 3. train
+        if finished:
+            _export(run, watchdog)                                    # 4. export
+    except Exception as error:
+        failure = _collective_failure(error, config, runtime, watchdog)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
+        watchdog.stop()
         stop.restore()
-        run.logger.close(plot=finished and config.train.plot)
-    # 4. export: merged + PEFT adapter
-    if finished and config.checkpoint.export and config.lora.rank:
+        if run is not None:
+            run.logger.close()
+    if finished:
+        # After the export: a plot that fails costs a picture, never the model.
+        if config.train.plot:
+            run.logger.plot()
+        run.logger.message(run.logger.summary(run.step))   # also with train.progress = false
+    return 0 if finished else PREEMPTED_EXIT_CODE
+
+
+def _export(run: Run, watchdog: StallWatchdog) -> None:
+    """Step 4: <out_dir>/hf (merged, plus the PEFT adapter for LoRA runs)."""
+    config, runtime = run.config, run.runtime
+    if not config.checkpoint.export:
+        return
+    watchdog.begin("the export", run.step)
+    if config.lora.rank:
         from rega_engine.model.lora import export_lora
         hf_dir = export_lora(run.model, run.out_dir, dtype=run.compute_dtype,
                              sharded=runtime.use_fsdp,
                              tokenizer_dir=config.data.tokenizer or config.model.path,
                              base_path=config.model.path)
-        log.info(f"exported the trained model to {hf_dir} (LoRA merged) and its adapter to "
-                 f"{run.out_dir / 'hf_adapter'}")
-    elif finished and config.checkpoint.export:                       # 4. export
+        run.logger.message(f"exported the trained model to {hf_dir} (LoRA merged) and its "
+                           f"adapter to {run.out_dir / 'hf_adapter'}")
+    else:
         hf_dir = hf_io.export_pretrained(
             run.model, run.out_dir / "hf", dtype=run.compute_dtype, sharded=runtime.use_fsdp,
             tokenizer_dir=config.data.tokenizer or config.model.path)
-        log.info(f"exported the trained model to {hf_dir}")
-    return 0 if finished else PREEMPTED_EXIT_CODE
+        run.logger.message(f"exported the trained model to {hf_dir}")
+    watchdog.end(typical=False)
+
+
+# What gloo (and NCCL, where it raises rather than aborts) says when a peer froze or went away.
+_COLLECTIVE_FAILURES = ("Timed out", "timed out", "Connection closed by peer",
+                        "Connection reset by peer", "Broken pipe")
+
+
+def _collective_failure(error: Exception, config: RunConfig, runtime: Runtime,
+                        watchdog: StallWatchdog) -> TrainingError | None:
+    """One line for a collective that timed out or lost a peer (a frozen, killed or unreachable
+    rank), naming the step and the last complete checkpoint; None for any other error."""
+    if runtime.world_size == 1 or isinstance(error, RegaError):
+        return None
+    text = str(error)
+    dist_error = getattr(dist, "DistError", ())
+    if not (isinstance(error, dist_error)
+            or (isinstance(error, RuntimeError) and any(s in text for s in _COLLECTIVE_FAILURES))):
+        return None
+    where = watchdog.phase or "the run"
+    latest = latest_checkpoint(config.train.out_dir)
+    resume = (f"Last complete checkpoint: {latest or 'none'}; run the same command with --resume "
+              "once every rank's host is healthy")
+    if "imed out" in text:
+        seen = f": {watchdog.last_report}" if watchdog.last_report else ""
+        return TrainingError(
+            f"{where}: rank {runtime.rank} waited train.collective_timeout_s = "
+            f"{config.train.collective_timeout_s:g} s for the other ranks and gave up{seen}. "
+            f"{resume} (or raise --train.collective_timeout_s if steps are this slow on purpose)")
+    # gloo's "[pair.cc:553] Connection closed by peer [10.0.0.2]:41602. This is typically ...":
+    # the first sentence, without the source location.
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", (text.strip().splitlines() or [""])[-1])
+    detail = detail.split(". ")[0][:200] or type(error).__name__
+    return TrainingError(f"{where}: rank {runtime.rank} lost its connection to another rank "
+                         f"({detail}): a rank died or its host went away. {resume}")
 
 
 def _set_up(config: RunConfig, runtime: Runtime,
@@ -351,11 +438,13 @@ def _set_up(config: RunConfig, runtime: Runtime,
     _check_vocab(config, dataset, model)
     optimizer = _make_optimizer(model, t, runtime.device)
     checkpointer = Checkpointer(t.out_dir, config.checkpoint, total_steps=t.steps, model=model,
-                                optimizer=optimizer, loaders=loaders, device=runtime.device)
+                                optimizer=optimizer, loaders=loaders, device=runtime.device,
+                                verify_data=config.data.verify)
     start = checkpointer.resume()
     logger = MetricsLogger(t.out_dir, domain_names=dataset.domain_names, total_steps=t.steps,
                            start_step=start.step, enabled=runtime.is_main, progress=t.progress,
-                           tensorboard=t.tensorboard, elapsed_offset=start.elapsed_s)
+                           tensorboard=t.tensorboard, elapsed_offset=start.elapsed_s,
+                           progress_every_s=t.progress_every_s)
     run = Run(config=config, runtime=runtime, dataset=dataset, model=model,
               compute_dtype=compute_dtype, optimizer=optimizer, loaders=loaders,
               checkpointer=checkpointer, logger=logger,
@@ -366,14 +455,19 @@ def _set_up(config: RunConfig, runtime: Runtime,
     return run
 
 
-def _train_steps(run: Run, stop: _StopRequest) -> bool:
+def _train_steps(run: Run, stop: _StopRequest, watchdog: StallWatchdog) -> bool:
     """Step 3: optimizer steps up to train.steps; False when a SIGTERM stopped the run first."""
     t = run.config.train
     runtime = run.runtime
+    if run.step >= t.steps:
+        run.logger.message(f"step {run.step} of {t.steps}: nothing left to train, only the "
+                           "export (the run stopped before it)")
+        return True
     batches = _micro_batches(run.loaders)
     run.logger.reset_clock()
     while run.step < t.steps:
         step = run.step + 1
+        watchdog.begin(f"step {step}", step)
         host = [next(batches) for _ in range(t.grad_accum)]
         lr = lr_at(step, lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps,
                    min_lr_ratio=t.min_lr_ratio)
@@ -390,16 +484,23 @@ def _train_steps(run: Run, stop: _StopRequest) -> bool:
                 "train.warmup_steps or check the data, then resume.") from None
         run.step = step
         _record(run, host, result)
+        watchdog.end()
         # Under several processes the vote travels with the next step's all-reduce, so every
         # rank stops after the same step; a single process acts on its own flag at once.
         stopping = result.stop_votes > 0 or (runtime.world_size == 1 and stop.requested)
         if stopping or run.checkpointer.due(step):
+            watchdog.begin(f"the checkpoint of step {step}", step)
             saved_at = run.checkpointer.save(step, elapsed_s=run.logger.elapsed())
+            watchdog.end(typical=False)
         if stopping:
+            # save() ends with a barrier: every rank's files are complete when rank 0 says so.
+            marker = (run_dir.write_preempted(run.out_dir, step=step, total_steps=t.steps,
+                                              checkpoint=saved_at) if runtime.is_main else None)
             run.logger.message(f"SIGTERM: stopped after step {step} of {t.steps}; checkpoint "
                                f"saved to {saved_at}. Not finished: exiting with status "
-                               f"{PREEMPTED_EXIT_CODE}; run the same command again with --resume "
-                               "(checkpoint.resume = true) to continue.")
+                               f"{PREEMPTED_EXIT_CODE} (and {marker}, for launchers such as "
+                               "torchrun that exit 1 whatever the status); run the same command "
+                               "again with --resume (checkpoint.resume = true) to continue.")
             return False
     return True
 

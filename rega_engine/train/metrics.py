@@ -1,5 +1,6 @@
-"""What a user sees of a run: per-step metrics, the JSONL log, a progress bar, TensorBoard scalars
-and, at the end, a PNG of the loss curves.
+"""What a user sees of a run: per-step metrics, the JSONL log, progress (a bar on a terminal, a
+plain line every train.progress_every_s elsewhere: rega_engine/progress.py), TensorBoard scalars
+and, at the end, a one-line summary and a PNG of the loss curves.
 
 Training never waits for the host because of metrics: token losses are summed per sample kind and
 per domain on the device (`DeviceSums`), and read back once per logged step.
@@ -33,6 +34,7 @@ import torch.distributed as dist
 
 from rega_engine.batch import IGNORE_INDEX, KINDS
 from rega_engine.log import get_logger
+from rega_engine.progress import Progress, format_seconds
 
 log = get_logger(__name__)
 
@@ -159,10 +161,11 @@ class DeviceSums:
 
 
 class MetricsLogger:
-    """The JSONL log, progress bar and TensorBoard of rank 0 (other ranks get a silent one).
+    """The JSONL log, progress and TensorBoard of rank 0 (other ranks get a silent one).
 
     One JSON object per logged step in <out_dir>/log.jsonl:
-      step, loss (the optimised objective, mean over the steps since the last record),
+      step, total_steps (the run's train.steps: a log whose last step is its total_steps is a
+      completed run's), loss (the optimised objective, mean over the steps since the last record),
       loss_by_kind {distilled, role, integration, pretrain}, loss_by_domain {name: ...} (mean token
       cross-entropy; null when the interval had no such token), loss_tokens_by_kind and
       loss_tokens_by_domain (the label tokens those losses are over), tokens (real tokens, all
@@ -174,10 +177,11 @@ class MetricsLogger:
 
     def __init__(self, out_dir: str | os.PathLike, *, domain_names: list[str], total_steps: int,
                  start_step: int, enabled: bool, progress: bool, tensorboard: bool,
-                 elapsed_offset: float = 0.0):
+                 elapsed_offset: float = 0.0, progress_every_s: float | None = None):
         self.out_dir = Path(out_dir)
         self.domain_names = list(domain_names)
         self.enabled = enabled
+        self.total_steps = total_steps
         self.log_path = self.out_dir / "log.jsonl"
         self.elapsed_offset = elapsed_offset
         self._start = time.perf_counter()
@@ -185,6 +189,10 @@ class MetricsLogger:
         self._file = None
         self._bar = None
         self._writer = None
+        # For the final summary: this process's training time and tokens, the last record.
+        self._trained_s = 0.0
+        self._trained_tokens = 0
+        self.last_record: dict | None = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,10 +200,8 @@ class MetricsLogger:
         self._file = open(self.log_path, "a", encoding="utf-8")
         if tensorboard:
             self._writer = _summary_writer(self.out_dir / "tensorboard")
-        if progress:
-            from tqdm.auto import tqdm
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                             desc="train", file=sys.stderr)
+        self._bar = Progress(total_steps, desc="train", unit="step", enabled=progress,
+                             every_s=progress_every_s, initial=start_step)
 
     def reset_clock(self) -> None:
         """Start the interval clock now (after model set-up, so that set-up is not throughput)."""
@@ -213,8 +219,11 @@ class MetricsLogger:
         now = time.perf_counter()
         seconds = now - self._last_time
         self._last_time = now
+        self._trained_s += seconds
+        self._trained_tokens += sums["tokens"]
         record = {
             "step": step,
+            "total_steps": self.total_steps,
             "loss": sums["loss"],
             "loss_by_kind": dict(zip(KINDS, sums["kind"])),
             "loss_by_domain": dict(zip(self.domain_names, sums["domain"])),
@@ -229,6 +238,7 @@ class MetricsLogger:
             "peak_memory_gib": peak_memory / 2**30,
             "elapsed_s": self.elapsed(),
         }
+        self.last_record = record
         if not self.enabled:
             return record
         self._file.write(json.dumps(record) + "\n")
@@ -257,12 +267,23 @@ class MetricsLogger:
     def message(self, text: str) -> None:
         if not self.enabled:
             return
-        if self._bar is not None:   # printed above the bar, which stays whole
-            self._bar.write(text, file=sys.stderr)
+        if self._bar is not None and self._bar.is_bar:   # printed above the bar, kept whole
+            self._bar.write(text)
         else:
             log.info(text)
 
-    def close(self, plot: bool = False) -> None:
+    def summary(self, step: int) -> str:
+        """The run's last line, printed with or without progress: where it ended, the last
+        logged loss and this process's mean throughput."""
+        parts = [f"train: finished step {step} of {self.total_steps}"]
+        if self.last_record is not None:
+            parts.append(f"loss {self.last_record['loss']:.4f}")
+        if self._trained_s > 0 and self._trained_tokens:
+            parts.append(f"{self._trained_tokens / self._trained_s:.0f} tokens/s")
+        parts.append(f"{format_seconds(self.elapsed())} elapsed")
+        return ", ".join(parts)
+
+    def close(self) -> None:
         if not self.enabled:
             return
         if self._bar is not None:
@@ -274,8 +295,20 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if plot:
-            plot_loss_curves(self.log_path, self.out_dir / "loss_curves.png")
+
+    def plot(self) -> Path | None:
+        """The loss curves' PNG; a plot that fails is a warning, never a failed run (the model is
+        already exported when this runs)."""
+        if not self.enabled:
+            return None
+        png = self.out_dir / "loss_curves.png"
+        try:
+            return plot_loss_curves(self.log_path, png)
+        except Exception as error:   # matplotlib missing or broken, a full disk, a bad record
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            log.warning(f"could not draw {png} ({type(error).__name__}: {reason}); the run "
+                        f"itself is complete (its log is {self.log_path})")
+            return None
 
 
 def _truncate_log(path: Path, start_step: int) -> None:

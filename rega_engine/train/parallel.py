@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -55,11 +56,14 @@ class Runtime:
         return self.rank == 0
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+def setup_runtime(device: str = "auto", dtype: str = "auto",
+                  timeout_s: float | None = None) -> Runtime:
     """Picks the device and compute dtype, and initialises the process group when launched by
     torchrun (NCCL on GPUs, gloo on CPU) or for mixed precision (a group of one, for FSDP2; where
     that cannot start, one warning and no group: _start_group_of_one). The values are
-    train.device and model.dtype as validate_config checked them."""
+    train.device and model.dtype as validate_config checked them; timeout_s
+    (train.collective_timeout_s) is how long a collective waits for the other ranks before it
+    fails (torch's default, 10 to 30 minutes, where None)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device = 'cuda' but torch sees no CUDA device "
                            f"(torch {torch.__version__}); use --train.device=cpu")
@@ -83,6 +87,9 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     if use_fsdp and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         kwargs = {"device_id": dev} if use_cuda else {}
+        if timeout_s is not None:
+            # gloo raises in the waiting collective; NCCL's watchdog aborts the process.
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
         if torchrun:
             dist.init_process_group(backend, **kwargs)
             owns = True
