@@ -22,6 +22,7 @@ from train_helpers import (  # noqa: E402
     run_config,
 )
 
+from rega_engine.errors import ConfigError  # noqa: E402
 from rega_engine.model.llama import CausalLM  # noqa: E402
 from rega_engine.train.checkpoint import checkpoint_root, complete_checkpoints  # noqa: E402
 from rega_engine.train.loop import PREEMPTED_EXIT_CODE, TrainingError, train  # noqa: E402
@@ -151,8 +152,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
 
     # The checkpoint before the NaN is whole: the run resumes from it and finishes.
     monkeypatch.setattr(CausalLM, "forward", forward)
-    with pytest.raises(TrainingError, match="pass --resume"):
-        train(config)   # a fresh run into the same out_dir would mix its checkpoints with these
+    # a fresh run into the same out_dir would mix its checkpoints with these: a usage mistake
+    with pytest.raises(ConfigError, match="pass --resume"):
+        train(config)
     config.checkpoint.resume = True
     assert train(config) == 0
     log = read_log(run_dir)
