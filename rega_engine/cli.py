@@ -62,7 +62,7 @@ READS = {
                 "train.seed"),
     "train": ("model", "data.prepared", "data.seq_len", "data.kind_weights", "data.tokenizer",
               "data.verify", "train",
-              "checkpoint", "lora"),
+              "checkpoint", "lora", "parallel"),
     "distill": ("distill", "roles", "model.path", "model.dtype", "data.tokenizer", "data.general",
                 "data.chat_template", "data.bad_rows", "train.threads", "train.progress",
                 "train.progress_every_s"),

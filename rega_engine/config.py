@@ -37,6 +37,8 @@ TXT_DOCUMENTS = ("file", "blank_line")
 PRECISIONS = ("bf16", "fp8")
 # torchao's float8 recipes (train/fp8.py)
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+# parallel.accumulate: what the micro-batches before a step's last one communicate (train/loop.py)
+ACCUMULATE_MODES = ("unsharded", "sharded")
 # FP8 GEMMs (cuBLAS) need their dimensions, the tokens of a micro-batch too, in multiples of 16
 FP8_DIM_MULTIPLE = 16
 
@@ -182,6 +184,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The data-parallel processes form one dp_replicate x dp_shard device mesh (HSDP, FSDP2;
+    train/parallel.py): each parameter is sharded over the dp_shard processes of a group and the
+    dp_replicate groups hold one copy each, so that only the once-per-step all-reduce of the
+    gradient shards crosses groups (nodes). The product must be the number of processes."""
+
+    # groups holding a full copy of the sharded model (typically the number of nodes); -1 = what
+    # parallel.dp_shard leaves of the processes
+    dp_replicate: int = 1
+    # processes one copy of the model is sharded over; -1 = every process dp_replicate leaves (the
+    # default 1 x all is plain FSDP); "auto" = the processes of one node (torchrun's
+    # LOCAL_WORLD_SIZE)
+    dp_shard: int | str = -1
+    # gradient accumulation: sharded (reduce-scatter within dp_shard every micro-batch, the
+    # all-reduce across dp_replicate, the slow inter-node links, once per step: gradient memory
+    # stays sharded, as before HSDP) | unsharded (micro-batches before a step's last communicate
+    # nothing; each rank keeps its gradients unsharded meanwhile, in fp32: 4 bytes a parameter,
+    # 32 GB for an 8B model, so it is not the default)
+    accumulate: str = "sharded"
+
+
+@dataclass
 class DistillConfig:
     # general instructions (JSONL without the final assistant turn)
     instructions: str = ""
@@ -224,6 +248,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -263,6 +288,11 @@ def _closest(name: str, options, prefix: str = "") -> str:
 def _coerce(value, annotation, where: str):
     """Check a TOML value against the dataclass field's type; ints are accepted where floats are,
     and one string where a list (of paths) is."""
+    if annotation == "int | str":   # a count or a word (parallel.dp_shard = 8 or "auto")
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer or a string, got "
+                              f"{type(value).__name__} {value!r}")
+        return value
     kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict,
             "list": list}[annotation]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -543,6 +573,30 @@ def _check_precision(t: TrainConfig, d: DataConfig) -> None:
             f"{FP8_DIM_MULTIPLE}, e.g. {-(-d.seq_len // FP8_DIM_MULTIPLE) * FP8_DIM_MULTIPLE}")
 
 
+def _check_parallel(p: ParallelConfig) -> None:
+    """What the values alone decide; their product against the number of processes is checked
+    where that is known (train/parallel.py mesh_shape)."""
+    _one_of("parallel.accumulate", p.accumulate, ACCUMULATE_MODES)
+    if isinstance(p.dp_replicate, bool) or not isinstance(p.dp_replicate, int) \
+            or not (p.dp_replicate >= 1 or p.dp_replicate == -1):
+        raise ConfigError(f"parallel.dp_replicate = {p.dp_replicate!r}: expected an integer >= 1, "
+                          "or -1 (what parallel.dp_shard leaves of the processes)")
+    if isinstance(p.dp_shard, str):
+        if p.dp_shard != "auto":
+            raise ConfigError(f"parallel.dp_shard = {p.dp_shard!r}: expected an integer >= 1, -1 "
+                              "(every process parallel.dp_replicate leaves) or \"auto\" (the "
+                              "processes of one node)")
+    elif isinstance(p.dp_shard, bool) or not isinstance(p.dp_shard, int) \
+            or not (p.dp_shard >= 1 or p.dp_shard == -1):
+        raise ConfigError(f"parallel.dp_shard = {p.dp_shard!r}: expected an integer >= 1, -1 "
+                          "(every process parallel.dp_replicate leaves) or \"auto\" (the "
+                          "processes of one node)")
+    if p.dp_replicate == -1 and p.dp_shard == -1:
+        raise ConfigError("parallel.dp_replicate = -1 and parallel.dp_shard = -1: at most one of "
+                          "them can take what the other leaves; give the other a number (or "
+                          "parallel.dp_shard = \"auto\", the processes of one node)")
+
+
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -582,6 +636,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     _check_eval(config.eval)
     _check_precision(config.train, config.data)
     _check_lora(config.lora, config.train)
+    _check_parallel(config.parallel)
     return config
 
 

@@ -30,7 +30,11 @@ benchmark, benchmarks/bench_train.py, calls the very same function):
      step trains on, over all micro-batches and all ranks (one collective per step);
   3. per micro-batch: loss = sum(w * token_loss) / W ("sum" reduction with weights w / W), then
      backward. Summed over micro-batches and ranks this is exactly the global weighted mean, however
-     the documents were packed or dealt; gradients accumulate in .grad;
+     the documents were packed or dealt; gradients accumulate in .grad. Under FSDP2 the
+     micro-batches before the last cross no replica group (parallel.accumulate = "sharded", the
+     default: reduce-scatter within the dp_shard group, the all-reduce across replica groups
+     only in the last) or reduce nothing at all ("unsharded": each rank sums its unsharded
+     gradients, reduced once in the last backward);
   4. gradient norm (global, also over DTensor shards), clipping, AdamW with the scheduled lr.
 Metrics stay on the device and are read once per logged step; the host synchronises once per step
 to check the loss is finite before the update is applied (so a NaN never reaches the weights, let
@@ -107,7 +111,7 @@ def train(config: RunConfig, *, loader_deals: Sequence[tuple[int, int]] | None =
     if config.train.threads:   # before anything runs: a shared machine's cores (train.threads)
         torch.set_num_threads(config.train.threads)
     runtime = setup_runtime(config.train.device, config.model.dtype,
-                            timeout_s=config.train.collective_timeout_s)
+                            timeout_s=config.train.collective_timeout_s, parallel=config.parallel)
     try:
         lock = run_dir.claim(config.train.out_dir, resume=config.checkpoint.resume,
                              overwrite=config.train.overwrite)
@@ -128,7 +132,7 @@ def _make_loaders(config: RunConfig, dataset, runtime: Runtime,
                   loader_deals: Sequence[tuple[int, int]] | None) -> list:
     from rega_engine.data.loader import PackedLoader
     if loader_deals is None:
-        deals = [(runtime.rank, runtime.world_size)]
+        deals = [(runtime.dp_rank, runtime.dp_size)]   # CP / TP peers would read the same rows
     else:
         deals = [(int(r), int(w)) for r, w in loader_deals]
         if runtime.world_size != 1:
@@ -227,14 +231,17 @@ class StepResult:
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    micro_batches: list[PackedBatch], *, lr: float, grad_clip: float, step: int,
                    world_size: int = 1, distributed: bool = False,
-                   sums: DeviceSums | None = None, stop_requested: bool = False) -> StepResult:
+                   sums: DeviceSums | None = None, stop_requested: bool = False,
+                   accumulate: str = "sharded") -> StepResult:
     """One optimizer step over micro-batches already on the device: forward and backward, the
     global gradient norm and clipping (grad_clip 0: none), then AdamW at `lr` and zeroed
     gradients. Its one host synchronisation checks loss and norm first: a non-finite step raises
-    NonFiniteStep naming `step`, and the update never reaches the weights."""
+    NonFiniteStep naming `step`, and the update never reaches the weights. world_size: the
+    data-parallel ranks (Runtime.dp_size); accumulate: parallel.accumulate."""
     step_loss, stop_votes = forward_backward(model, micro_batches, world_size=world_size,
                                              distributed=distributed, sums=sums,
-                                             stop_flag=float(stop_requested))
+                                             stop_flag=float(stop_requested),
+                                             accumulate=accumulate)
     norm = grad_norm_and_clip(model, grad_clip)
     loss_value, norm_value, votes = torch.stack(
         [step_loss.double(), norm.double(), stop_votes]).tolist()   # the step's one sync
@@ -251,7 +258,8 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def forward_backward(model: torch.nn.Module, batches: list[PackedBatch], *, world_size: int,
                      distributed: bool, sums: DeviceSums | None = None,
-                     stop_flag: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     stop_flag: float = 0.0,
+                     accumulate: str = "sharded") -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over one optimizer step's micro-batches (already on the device).
 
     Leaves in .grad the gradient of  sum(w * token_loss) / W  over every micro-batch of every rank,
@@ -267,18 +275,36 @@ def forward_backward(model: torch.nn.Module, batches: list[PackedBatch], *, worl
     # A step whose every label is ignored has W = 0 and all weights 0: its loss is 0, not 0/0.
     total_weight = local[0].clamp(min=1e-30).to(torch.float32)
     step_loss = torch.zeros((), dtype=torch.float32, device=local.device)
-    for b in batches:
+    for i, b in enumerate(batches):
+        _gradient_sync(model, last=i == len(batches) - 1, accumulate=accumulate)
         out = model(b.input_ids, position_ids=b.position_ids, cu_seqlens=b.cu_seqlens,
                     max_seqlen=b.max_seqlen, labels=b.labels,
                     loss_weights=b.loss_weights / total_weight, reduction="sum",
                     return_token_losses=sums is not None)
-        # FSDP averages gradients over ranks; the objective is their sum, so scale by the world
-        # size (exact for powers of two, and independent of torch's reduce-op defaults).
+        # FSDP averages gradients over the data-parallel ranks (HSDP: over dp_shard in the
+        # reduce-scatter, then over dp_replicate in the all-reduce); the objective is their sum,
+        # so scale by their number (exact for powers of two, and independent of torch's reduce-op
+        # defaults).
         (out.loss * world_size if world_size > 1 else out.loss).backward()
         step_loss += out.loss.detach().float()
         if sums is not None:
             sums.add_tokens(out.token_losses, b.labels, b.kind_ids, b.domain_ids)
     return step_loss, local[1]
+
+
+def _gradient_sync(model: torch.nn.Module, *, last: bool, accumulate: str) -> None:
+    """FSDP2's gradient-sync switches on the root module, set before each micro-batch's backward:
+    only the last one reduces. Reducing the sum once equals reducing each micro-batch's share (the
+    reduction is linear), and the micro-batches before it then cost no communication: "unsharded"
+    keeps a full fp32 gradient per rank until the last backward; "sharded" still reduce-scatters
+    within the dp_shard group (fast links, gradients stay sharded) and skips only the all-reduce
+    across replica groups. A plain model (no FSDP2) accumulates locally and has nothing to skip."""
+    if not hasattr(model, "set_requires_gradient_sync"):
+        return
+    if accumulate == "sharded":
+        model.set_requires_all_reduce(last)
+    else:
+        model.set_requires_gradient_sync(last)
 
 
 def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
@@ -474,9 +500,10 @@ def _train_steps(run: Run, stop: _StopRequest, watchdog: StallWatchdog) -> bool:
         try:
             result = optimizer_step(run.model, run.optimizer, [b.to(runtime.device) for b in host],
                                     lr=lr, grad_clip=t.grad_clip, step=step,
-                                    world_size=runtime.world_size,
+                                    world_size=runtime.dp_size,
                                     distributed=runtime.distributed, sums=run.sums,
-                                    stop_requested=stop.requested)
+                                    stop_requested=stop.requested,
+                                    accumulate=run.config.parallel.accumulate)
         except NonFiniteStep as error:
             raise TrainingError(
                 f"{error} and no checkpoint was written. Last complete checkpoint: "

@@ -5,6 +5,13 @@ outside, one decoder block at a time (as torchtitan separates model.py from para
 FP8 linear layers (train.precision = "fp8", train/fp8.py), then activation checkpointing, then
 torch.compile, then FSDP2 `fully_shard` per block and at the root.
 
+The mesh (built once, in setup_runtime): parallel.dp_replicate x parallel.dp_shard processes, dims
+("dp_replicate", "dp_shard"), rank = replicate index * dp_shard + shard index (init_device_mesh's
+row-major order), which is also the data-parallel rank the loader deals rows by. FSDP2 shards over
+"dp_shard" and, given both dims, replicates over "dp_replicate" (HSDP: a reduce-scatter within
+the group, then an all-reduce of the shards across groups). With dp_replicate = 1 FSDP2 gets the
+"dp_shard" dim alone: plain FSDP, no all-reduce over a group of one.
+
 When FSDP is used: whenever the run is launched by torchrun, and whenever the compute dtype is
 not fp32 (always on CUDA, where it is bf16), even in one process (then with a process group of
 one). FSDP2's MixedPrecisionPolicy is what gives fp32 master weights and optimizer state with bf16
@@ -27,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rega_engine.config import ALTERNATIVES, ConfigError, ModelConfig
+from rega_engine.config import ALTERNATIVES, ConfigError, ModelConfig, ParallelConfig
 from rega_engine.distributed import launched_by_torchrun
 from rega_engine.log import get_logger
 
@@ -43,8 +50,33 @@ class Runtime:
     world_size: int
     local_rank: int
     use_fsdp: bool
-    mesh: object = None           # DeviceMesh when use_fsdp
+    mesh: object = None           # DeviceMesh ("dp_replicate", "dp_shard") when use_fsdp
     owns_process_group: bool = False
+    dp_replicate: int = 1         # the mesh's shape (parallel.dp_replicate x parallel.dp_shard)
+    dp_shard: int = 1
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: the ranks that read different rows and whose gradients FSDP2
+        averages (all of them while there is no CP or TP)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel coordinate, replicate index * dp_shard + shard index: the
+        deal of rows it reads (the global rank while there is no CP or TP)."""
+        if self.mesh is None:
+            return self.rank
+        return (self.mesh.get_local_rank("dp_replicate") * self.dp_shard
+                + self.mesh.get_local_rank("dp_shard"))
+
+    @property
+    def fsdp_mesh(self):
+        """The mesh fully_shard gets: 2-D (HSDP) when there are replica groups, else the dp_shard
+        dim alone (plain FSDP)."""
+        if self.mesh is None or self.dp_replicate > 1:
+            return self.mesh
+        return self.mesh["dp_shard"]
 
     @property
     def distributed(self) -> bool:
@@ -56,14 +88,46 @@ class Runtime:
         return self.rank == 0
 
 
+def mesh_shape(parallel: ParallelConfig | None, world_size: int,
+               local_world_size: int) -> tuple[int, int]:
+    """(dp_replicate, dp_shard) for `world_size` processes, `local_world_size` of them per node:
+    -1 takes what the other leaves, dp_shard "auto" the node's processes. A ConfigError naming the
+    keys when they do not multiply to the world size."""
+    parallel = parallel or ParallelConfig()
+    replicate, shard = parallel.dp_replicate, parallel.dp_shard
+    given = (f"parallel.dp_replicate = {replicate!r}, parallel.dp_shard = {shard!r}"
+             f"{f' (LOCAL_WORLD_SIZE {local_world_size})' if shard == 'auto' else ''}")
+    if shard == "auto":
+        shard = local_world_size
+    for key, value, other in (("parallel.dp_replicate", replicate, shard),
+                              ("parallel.dp_shard", shard, replicate)):
+        if value == -1:
+            if world_size % other:
+                raise ConfigError(f"{given}: {key} = -1 takes what the other leaves of the "
+                                  f"{world_size} process(es), but {other} does not divide "
+                                  f"{world_size}")
+    if replicate == -1:
+        replicate = world_size // shard
+    if shard == -1:
+        shard = world_size // replicate
+    if replicate * shard != world_size:
+        raise ConfigError(f"{given}: a mesh of {replicate} x {shard} = {replicate * shard} "
+                          f"process(es), but this run has {world_size} (WORLD_SIZE); make "
+                          "parallel.dp_replicate x parallel.dp_shard equal it, or set one of them "
+                          "to -1 to take what the other leaves")
+    return replicate, shard
+
+
 def setup_runtime(device: str = "auto", dtype: str = "auto",
-                  timeout_s: float | None = None) -> Runtime:
+                  timeout_s: float | None = None,
+                  parallel: ParallelConfig | None = None) -> Runtime:
     """Picks the device and compute dtype, and initialises the process group when launched by
     torchrun (NCCL on GPUs, gloo on CPU) or for mixed precision (a group of one, for FSDP2; where
     that cannot start, one warning and no group: _start_group_of_one). The values are
     train.device and model.dtype as validate_config checked them; timeout_s
     (train.collective_timeout_s) is how long a collective waits for the other ranks before it
-    fails (torch's default, 10 to 30 minutes, where None)."""
+    fails (torch's default, 10 to 30 minutes, where None). `parallel` ([parallel]) shapes the
+    mesh (mesh_shape); its product is checked against the world size before any group starts."""
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device = 'cuda' but torch sees no CUDA device "
                            f"(torch {torch.__version__}); use --train.device=cpu")
@@ -81,6 +145,9 @@ def setup_runtime(device: str = "auto", dtype: str = "auto",
     else:
         dev = torch.device("cpu")
     compute_dtype = resolve_dtype(dtype, dev)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if torchrun else 1
+    # Before the process group: a wrong shape fails at once on every rank, not in a collective.
+    replicate, shard = mesh_shape(parallel, world, local_world)
     use_fsdp = torchrun or compute_dtype != torch.float32
     owns = False
     mesh = None
@@ -97,11 +164,41 @@ def setup_runtime(device: str = "auto", dtype: str = "auto",
             owns = use_fsdp = _start_group_of_one(backend, dev, compute_dtype, kwargs)
     if use_fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+        mesh = init_device_mesh(dev.type, (replicate, shard),
+                                mesh_dim_names=("dp_replicate", "dp_shard"),
+                                backend_override=_subgroup_timeouts((replicate, shard), dev,
+                                                                    timeout_s))
         rank, world = dist.get_rank(), dist.get_world_size()
     return Runtime(device=dev, dtype=compute_dtype, rank=rank, world_size=world,
                    local_rank=local_rank,
-                   use_fsdp=use_fsdp, mesh=mesh, owns_process_group=owns)
+                   use_fsdp=use_fsdp, mesh=mesh, owns_process_group=owns,
+                   dp_replicate=replicate, dp_shard=shard)
+
+
+def _subgroup_timeouts(shape: tuple[int, ...], device: torch.device,
+                       timeout_s: float | None) -> dict | None:
+    """init_device_mesh's backend_override giving the mesh's own process groups (a dim smaller than
+    the world) train.collective_timeout_s: torch creates them with its default timeout (30 min for
+    gloo), not the default group's. A dim spanning the world reuses the default group (it already
+    has the timeout; an override would make torch create a second one)."""
+    if timeout_s is None:
+        return None
+    world = dist.get_world_size()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    overrides = {}
+    try:   # the options types are torch's (Gloo's private): a release without them keeps defaults
+        options_type = dist.ProcessGroupNCCL.Options if backend == "nccl" \
+            else dist.ProcessGroupGloo._Options
+        for dim, size in enumerate(shape):
+            if size < world:
+                options = options_type()
+                options._timeout = timedelta(seconds=timeout_s)
+                overrides[dim] = (backend, options)
+    except (AttributeError, TypeError) as error:
+        log.warning(f"the mesh's process groups keep torch's default timeout ({error}); "
+                    "train.collective_timeout_s holds for the default group only")
+        return None
+    return overrides or None
 
 
 def _start_group_of_one(backend: str, device: torch.device, compute_dtype: torch.dtype,
@@ -178,7 +275,8 @@ def compile_block(block: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype) -> None:
-    """fully_shard each decoder block, then the root (embeddings, final norm, LM head)."""
+    """fully_shard each decoder block, then the root (embeddings, final norm, LM head). A 2-D
+    mesh ("dp_replicate", "dp_shard") makes it HSDP."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:   # torch 2.4 / 2.5 kept FSDP2 under _composable
@@ -267,7 +365,7 @@ def build_model(config: ModelConfig, runtime: Runtime, *, seed: int, precision: 
             compile_block(block)
 
     if runtime.use_fsdp:
-        apply_fsdp(model, runtime.mesh, compute_dtype)
+        apply_fsdp(model, runtime.fsdp_mesh, compute_dtype)
         model.to_empty(device=runtime.device)
         if kind == "path":
             load_state_dict_into(model, source)
