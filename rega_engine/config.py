@@ -159,6 +159,10 @@ class TrainConfig:
     # with precision fp8: tensorwise (fastest; FSDP all-gathers weights in FP8) | rowwise |
     # rowwise_with_gw_hp (weight gradient in high precision)
     fp8_recipe: str = "tensorwise"
+    # [a, b]: a torch profiler trace (Chrome trace JSON, chrome://tracing or Perfetto) of steps a
+    # to b, both counted, written to <out_dir>/profile/; [] = none
+    profile_steps: list = field(default_factory=list)
+    profile_all_ranks: bool = False     # train.profile_steps on every rank, not only rank 0
 
 
 @dataclass
@@ -539,9 +543,26 @@ def _check_train(t: TrainConfig, c: CheckpointConfig, given: set) -> None:
     if not t.eps > 0:
         raise ConfigError(f"train.eps = {t.eps}: must be > 0")
     _within("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0)
+    _check_profile_steps(t.profile_steps)
     for key, beta in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
         if not 0 <= beta < 1:
             raise ConfigError(f"{key} = {beta}: must be in [0, 1)")
+
+
+def _check_profile_steps(steps) -> None:
+    """train.profile_steps: [] or [first, last], steps counted from 1 as in the log."""
+    if not steps:
+        return
+    if not isinstance(steps, list) or len(steps) != 2 \
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in steps):
+        raise ConfigError(f"train.profile_steps = {steps!r}: expected [first, last], two step "
+                          "numbers (e.g. [10, 12]), or [] for no trace")
+    first, last = steps
+    if first < 1:
+        raise ConfigError(f"train.profile_steps = {steps!r}: the first step must be >= 1 (steps "
+                          "count from 1, as in log.jsonl)")
+    if first > last:
+        raise ConfigError(f"train.profile_steps = {steps!r}: the first step must be <= the last")
 
 
 def _check_distill(d: DistillConfig) -> None:

@@ -130,7 +130,8 @@ def test_log_has_per_kind_and_per_domain_fields(tmp_path):
     assert [r["step"] for r in log] == [2, 4, 5]   # every 2 steps, and the last one
     expected_keys = {"step", "total_steps", "loss", "loss_by_kind", "loss_by_domain", "tokens",
                      "tokens_per_s", "mfu", "grad_norm", "lr", "peak_memory_gib", "elapsed_s",
-                     "loss_tokens_by_kind", "loss_tokens_by_domain"}
+                     "loss_tokens_by_kind", "loss_tokens_by_domain", "data_wait_s",
+                     "checkpoint_s"}
     dataset_tokens_per_row_max = 64
     for r in log:
         assert set(r) == expected_keys

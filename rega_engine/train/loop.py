@@ -14,7 +14,9 @@ A run, in the four steps `_train` reads as:
   3. train: `optimizer_step` after `optimizer_step` up to train.steps, with a log record every
      train.log_every steps and a checkpoint when the Checkpointer says one is due or a SIGTERM asks
      the run to stop (then it stops after that step, writes <out_dir>/preempted.json and exits
-     143);
+     143); the log's data_wait_s and checkpoint_s time the host's wait for the loader and the
+     saves (perf_counter on the host, no device sync added), and train.profile_steps traces a
+     few steps with the torch profiler (`_StepProfiler`);
   4. export: <out_dir>/hf in the compute dtype with the tokenizer files (model/hf_io.py), loadable
      by transformers, when the run finished; a run resumed at its last step only exports. Then
      the summary line and the loss plot (a plot that fails is a warning: the model is safe).
@@ -48,7 +50,9 @@ import random
 import re
 import signal
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -484,17 +488,37 @@ def _set_up(config: RunConfig, runtime: Runtime,
 def _train_steps(run: Run, stop: _StopRequest, watchdog: StallWatchdog) -> bool:
     """Step 3: optimizer steps up to train.steps; False when a SIGTERM stopped the run first."""
     t = run.config.train
-    runtime = run.runtime
     if run.step >= t.steps:
         run.logger.message(f"step {run.step} of {t.steps}: nothing left to train, only the "
                            "export (the run stopped before it)")
         return True
     batches = _micro_batches(run.loaders)
+    profiler = _StepProfiler.for_run(run)
     run.logger.reset_clock()
+    try:
+        return _steps(run, stop, watchdog, batches, profiler)
+    finally:
+        if profiler is not None:
+            profiler.close()   # also when a SIGTERM or an error ends the run inside the window
+
+
+def _steps(run: Run, stop: _StopRequest, watchdog: StallWatchdog,
+           batches: Iterator[PackedBatch], profiler: _StepProfiler | None) -> bool:
+    """The steps themselves, for `_train_steps`, which stops the profiler however they end."""
+    t = run.config.train
+    runtime = run.runtime
     while run.step < t.steps:
         step = run.step + 1
         watchdog.begin(f"step {step}", step)
-        host = [next(batches) for _ in range(t.grad_accum)]
+        if profiler is not None:
+            profiler.begin(step)
+        # The host's wait for this step's micro-batches: the loader's prefetch thread makes them
+        # while the device runs the previous step, so anything above ~0 here is the loader not
+        # keeping up. Timed on the host only: the batches are host tensors until .to() below.
+        waiting = time.perf_counter()
+        with profiler.region("data wait") if profiler is not None else nullcontext():
+            host = [next(batches) for _ in range(t.grad_accum)]
+        data_wait_s = time.perf_counter() - waiting
         lr = lr_at(step, lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps,
                    min_lr_ratio=t.min_lr_ratio)
         try:
@@ -510,14 +534,16 @@ def _train_steps(run: Run, stop: _StopRequest, watchdog: StallWatchdog) -> bool:
                 f"{run.checkpointer.latest() or 'none'}. Lower train.lr, raise "
                 "train.warmup_steps or check the data, then resume.") from None
         run.step = step
-        _record(run, host, result)
+        _record(run, host, result, data_wait_s)
         watchdog.end()
         # Under several processes the vote travels with the next step's all-reduce, so every
         # rank stops after the same step; a single process acts on its own flag at once.
         stopping = result.stop_votes > 0 or (runtime.world_size == 1 and stop.requested)
         if stopping or run.checkpointer.due(step):
             watchdog.begin(f"the checkpoint of step {step}", step)
+            saving = time.perf_counter()   # save() ends with a barrier: the slowest rank's time
             saved_at = run.checkpointer.save(step, elapsed_s=run.logger.elapsed())
+            run.logger.checkpoint_done(time.perf_counter() - saving)
             watchdog.end(typical=False)
         if stopping:
             # save() ends with a barrier: every rank's files are complete when rank 0 says so.
@@ -529,17 +555,99 @@ def _train_steps(run: Run, stop: _StopRequest, watchdog: StallWatchdog) -> bool:
                                "torchrun that exit 1 whatever the status); run the same command "
                                "again with --resume (checkpoint.resume = true) to continue.")
             return False
+        if profiler is not None:
+            profiler.end(step)   # after the checkpoint: a save inside the window is traced too
     return True
 
 
-def _record(run: Run, host: list[PackedBatch], result: StepResult) -> None:
+class _StepProfiler:
+    """train.profile_steps = [first, last]: a torch.profiler trace of those steps (data wait,
+    forward, backward, optimizer, a checkpoint if one falls in the window; CUDA kernels on a GPU)
+    written as Chrome trace JSON to <out_dir>/profile/steps<first>-<last>-rank<r>.json, on rank 0
+    or, with train.profile_all_ranks, on every rank. Outside the window the loop pays nothing
+    but an `is not None` test; inside it, the profiler's own overhead, and writing the trace
+    after the window's last step, show in the records' tokens_per_s."""
+
+    def __init__(self, first: int, last: int, path: Path, device: torch.device,
+                 logger: MetricsLogger):
+        self.first, self.last, self.path = first, last, path
+        self._device, self._logger = device, logger
+        self._profile = None
+        self._step_range = None
+
+    @classmethod
+    def for_run(cls, run: Run) -> _StepProfiler | None:
+        t = run.config.train
+        if not t.profile_steps or not (run.runtime.is_main or t.profile_all_ranks):
+            return None
+        first, last = t.profile_steps
+        if first > t.steps or last <= run.step:
+            where = (f"beyond train.steps = {t.steps}" if first > t.steps
+                     else f"before step {run.step + 1}, where this run resumes")
+            run.logger.message(f"train.profile_steps = {t.profile_steps}: {where}; no trace")
+            return None
+        first, last = max(first, run.step + 1), min(last, t.steps)
+        path = run.out_dir / "profile" / f"steps{first}-{last}-rank{run.runtime.rank}.json"
+        return cls(first, last, path, run.runtime.device, run.logger)
+
+    def begin(self, step: int) -> None:
+        if step == self.first:
+            from torch.profiler import ProfilerActivity, profile
+            activities = [ProfilerActivity.CPU]
+            if self._device.type == "cuda":
+                activities.append(ProfilerActivity.CUDA)
+            try:
+                self._profile = profile(activities=activities, record_shapes=True)
+                self._profile.start()
+            except Exception as error:   # a profiler that cannot start costs the trace, not the run
+                self._profile = None
+                log.warning(f"train.profile_steps: the torch profiler did not start "
+                            f"({type(error).__name__}: {error}); no trace")
+        if self._profile is not None:   # a named range per step, as the log counts them
+            self._step_range = torch.profiler.record_function(f"step {step}")
+            self._step_range.__enter__()
+
+    def region(self, name: str):
+        return torch.profiler.record_function(name) if self._profile is not None \
+            else nullcontext()
+
+    def end(self, step: int) -> None:
+        if self._step_range is not None:
+            self._step_range.__exit__(None, None, None)
+            self._step_range = None
+        if step == self.last:
+            self.close()
+
+    def close(self) -> None:
+        """Stops the profiler and writes the trace (of the steps traced so far, when the run
+        ends inside the window); a trace that cannot be written is a warning, never a failure."""
+        if self._profile is None:
+            return
+        profile, self._profile = self._profile, None
+        if self._step_range is not None:   # the run stopped in the middle of a step
+            self._step_range.__exit__(None, None, None)
+            self._step_range = None
+        try:
+            profile.stop()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            profile.export_chrome_trace(str(self.path))
+        except Exception as error:   # a full disk, a profiler that failed to start on a device
+            log.warning(f"train.profile_steps: could not write {self.path} "
+                        f"({type(error).__name__}: {error})")
+            return
+        self._logger.message(f"profiled steps {self.first}-{self.last}: {self.path} (open it in "
+                             "https://ui.perfetto.dev or chrome://tracing)")
+
+
+def _record(run: Run, host: list[PackedBatch], result: StepResult,
+            data_wait_s: float = 0.0) -> None:
     """Adds the step to the device sums; every train.log_every steps (and at the last), reads
     them back and writes the log record."""
     tokens = sum(b.num_real_tokens for b in host)
     flops = sum(run.flops_per_token * b.num_real_tokens
                 + run.model.attention_flops(document_lengths(b)) for b in host)
     run.sums.add_step(result.loss, tokens, flops)
-    run.logger.step_done()
+    run.logger.step_done(data_wait_s)
     t = run.config.train
     if run.step % t.log_every == 0 or run.step == t.steps:
         run.logger.log(run.step, run.sums.collect(run.runtime.distributed),

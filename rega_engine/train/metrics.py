@@ -172,7 +172,12 @@ class MetricsLogger:
       ranks),
       tokens_per_s, mfu (null when the device peak is unknown), grad_norm (before clipping, of the
       step logged), lr, peak_memory_gib (rank 0), elapsed_s (since the start of this process, plus
-      the elapsed time of the run it resumed).
+      the elapsed time of the run it resumed),
+      data_wait_s (rank 0's mean seconds per step spent waiting for its micro-batches from the
+      loader's prefetch, over the steps since the last record: near 0 when the loader keeps up),
+      checkpoint_s (seconds spent saving checkpoints since the last record, rank 0's wall time
+      including the save's closing barrier; a checkpoint is saved after its step's record, so it
+      shows in the next one, and the summary line counts them all).
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, domain_names: list[str], total_steps: int,
@@ -192,6 +197,13 @@ class MetricsLogger:
         # For the final summary: this process's training time and tokens, the last record.
         self._trained_s = 0.0
         self._trained_tokens = 0
+        # Host-side timings measured by the loop (perf_counter, no device sync): this interval's,
+        # and this process's totals for the summary line.
+        self._data_wait_s = 0.0
+        self._checkpoint_s = 0.0
+        self.total_data_wait_s = 0.0
+        self.total_checkpoint_s = 0.0
+        self.checkpoints = 0
         self.last_record: dict | None = None
         if not enabled:
             return
@@ -210,9 +222,18 @@ class MetricsLogger:
     def elapsed(self) -> float:
         return self.elapsed_offset + time.perf_counter() - self._start
 
-    def step_done(self) -> None:
+    def step_done(self, data_wait_s: float = 0.0) -> None:
+        """A step was applied; data_wait_s: how long its micro-batches kept the host waiting."""
+        self._data_wait_s += data_wait_s
+        self.total_data_wait_s += data_wait_s
         if self._bar is not None:
             self._bar.update(1)
+
+    def checkpoint_done(self, seconds: float) -> None:
+        """A checkpoint save took `seconds`; reported in the next record and the summary."""
+        self._checkpoint_s += seconds
+        self.total_checkpoint_s += seconds
+        self.checkpoints += 1
 
     def log(self, step: int, sums: dict, *, grad_norm: float, lr: float, peak_flops: float | None,
             world_size: int, peak_memory: int) -> dict:
@@ -237,7 +258,11 @@ class MetricsLogger:
             "lr": lr,
             "peak_memory_gib": peak_memory / 2**30,
             "elapsed_s": self.elapsed(),
+            "data_wait_s": self._data_wait_s / max(sums.get("steps", 1), 1),
+            "checkpoint_s": self._checkpoint_s,
         }
+        data_share = self._data_wait_s / seconds if seconds > 0 else None
+        self._data_wait_s = self._checkpoint_s = 0.0
         self.last_record = record
         if not self.enabled:
             return record
@@ -249,6 +274,8 @@ class MetricsLogger:
                 postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
             if record["mfu"] is not None:
                 postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+            if data_share is not None:   # of the interval's wall time: a loader that lags
+                postfix["data wait"] = f"{100 * data_share:.0f}%"
             self._bar.set_postfix(postfix, refresh=False)
         if self._writer is not None:
             self._write_scalars(record)
@@ -256,7 +283,8 @@ class MetricsLogger:
 
     def _write_scalars(self, record: dict) -> None:
         step = record["step"]
-        for key in ("loss", "tokens_per_s", "mfu", "grad_norm", "lr", "peak_memory_gib"):
+        for key in ("loss", "tokens_per_s", "mfu", "grad_norm", "lr", "peak_memory_gib",
+                    "data_wait_s", "checkpoint_s"):
             if record[key] is not None:
                 self._writer.add_scalar(f"train/{key}", record[key], step)
         for group in ("loss_by_kind", "loss_by_domain"):
@@ -280,6 +308,10 @@ class MetricsLogger:
             parts.append(f"loss {self.last_record['loss']:.4f}")
         if self._trained_s > 0 and self._trained_tokens:
             parts.append(f"{self._trained_tokens / self._trained_s:.0f} tokens/s")
+        parts.append(f"data wait {format_seconds(self.total_data_wait_s)}")
+        if self.checkpoints:
+            parts.append(f"{self.checkpoints} checkpoint(s) in "
+                         f"{format_seconds(self.total_checkpoint_s)}")
         parts.append(f"{format_seconds(self.elapsed())} elapsed")
         return ", ".join(parts)
 

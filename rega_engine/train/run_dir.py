@@ -35,7 +35,7 @@ PREEMPTED_FILE = "preempted.json"
 # What a finished run leaves, and what --train.overwrite=true removes (with checkpoints/). The
 # eval files are eval.output's default place (<train.out_dir>/eval.json).
 _REPLACED = ("hf", "hf_adapter", "hf_base", "eval.json", "eval.predictions.jsonl", "log.jsonl",
-             "loss_curves.png", "tensorboard", "checkpoints", PREEMPTED_FILE)
+             "loss_curves.png", "tensorboard", "profile", "checkpoints", PREEMPTED_FILE)
 # flock's "not on this filesystem" answers (Lustre mounted without -o flock, some FUSE mounts).
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
