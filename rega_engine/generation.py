@@ -85,9 +85,8 @@ def import_transformers_models() -> None:
     torchao quantizer, and torchao's import logs a "Failed to load ..._C_*.so" line for every
     prebuilt extension its wheel has no match for here, and torch logs a deprecated-registration
     warning for two of its enums: lines about torchao's own kernels, which distill and eval never
-    use, printed before every run's first line. The loggers are raised for this one import only;
-    train.precision = "fp8", which does use torchao, imports it under the same guard
-    (train/fp8.py)."""
+    use, printed before every run's first line. The loggers are raised for this one import only
+    (train.precision = "fp8", which does use torchao, still shows them)."""
     import logging
     import sys
 
