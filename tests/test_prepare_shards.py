@@ -133,6 +133,25 @@ def test_a_format_1_dataset_and_foreign_files_in_the_output(tmp_path):
         prepare(config(tmp_path, "notes"))
 
 
+def test_of_two_processes_completing_at_once_only_the_first_writes_the_index(tmp_path):
+    # The second to take the index lock finds the index of this fingerprint written after it
+    # started, and neither rewrites it nor prints the report again; a later rerun does.
+    import json
+    import time
+
+    from rega_engine.data import prepare as prepare_module
+
+    out = tmp_path / "one"
+    before = time.time() - 1
+    prepare(config(tmp_path, "one"))
+    fingerprint = json.loads((out / "meta.json").read_text())["fingerprint"]
+    with prepare_module._IndexLock(out):
+        assert prepare_module._index_written_since(out, fingerprint, before)
+        assert not prepare_module._index_written_since(out, "another", before)
+        assert not prepare_module._index_written_since(out, fingerprint, time.time() + 1)
+    assert not (out / ".index.lock").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_processes_share_the_prepare_and_write_the_single_process_bytes(tmp_path):
     single = config(tmp_path, "one")

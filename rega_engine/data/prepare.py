@@ -343,12 +343,18 @@ def _prepare_shards(config, mixture, tokenizer, path, renderer_kind, fingerprint
     complete = all(r is not None and r.get("fingerprint") == fingerprint for r in records)
     report = None
     if complete:
-        meta = _index(config, mixture, records, names, pad_id, len(tokenizer), path, renderer_kind,
-                      fingerprint, settings)
-        for stale in out.iterdir():   # shards of an earlier, larger mixture
-            if stale.name.startswith("shard_") and stale.name not in names:
-                shutil.rmtree(stale, ignore_errors=True)
-        write_index(out, meta)
+        with _IndexLock(out):
+            if _index_written_since(out, fingerprint, started):
+                print(f"prepare{where}: wrote {len(todo)} shard(s) to {out}; another process "
+                      "completed the last shard at the same time and wrote the index")
+                return {"output": str(out), "shards_written": len(todo),
+                        "shards_complete": num_shards, "shards": num_shards}
+            meta = _index(config, mixture, records, names, pad_id, len(tokenizer), path,
+                          renderer_kind, fingerprint, settings)
+            for stale in out.iterdir():   # shards of an earlier, larger mixture
+                if stale.name.startswith("shard_") and stale.name not in names:
+                    shutil.rmtree(stale, ignore_errors=True)
+            write_index(out, meta)
         report = {"output": str(out), **meta["report"], "seconds": round(time.time() - started, 3)}
     if report is None:
         done = sum(r is not None and r.get("fingerprint") == fingerprint for r in records)
@@ -406,6 +412,43 @@ def _write_failed(error: OSError, shard: str, out: Path, done: int | None) -> Wr
                        f"({describe_disk(out)}); {kept} and its temporary files removed: {fix} "
                        "and run `rega-engine prepare` again, it resumes from the complete shards",
                        str(out))
+
+
+class _IndexLock:
+    """An exclusive lock on <out>/.index.lock around "index already written? write it": two
+    processes that complete their last shards at the same moment would otherwise both see the
+    dataset complete and both print its report. Where the filesystem has no locks, the race is
+    only that: the index both write is the same bytes."""
+
+    def __init__(self, out: Path):
+        self.path, self.fd = out / ".index.lock", None
+
+    def __enter__(self):
+        import fcntl
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        # Removed while still held: a process that opens the name afterwards makes a new file,
+        # and by then the index it will find is already written. No dot file stays behind.
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)   # releases the lock
+
+
+def _index_written_since(out: Path, fingerprint: str, started: float) -> bool:
+    """Whether another process of this prepare wrote the index of `fingerprint` after this one
+    started (an older index is an earlier run's: this process writes it again and reports)."""
+    try:
+        if os.path.getmtime(out / META_FILE) < started:
+            return False
+        with open(out / META_FILE, encoding="utf-8") as f:
+            return json.load(f).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
 
 
 def _index(config, mixture: Mixture, records: list, names: list, pad_id: int, vocab_size: int,
