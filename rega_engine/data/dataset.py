@@ -360,11 +360,19 @@ def shard_damage(directory, record: dict) -> str | None:
     (the first file that differs), or None when they match. Costs one read of the shard."""
     directory = Path(directory)
     for name, digest in sorted((record.get("sha256") or {}).items()):
-        try:
-            if file_sha256(directory / name) != digest:
-                return f"{directory / name}: sha256 differs from {directory / SHARD_FILE}"
-        except OSError as e:
-            return f"{directory / name}: cannot read it ({e.strerror or e})"
+        problem = _hash_mismatch(directory / name, digest, directory / SHARD_FILE)
+        if problem:
+            return problem
+    return None
+
+
+def _hash_mismatch(file: Path, digest: str, index: Path) -> str | None:
+    """What is wrong with `file` against the sha256 `digest` that `index` records, or None."""
+    try:
+        if file_sha256(file) != digest:
+            return f"{file}: sha256 differs from {index}"
+    except OSError as e:
+        return f"{file}: cannot read it ({e.strerror or e})"
     return None
 
 
@@ -580,14 +588,8 @@ class TokenDataset:
             loads[least] += sizes[i]
             if least == rank:
                 share.append(files[i])
-        problems = []
-        for file, digest in share:
-            try:
-                if file_sha256(file) != digest:
-                    problems.append(f"{file}: sha256 differs from {self.path / META_FILE}")
-            except OSError as e:
-                problems.append(f"{file}: cannot read it ({e.strerror or e})")
-        return problems
+        found = (_hash_mismatch(file, digest, self.path / META_FILE) for file, digest in share)
+        return [problem for problem in found if problem]
 
     def verify(self) -> None:
         """Checks every shard's files against the sha256 sums in the index (format 2); raises a
