@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import os
 import typing
@@ -185,6 +186,11 @@ class CheckpointConfig:
     keep: int = 2                       # complete checkpoints kept
     resume: bool = False                # start from the newest complete checkpoint in out_dir
     export: bool = True                 # write the final model as Hugging Face safetensors
+    # write checkpoints in the background: each rank copies its shards of model and optimizer to
+    # host memory (~12 bytes a parameter / processes: the one pause), and training
+    # goes on while they are written; one write in flight at most (the next save, a SIGTERM and
+    # the end of training wait for it), and a step_<N> folder still appears only when complete
+    async_: bool = False
 
 
 @dataclass
@@ -266,7 +272,9 @@ class RunConfig:
         self.command_line: set[str] = set()
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """{section: {key: value}} under the keys of TOML and the command line (toml_key)."""
+        return {section: {toml_key(key): value for key, value in values.items()}
+                for section, values in dataclasses.asdict(self).items()}
 
 
 # How alike a misspelt name and a valid one must be (difflib's ratio) to be offered as "did you
@@ -308,6 +316,13 @@ def _coerce(value, annotation, where: str):
     return value
 
 
+def toml_key(field_name: str) -> str:
+    """A config field's key in TOML and on the command line: a field named after a Python
+    keyword carries a trailing underscore (`async_`), its key does not (`checkpoint.async`)."""
+    bare = field_name.removesuffix("_")
+    return bare if bare != field_name and keyword.iskeyword(bare) else field_name
+
+
 def _apply(config: RunConfig, values: dict, source: str, base: str | None = None) -> set[str]:
     """Sets `values` ({section: {key: value}}) on config; returns the dotted keys set. The
     relative paths among them (PATH_KEYS) are made absolute against the folder `base`."""
@@ -319,18 +334,19 @@ def _apply(config: RunConfig, values: dict, source: str, base: str | None = None
         if not isinstance(entries, dict):
             raise ConfigError(f"{source}: [{section}] must be a table of keys")
         target = getattr(config, section)
-        keys = {f.name: f for f in dataclasses.fields(target)}
+        keys = {toml_key(f.name): f.name for f in dataclasses.fields(target)}
         hints = typing.get_type_hints(type(target))
         for key, value in entries.items():
             if key not in keys:
                 raise ConfigError(f"{source}: unknown key '{section}.{key}'"
                                   f"{_closest(key, keys, section + '.')}")
-            annotation = getattr(hints[key], "__name__", str(hints[key]))
+            name = keys[key]
+            annotation = getattr(hints[name], "__name__", str(hints[name]))
             value = _coerce(value, annotation, f"{source}: '{section}.{key}'")
             if base is not None and f"{section}.{key}" in PATH_KEYS:
                 _warn_if_moved(f"{section}.{key}", value, base, source)
                 value = absolute_paths(value, base)
-            setattr(target, key, value)
+            setattr(target, name, value)
             applied.add(f"{section}.{key}")
     config.given |= applied
     return applied
@@ -700,8 +716,8 @@ def config_keys() -> dict[str, list[tuple[str, object, str]]]:
     out = {}
     for section in dataclasses.fields(RunConfig):
         values = getattr(default, section.name)
-        out[section.name] = [(f.name, getattr(values, f.name), comments.get((type(values).__name__,
-                                                                             f.name), ""))
+        out[section.name] = [(toml_key(f.name), getattr(values, f.name),
+                              comments.get((type(values).__name__, f.name), ""))
                              for f in dataclasses.fields(values)]
     return out
 

@@ -33,26 +33,29 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def barrier() -> None:
+# `group`: a process group spanning every rank, for a thread that must not share the default
+# group with the main thread (a background checkpoint); None is the default group.
+
+def barrier(group=None) -> None:
     if is_distributed():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def broadcast_from_rank0(value: T) -> T:
+def broadcast_from_rank0(value: T, group=None) -> T:
     """Rank 0's `value` (any picklable object) on every rank: one decision, taken once."""
     if not is_distributed():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
-def gather_objects(value: T) -> list[T]:
+def gather_objects(value: T, group=None) -> list[T]:
     """Every rank's `value` (picklable), in rank order, on every rank."""
     if not is_distributed():
         return [value]
     gathered = [None] * world_size()
-    dist.all_gather_object(gathered, value)
+    dist.all_gather_object(gathered, value, group=group)
     return gathered
 
 

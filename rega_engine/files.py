@@ -171,3 +171,12 @@ def first_line(error: BaseException) -> str:
     """The error as one short line: its first non-empty line, prefixed by its type."""
     text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def refuse_filled_output(out: str | os.PathLike, overwrite: bool) -> None:
+    """An `--out` folder that already holds files is refused unless `overwrite` (the caller then
+    replaces it only once its own work succeeded, so a failed run keeps the old folder)."""
+    out = os.fspath(out)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ConfigError(f"--out {out} already holds files; pass --overwrite to replace them, or "
+                          "choose another folder")

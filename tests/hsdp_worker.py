@@ -9,7 +9,9 @@ $REGA_TRACE_DIR/<$REGA_RUN_TAG>_rank<r>.jsonl, one JSON object a line:
       each micro-batch the loop takes (not those the prefetch thread made ahead), its real rows;
   {"step": n, "events": [...]}
       each optimizer step, in order: "micro" / "micro last" (the loop about to run a micro-batch)
-      and every torch.distributed collective called, as "<kind>/<group size>".
+      and every torch.distributed collective the training thread called, as
+      "<kind>/<group size>".
+$REGA_SLOW_CHECKPOINT_WRITE (seconds) slows DCP's file writer by that much per checkpoint.
 
 FSDP2 calls the collectives as `dist.<name>(...)` at run time, so wrapping the attributes of
 torch.distributed sees every one it issues; on CPU nothing is asynchronous, so the order of the
@@ -21,6 +23,8 @@ import functools
 import json
 import os
 import sys
+import threading
+import time
 
 # The kinds counted: FSDP2's reduce-scatter (of gradients) and all-gather (of parameters), its
 # HSDP all-reduce across replica groups, and the loop's own scalars.
@@ -51,9 +55,12 @@ def record(path: str, patch=setattr) -> None:
             continue
 
         def counted(*args, _original=original, _kind=kind, **kwargs):
-            group = kwargs.get("group")
-            size = dist.get_world_size(group) if dist.is_initialized() else 1
-            events.append(f"{_kind}/{size}")
+            # Training's collectives: a checkpoint written in the background (checkpoint.async)
+            # communicates from its own thread, over its own group, while steps go on.
+            if threading.current_thread() is threading.main_thread():
+                group = kwargs.get("group")
+                size = dist.get_world_size(group) if dist.is_initialized() else 1
+                events.append(f"{_kind}/{size}")
             return _original(*args, **kwargs)
 
         patch(dist, name, functools.wraps(original)(counted))
@@ -110,6 +117,17 @@ def record(path: str, patch=setattr) -> None:
         return batch
 
     patch(loader_module._BatchIterator, "__next__", taken)
+
+    slow = float(os.environ.get("REGA_SLOW_CHECKPOINT_WRITE", 0))
+    if slow:   # a storage writer slowed on purpose, to see training go on while it writes
+        import torch.distributed.checkpoint as dcp
+        original_write = dcp.FileSystemWriter.write_data
+
+        def write_data(self, plan, planner):
+            time.sleep(slow)
+            return original_write(self, plan, planner)
+
+        patch(dcp.FileSystemWriter, "write_data", write_data)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def _rows(tmp_path, epoch: int = 0) -> Counter:
     return seen
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_resume_with_other_world_sizes_trains_every_row_once(tmp_path, capfd):
     from rega_engine.data import PackedLoader

@@ -167,6 +167,7 @@ def test_smoke_config_in_fp8_follows_the_bf16_loss_curve(tmp_path, smoke_prepare
     assert sum(fp8_losses[-5:]) / 5 < sum(fp8_losses[:5]) / 5 - 1.5   # and it learns
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_fsdp2_fp8_on_two_gloo_processes_equals_one_process(tmp_path):
     """Two processes under torchrun (FSDP2 with the FP8 all-gather and its scale precompute after

@@ -42,6 +42,7 @@ def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProces
     return result
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_through_a_resume(tmp_path):
     single = run_config(tmp_path, *COMMON, "--train.grad_accum=2", "--checkpoint.export=true",

@@ -4,8 +4,8 @@
     the torch backends at bf16 on a realistic packed batch;
   * 20 training steps of a small model through `rega-engine train`, compile off and on, the
     loss falling;
-  * a DCP checkpoint saved and resumed on the GPU, the resumed steps equal to the uninterrupted
-    ones;
+  * a DCP checkpoint saved (synchronously and in the background) and resumed on the GPU, the
+    resumed steps equal to the uninterrupted ones;
   * `apply_rega_kernels` on a transformers Llama at bf16 against the unpatched model.
 Skipped without CUDA (the same paths run on CPU in test_model, test_train, test_checkpoint and
 test_integrations_hf).
@@ -152,11 +152,15 @@ def _twenty_steps(tmp_path, compile_blocks: bool) -> None:
     assert "on cuda" in said and ("torch.compile" in said) == compile_blocks
 
 
-def test_checkpoint_resumed_on_the_gpu_continues_the_same_run(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_checkpoint_resumed_on_the_gpu_continues_the_same_run(tmp_path, background):
+    # async: DCP's async_save stages CUDA shards to host memory and writes them over a gloo group
+    # beside the NCCL one (train/checkpoint.py), a path only a GPU runs.
     from rega_engine.train.checkpoint import complete_checkpoints
 
     config = run_config(tmp_path, "--train.device=cuda", "--checkpoint.every=3",
-                        "--checkpoint.keep=2", steps=6)
+                        "--checkpoint.keep=2", f"--checkpoint.async={str(background).lower()}",
+                        steps=6)
     # The two processes must run the same attention kernels: each would otherwise autotune on
     # its own, and timing noise can pick another tile order (a different bf16 rounding of the
     # loss). Triton's cached choice (in its cache directory, shared by both) makes it one.

@@ -1,7 +1,7 @@
 """HSDP on CPU (gloo): 4 processes on a 2 x 2, 1 x 4 and 4 x 1 (dp_replicate x dp_shard) mesh each
 train like one process on the same rows; the micro-batches before a step's last one reduce no
-gradients; a checkpoint saved on 2 x 2 resumes on 1 x 4, 1 x 2 and one process with every planned
-row of the epoch trained exactly once.
+gradients; a checkpoint saved on 2 x 2 (in the background, checkpoint.async) resumes on 1 x 4,
+1 x 2 and one process with every planned row of the epoch trained exactly once.
 
 The single process reads the four data-parallel ranks' deals as its micro-batches
 (`train(config, loader_deals=[(0, 4), ..., (3, 4)])` with 4x the grad_accum), so every run sees the
@@ -50,9 +50,10 @@ LOSS_TOL = 1e-5
 WEIGHT_TOL = 1e-5
 
 
-def _launch(tmp: Path, tag: str, processes: int, args: list[str]) -> subprocess.CompletedProcess:
+def _launch(tmp: Path, tag: str, processes: int, args: list[str],
+            **env_extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", REGA_TRACE_DIR=str(tmp),
-               REGA_RUN_TAG=tag)
+               REGA_RUN_TAG=tag, **env_extra)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", str(WORKER), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -88,12 +89,16 @@ def runs(tmp_path_factory):
     base = run_config(tmp, *COMMON, f"--train.grad_accum={GRAD_ACCUM}", steps=STEPS)
     args = [a for a in cli_args(base) if not a.startswith("--train.out_dir=")]
     for name, (replicate, shard, accumulate) in MESHES.items():
-        extra = [f"--checkpoint.every={SAVED}", "--checkpoint.keep=2"] if name == "2x2" else []
+        # 2 x 2 checkpoints in the background, its writer slowed, so training goes on meanwhile.
+        extra = ([f"--checkpoint.every={SAVED}", "--checkpoint.keep=2", "--checkpoint.async=true"]
+                 if name == "2x2" else [])
         _launch(tmp, name, 4, [*args, f"--train.out_dir={tmp / name}", "--checkpoint.export=true",
-                               *_mesh_args(replicate, shard, accumulate), *extra])
+                               *_mesh_args(replicate, shard, accumulate), *extra],
+                **({"REGA_SLOW_CHECKPOINT_WRITE": "1.0"} if name == "2x2" else {}))
     return tmp, args
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MESHES))
 def test_each_mesh_trains_like_one_process(runs, name):
@@ -128,6 +133,7 @@ def test_each_mesh_trains_like_one_process(runs, name):
             assert described["mesh_dims"] == ["dp_shard"] and described["placements"] == ["S(0)"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MESHES))
 def test_no_gradient_reduction_before_the_last_micro_batch(runs, name):
@@ -159,6 +165,7 @@ def _batches(trace: list[dict]) -> list[tuple[int, list]]:
     return [tuple(e["batch"]) for e in trace if "batch" in e]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_a_2x2_checkpoint_resumes_on_1x4_1x2_and_one_process(runs, monkeypatch, capfd):
     from hsdp_worker import record
@@ -183,6 +190,8 @@ def test_a_2x2_checkpoint_resumes_on_1x4_1x2_and_one_process(runs, monkeypatch, 
     remaining = sum(planned.values()) - SAVED * 4 * GRAD_ACCUM * ROWS
     saved = tmp / "2x2" / "checkpoints" / f"step_{SAVED}"
     assert (saved / "meta.json").is_file()
+    # Written in the background (checkpoint.async): the next step trained while it was pending.
+    assert [r["checkpoint_pending"] for r in read_log(tmp / "2x2")][SAVED] == SAVED
 
     def resumed(tag: str, processes: int) -> list[str]:
         out = tmp / f"resume_{tag}"
@@ -271,3 +280,16 @@ def test_parallel_keys_are_validated():
     with pytest.raises(ConfigError, match=r"parallel\.dp_replicate = -1 and parallel\.dp_shard = "
                                           r"-1: at most one"):
         load_config(None, ["--parallel.dp_replicate=-1"])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_2x2_checkpoint_exports_in_one_process_as_the_run_did(runs, tmp_path):
+    from test_export import assert_same_weights
+
+    from rega_engine.cli import main
+    tmp, _ = runs
+    out = tmp_path / "exported"
+    # The newest checkpoint of the 2 x 2 run (step 4, written in the background) is its end.
+    assert main(["export", "--checkpoint", str(tmp / "2x2"), "--out", str(out)]) == 0
+    assert_same_weights(out, tmp / "2x2" / "hf")

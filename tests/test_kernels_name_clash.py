@@ -131,6 +131,7 @@ def test_python_m_cli_from_the_root(environments, environment, eval_args):
     _run([environments[environment], "-m", "rega_engine.cli", *eval_args])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("environment", [pytest.param("hf", marks=HF_KERNELS), "none"])
 def test_torchrun_m_cli_from_the_root(environments, environment, eval_args):

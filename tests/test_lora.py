@@ -43,12 +43,12 @@ def test_lora_run_trains_adapters_resumes_and_exports_for_peft(tmp_path, monkeyp
         seen["names"] = {id(p): n for n, p in model.named_parameters()}
         return optimizer
 
-    def capture_export(model, out_dir, **kwargs):
+    def capture_export(model, hf_dir, **kwargs):
         # The trained model as it is in memory at the end of the run.
         seen["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
         with torch.no_grad():
             seen["logits"] = model.eval()(_probe()).logits
-        return export(model, out_dir, **kwargs)
+        return export(model, hf_dir, **kwargs)
     monkeypatch.setattr(loop, "_make_optimizer", capture_optimizer)
     monkeypatch.setattr(lora, "export_lora", capture_export)
 
@@ -131,16 +131,17 @@ def test_lora_config_rules():
 
 def test_lora_under_fsdp2_bf16(tmp_path, monkeypatch):
     # model.dtype = bf16 on CPU runs the FSDP2 path (a process group of one): adapters built on
-    # the meta device, the base broadcast from rank 0's init, the adapters initialised after it.
+    # the meta device, the base drawn shard by shard as one process draws it, the adapters
+    # initialised after it.
     peft = pytest.importorskip("peft")
     from rega_engine.model import from_config
     from rega_engine.model.hf_io import load_transformers_model
     seen = {}
     export = lora.export_lora
 
-    def capture_export(model, out_dir, **kwargs):
+    def capture_export(model, hf_dir, **kwargs):
         seen["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-        return export(model, out_dir, **kwargs)
+        return export(model, hf_dir, **kwargs)
     monkeypatch.setattr(lora, "export_lora", capture_export)
     assert loop.train(run_config(tmp_path, *LORA, "--model.dtype=bf16", "--checkpoint.export=true",
                                  steps=2)) == 0

@@ -152,6 +152,7 @@ def test_of_two_processes_completing_at_once_only_the_first_writes_the_index(tmp
     assert not (out / ".index.lock").exists()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_torchrun_processes_share_the_prepare_and_write_the_single_process_bytes(tmp_path):
     single = config(tmp_path, "one")

@@ -1,10 +1,13 @@
 """Faults under torchrun (2 gloo ranks on CPU), through the real launcher:
 
 - pre-emption: SIGTERM to the torchrun agent (what a scheduler sends the job) or to one rank.
-  torchrun itself exits 1 either way; the README's requeue recipe reads <out_dir>/preempted.json
+  torchrun itself exits 1 either way; the requeue recipe of docs/many-gpus.md reads
+  <out_dir>/preempted.json
   and exits 143, and the requeued run resumes and finishes with 0;
 - a frozen rank (SIGSTOP): rank 0 names it within the collective timeout and ends the job with one
-  line naming the step.
+  line naming the step;
+- a killed rank (SIGKILL): rank 0 names it from the heartbeats and the job ends at once, not after
+  the collective timeout.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from rega_engine.train.checkpoint import complete_checkpoints  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 TORCHRUN = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2"
-# The README's requeue recipe, as its lines are written there (the test checks they are).
+# The requeue recipe of docs/many-gpus.md, as its lines are written there (a test checks they are).
+RECIPE_PAGE = REPO / "docs" / "many-gpus.md"
 RECIPE_LINES = ('rm -f "$OUT/preempted.json"', '[ -f "$OUT/preempted.json" ] && status=143')
 
 
@@ -79,11 +83,12 @@ def _recipe(tmp_path: Path, out: Path, args: list[str]) -> Path:
 
 
 def test_the_readme_holds_the_recipe_lines_this_test_runs():
-    readme = (REPO / "README.md").read_text()
+    page = RECIPE_PAGE.read_text(encoding="utf-8")
     for line in RECIPE_LINES:
-        assert line in readme, line
+        assert line in page, line
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["agent", "rank 1"])
 def test_preemption_under_torchrun_exits_143_through_the_recipe_and_resumes(tmp_path, target):
@@ -120,6 +125,7 @@ def test_preemption_under_torchrun_exits_143_through_the_recipe_and_resumes(tmp_
     assert (out / "hf" / "model.safetensors").is_file()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_a_frozen_rank_is_named_and_ends_the_job_within_the_collective_timeout(tmp_path):
     timeout_s = 8
@@ -158,3 +164,32 @@ def test_a_frozen_rank_is_named_and_ends_the_job_within_the_collective_timeout(t
     assert "waiting for rank 1" in error and "--resume" in error
     assert job.returncode != 0
     assert "Traceback" not in text
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_killed_rank_is_named_and_the_job_ends_at_once(tmp_path):
+    # The collective timeout is long on purpose: the job must end because the peer's connection
+    # closed, not because a timeout ran out, and rank 0 must say which rank it lost.
+    config = run_config(tmp_path, "--train.collective_timeout_s=120", steps=10_000)
+    out = Path(config.train.out_dir)
+    job = subprocess.Popen([*TORCHRUN.split(), "-m", "rega_engine.cli", "train",
+                            *cli_args(config)], env=ENV, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_steps(job, out, 3)
+        os.kill(_rank_pid(job.pid, 1), signal.SIGKILL)
+        killed_at = time.monotonic()
+        text, _ = job.communicate(timeout=90)
+        ended_after = time.monotonic() - killed_at
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert ended_after < 60, text[-3000:]
+    (line,) = [line for line in text.splitlines() if "lost its connection" in line]
+    assert "rank 0 lost its connection to rank 1 (no heartbeat for " in line, line
+    assert "the process died or its host went away" in line and "--resume" in line
+    # No traceback of ours (torchrun prints its own ChildFailedError, naming rank 1's SIGKILL).
+    assert not [line for line in text.splitlines()
+                if line.strip().startswith('File "') and "/rega_engine/" in line]

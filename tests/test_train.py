@@ -131,7 +131,7 @@ def test_log_has_per_kind_and_per_domain_fields(tmp_path):
     expected_keys = {"step", "total_steps", "loss", "loss_by_kind", "loss_by_domain", "tokens",
                      "tokens_per_s", "mfu", "grad_norm", "lr", "peak_memory_gib", "elapsed_s",
                      "loss_tokens_by_kind", "loss_tokens_by_domain", "data_wait_s",
-                     "checkpoint_s"}
+                     "checkpoint_s", "checkpoint_pending"}
     dataset_tokens_per_row_max = 64
     for r in log:
         assert set(r) == expected_keys

@@ -104,6 +104,15 @@ def test_a_slow_first_step_with_every_rank_alive_is_not_a_stall():
         peer.stop()
 
 
+def test_the_first_heartbeat_is_posted_before_start_returns():
+    store = FakeStore()
+    dog = StallWatchdog(rank=1, world_size=2, timeout_s=600, store=store, heartbeat_s=60).start()
+    try:
+        assert store.get("rega/heartbeat/1") == b"0 1"   # no heartbeat_s wait for the first
+    finally:
+        dog.stop()
+
+
 def test_the_threshold_follows_the_typical_step():
     dog = StallWatchdog(rank=0, world_size=2, timeout_s=600, store=None)
     assert dog.stall_after_s() == 30.0     # no step yet: the floor

@@ -5,6 +5,10 @@ samples with (seed, epoch), pack them into rows with windowed best-fit-decreasin
 cut them into global batches of world_size * batch_size rows and deal each global batch's rows to
 the ranks balanced by tokens. Each rank then materialises only its own rows, in C++ with the GIL
 released, on a background thread that stays `prefetch` batches ahead.
+
+With `share_plan` (a `PlanSharing`; the training loop passes one under torchrun with several
+processes per node) one process per node plans each epoch and the others map its plan
+(rega_engine/data/shared_plan.py): the node holds one plan instead of one per process.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import numpy as np
 
 from rega_engine import _C
 from rega_engine.data.dataset import TokenDataset
+from rega_engine.data.shared_plan import PlanSharing, SharedPlan
 from rega_engine.errors import DataError
 from rega_engine.kinds import KINDS, check_kind_weights
 from rega_engine.log import get_logger
@@ -83,6 +88,11 @@ class _EpochRows:
     def num_rows(self) -> int:
         return int(self.row_bins.shape[0])
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"bin_splits": self.bin_splits, "bin_samples": self.bin_samples,
+                "bin_segments": self.bin_segments, "bin_tokens": self.bin_tokens,
+                "row_bins": self.row_bins}
+
 
 @dataclass(frozen=True)
 class _EpochPlan:
@@ -108,13 +118,19 @@ class PackedLoader:
     one epoch over all ranks; `len(loader)` is this rank's micro-batches in the current epoch, the
     same on every rank. One iterator is live at a time: a new `iter(loader)` continues where the
     caller stopped taking batches and retires the previous iterator.
+
+    `share_plan`: None (the default) plans every epoch in this process, as a loader on its own
+    must. A `PlanSharing` (local rank, processes on the node, job identity) makes the node's local
+    rank 0 plan each epoch into a file that the node's other loaders map read-only: the same rows,
+    bit for bit, held once per node. One argument rather than four, because the four only mean
+    something together, and `PlanSharing.from_env()` fills them in from torchrun's environment.
     """
 
     def __init__(self, dataset: TokenDataset | str | os.PathLike, *, seq_len: int | None = None,
                  batch_size: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True,
                  window: int = 65536, prefetch: int = 4, pin_memory: bool | None = None,
-                 kind_weights: dict | None = None):
+                 kind_weights: dict | None = None, share_plan: PlanSharing | None = None):
         if not isinstance(dataset, TokenDataset):
             if not isinstance(dataset, (str, os.PathLike)):
                 raise TypeError("PackedLoader: dataset must be a TokenDataset or a path, got "
@@ -155,18 +171,32 @@ class PackedLoader:
         self.pad_id = dataset.pad_id
         self.vocab_size = int(dataset.vocab_size)
 
-        lengths = np.ascontiguousarray(dataset.lengths, dtype=np.int64)
-        self._lengths = lengths
-        too_long = lengths > self.seq_len
-        self.dropped_samples = int(too_long.sum())
-        self.tokens_per_epoch = int(lengths[~too_long].sum())
+        # Counted shard by shard: the samples' lengths (8 bytes a sample) are materialised whole
+        # only where an epoch is planned (_build_rows), never by a loader that maps a node's
+        # shared plan.
+        self._num_samples = len(dataset)
+        num_tokens = dropped_tokens = self.dropped_samples = 0
+        for shard in dataset.shards:
+            lengths = np.diff(shard.offsets)
+            too_long = lengths > self.seq_len
+            num_tokens += int(lengths.sum())
+            self.dropped_samples += int(too_long.sum())
+            dropped_tokens += int(lengths[too_long].sum())
+        self.tokens_per_epoch = num_tokens - dropped_tokens
         if self.dropped_samples:
             log.warning("PackedLoader: %d of %d samples in %s are longer than seq_len=%d and are "
-                        "dropped "
-                        "(%d tokens); truncate them in prepare to keep them", self.dropped_samples,
-                        len(lengths),
-                        getattr(dataset, "path", "the dataset"), self.seq_len,
-                        int(lengths[too_long].sum()))
+                        "dropped (%d tokens); truncate them in prepare to keep them",
+                        self.dropped_samples, self._num_samples,
+                        getattr(dataset, "path", "the dataset"), self.seq_len, dropped_tokens)
+        if share_plan is not None and not isinstance(share_plan, PlanSharing):
+            raise TypeError("PackedLoader: share_plan must be a PlanSharing or None, got "
+                            f"{type(share_plan).__name__}")
+        self.share_plan = share_plan
+        # Everything the rows depend on but the seed (load_state_dict may change that one).
+        self._shared = None if share_plan is None else SharedPlan(share_plan, {
+            "dataset": dataset.fingerprint, "num_samples": self._num_samples,
+            "num_tokens": num_tokens, "seq_len": self.seq_len, "window": self.window,
+            "shuffle": self.shuffle})
         self._store = _C.TokenStore.from_shards(
             [(s.tokens, s.loss_mask, s.offsets, s.kinds, s.domains) for s in dataset.shards],
             np.array([self.kind_weights[k] for k in KINDS], np.float32))
@@ -192,7 +222,17 @@ class PackedLoader:
     def _epoch_rows(self, epoch: int) -> _EpochRows:
         if self._rows is not None and self._rows.epoch == epoch:
             return self._rows
-        lengths = self._lengths
+        if self._shared is None:
+            self._rows = self._build_rows(epoch)
+        else:
+            # The node's file, mapped read-only; the leader builds and writes it first (and keeps
+            # only the map), a follower builds only when the leader cannot hand it the file.
+            arrays = self._shared.rows(self.seed, epoch, lambda: self._build_rows(epoch).arrays())
+            self._rows = _EpochRows(epoch, **arrays)
+        return self._rows
+
+    def _build_rows(self, epoch: int) -> _EpochRows:
+        lengths = np.ascontiguousarray(self.dataset.lengths, dtype=np.int64)
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(lengths)) if self.shuffle else np.arange(len(lengths),
                                                                              dtype=np.int64)
@@ -213,10 +253,8 @@ class PackedLoader:
         bin_segments = documents + (bin_tokens < self.seq_len)
         row_bins = rng.permutation(num_bins) if self.shuffle else np.arange(num_bins,
                                                                             dtype=np.int64)
-        self._rows = _EpochRows(epoch, bin_splits, bin_samples, bin_segments.astype(np.int64),
-                                bin_tokens,
-                                np.ascontiguousarray(row_bins, dtype=np.int64))
-        return self._rows
+        return _EpochRows(epoch, bin_splits, bin_samples, bin_segments.astype(np.int64),
+                          bin_tokens, np.ascontiguousarray(row_bins, dtype=np.int64))
 
     def _make_plan(self, epoch: int, start_row: int = 0) -> _EpochPlan:
         rows = self._epoch_rows(epoch)
@@ -334,7 +372,7 @@ class PackedLoader:
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "window": self.window,
-            "num_samples": len(self._lengths),
+            "num_samples": self._num_samples,
         }
 
     # These decide the plan itself; resuming under other values would replay or skip data.
@@ -343,7 +381,7 @@ class PackedLoader:
     def state_mismatches(self, state: dict) -> list[tuple[str, object, object]]:
         """(key, saved, this loader's) for each plan setting of `state` that differs from this
         loader's: a caller can refuse a resume before anything is loaded."""
-        current = {"num_samples": len(self._lengths), "seq_len": self.seq_len,
+        current = {"num_samples": self._num_samples, "seq_len": self.seq_len,
                    "shuffle": self.shuffle, "window": self.window}
         return [(key, state[key], current[key]) for key in self.PLAN_KEYS
                 if key in state and state[key] != current[key]]

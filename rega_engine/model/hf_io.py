@@ -20,7 +20,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -128,16 +128,74 @@ def _check_names(expected: Iterable[str], available: Iterable[str], tied: bool,
 _DISTRIBUTE_HAS_SRC_RANK = None
 
 
+def shard_region(shape: Sequence[int], placements: Sequence, mesh_shape: Sequence[int],
+                 coordinate: Sequence[int]) -> tuple[slice, ...] | None:
+    """The box of a full tensor of `shape` that the mesh member at `coordinate` holds when the
+    tensor is laid out by DTensor `placements` (one per mesh dim, mesh of `mesh_shape`): one
+    slice per tensor dim. Shard(d) splits dim d the way torch.chunk does, as DTensor and FSDP2
+    do: pieces of ceil(n / k) rows, the last ones shorter or empty (an empty piece starts at the
+    end of the box it splits); several Shard placements apply in mesh-dim order, each splitting
+    what the ones before left; Replicate() keeps the whole. None for any other placement
+    (Partial, _StridedShard, ...): the caller must then take the general path. What torch's
+    private compute_local_shape_and_global_offset gives for these placements, without it."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    starts, sizes = [0] * len(shape), [int(n) for n in shape]
+    for mesh_dim, placement in enumerate(placements):
+        if type(placement) is Replicate:
+            continue
+        if type(placement) is not Shard or not shape:   # exact types: _StridedShard is no Shard
+            return None
+        dim = placement.dim % len(shape)
+        chunk = -(-sizes[dim] // mesh_shape[mesh_dim])
+        begin = min(chunk * coordinate[mesh_dim], sizes[dim])
+        end = min(begin + chunk, sizes[dim])
+        starts[dim] += begin
+        sizes[dim] = end - begin
+    return tuple(slice(start, start + size) for start, size in zip(starts, sizes))
+
+
+def local_region(target: torch.Tensor) -> tuple[slice, ...] | None:
+    """For a DTensor laid out by Shard / Replicate placements: the box of the full tensor its
+    local tensor on this rank holds (shard_region), checked against the local tensor's shape.
+    None for a plain tensor, other placements, a rank outside the mesh, or a local tensor that
+    is not that box."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(target, DTensor):
+        return None
+    mesh = target.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    region = shard_region(tuple(target.shape), target.placements, tuple(mesh.shape), coordinate)
+    if region is None or tuple(s.stop - s.start for s in region) != tuple(
+            target.to_local().shape):
+        return None
+    return region
+
+
+def _copy_local(target: torch.Tensor, piece: torch.Tensor) -> None:
+    """Copies the box `piece` of a full tensor (local_region's) into the DTensor's local shard,
+    casting to its dtype and device."""
+    target.to_local().copy_(piece)
+
+
 def _copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Copies a full tensor into a parameter, sharding it first when the parameter is a DTensor."""
+    """Copies a full tensor into a parameter; a DTensor keeps the part its local shard holds
+    (every rank has the full tensor, so no communication). Call under torch.no_grad()."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     if isinstance(target, DTensor):
+        region = local_region(target)
+        if region is not None:
+            _copy_local(target, full[region])
+            return
         global _DISTRIBUTE_HAS_SRC_RANK
         if _DISTRIBUTE_HAS_SRC_RANK is None:
             _DISTRIBUTE_HAS_SRC_RANK = "src_data_rank" in inspect.signature(
                 distribute_tensor).parameters
         full = full.to(device=target.device, dtype=target.dtype)
-        # Every rank read the full tensor, so each takes its own shard: no communication.
+        # Other placements: distribute_tensor cuts the shard; with src_data_rank=None from
+        # this rank's own full tensor, without communication.
         extra = {"src_data_rank": None} if _DISTRIBUTE_HAS_SRC_RANK else {}
         target.copy_(distribute_tensor(full, target.device_mesh, target.placements, **extra))
     else:
@@ -150,6 +208,10 @@ def load_state_dict_into(model: nn.Module, path: str | os.PathLike, *,
     """Fills every parameter of `model` from the safetensors checkpoint in `path`, one tensor at a
     time, casting to each parameter's dtype. Parameters may be plain tensors or FSDP2 DTensor
     shards; they must be materialised (`to_empty`) first. Returns the names loaded.
+
+    A DTensor sharded by Shard / Replicate placements (FSDP2's Shard(0), HSDP's Replicate() and
+    Shard(0)) reads only the rows its local shard holds (`get_slice`), so no rank reads or holds
+    a whole tensor of a sharded model; plain tensors (and other placements) read the whole one.
 
     Every parameter must be in the checkpoint and every checkpoint tensor must have a place
     (bar `lm_head.weight` of tied models and stray `rotary_emb.inv_freq`), else CheckpointError.
@@ -169,14 +231,19 @@ def load_state_dict_into(model: nn.Module, path: str | os.PathLike, *,
     for file, file_names in by_file.items():
         with open_safetensors(file) as f:
             for name in file_names:
-                tensor = f.get_tensor(name)
+                stored = f.get_slice(name)   # header only: nothing read yet
+                shape = tuple(stored.get_shape())
                 target = targets[name]
-                if tuple(tensor.shape) != tuple(target.shape):
+                if shape != tuple(target.shape):
                     raise CheckpointError(f"{file}: tensor {name} has shape "
-                                          f"{tuple(tensor.shape)}, the model expects "
+                                          f"{shape}, the model expects "
                                           f"{tuple(target.shape)}; config.json does not match "
                                           "the weights")
-                _copy_into(target, tensor)
+                region = local_region(target)
+                if region is None:
+                    _copy_into(target, f.get_tensor(name))
+                else:
+                    _copy_local(target, stored[region])
     return sorted(names)
 
 

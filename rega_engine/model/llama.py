@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -266,21 +266,23 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Random init as transformers does it (normal(0, initializer_range) for linears and
-        embeddings, zero biases, unit norms). Works after `to_empty()` from the meta device,
-        also on FSDP2 DTensor parameters with seed=None (seed torch's global RNG instead:
-        a local generator is not supported there)."""
+        embeddings, zero biases, unit norms), parameter by parameter in init_order. Works after
+        `to_empty()` from the meta device, also on FSDP2 DTensor parameters with seed=None (seed
+        torch's global RNG instead: a local generator is not supported there; build_model's
+        sharded init reproduces the seeded CPU values instead)."""
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.model.embed_tokens.weight.device)
             generator.manual_seed(seed)
         std = self.args.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=generator)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
+        for name, how in init_order(self):
+            param = self.get_parameter(name)
+            if how == INIT_NORMAL:
+                param.normal_(0.0, std, generator=generator)
+            elif how == INIT_ZEROS:
+                nn.init.zeros_(param)
+            else:
+                nn.init.ones_(param)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -398,6 +400,28 @@ class CausalLM(nn.Module):
             sum_sq = sum(int(n) ** 2 for n in doc_lengths)
         a = self.args
         return 6 * a.num_hidden_layers * a.num_attention_heads * a.head_dim * sum_sq
+
+
+INIT_NORMAL, INIT_ZEROS, INIT_ONES = "normal", "zeros", "ones"
+
+
+def init_order(model: nn.Module) -> Iterator[tuple[str, str]]:
+    """(parameter name, how) for every parameter CausalLM.init_weights sets, in the order it sets
+    them: INIT_NORMAL (`normal_(0, initializer_range)`, one call over the whole tensor, drawn from
+    the init generator), INIT_ZEROS (biases) or INIT_ONES (RMSNorm gains); only the normal ones
+    advance the generator. The one definition of that order: init_weights follows it, and so does
+    the sharded random init of train/parallel.py, which walks a meta-device CausalLM of the same
+    args and draws the same tensors whole, one at a time, keeping each rank's shard. The walk is
+    `model.named_modules()` (each module once, in registration order), so for a model wrapped
+    after construction (LoRA adapters are nn.Linear too) pass an unwrapped one of the same args."""
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            yield dot + "weight", INIT_NORMAL
+            if getattr(module, "bias", None) is not None:
+                yield dot + "bias", INIT_ZEROS
+        elif isinstance(module, RMSNorm):
+            yield dot + "weight", INIT_ONES
 
 
 def packed_segments(input_ids: torch.Tensor, position_ids: torch.Tensor | None,

@@ -17,12 +17,13 @@ The LM head is not a target: the fused cross-entropy reads the LM head's weight 
 directly, so an adapter there would need the effective weight (as the HF integration forms
 under PEFT) and is refused in validate_config instead.
 
-At the end of a run, `export_lora` writes
-  <out_dir>/hf          the merged model (W + scaling * B @ A), a normal transformers checkpoint;
-  <out_dir>/hf_adapter  adapter_config.json + adapter_model.safetensors, which
+At the end of a run (and by `rega-engine export`), `export_lora(model, hf_dir, ...)` writes
+  <hf_dir>              the merged model (W + scaling * B @ A), a normal transformers checkpoint
+                        (a run's <out_dir>/hf);
+  <hf_dir>_adapter      adapter_config.json + adapter_model.safetensors, which
                         `peft.PeftModel.from_pretrained(base, dir)` loads, with PEFT's names
                         (`base_model.model.<module>.lora_A.weight`);
-  <out_dir>/hf_base     the frozen base weights, only when the run started from a random
+  <hf_dir>_base         the frozen base weights, only when the run started from a random
                         init (model.init_config); otherwise the adapter names model.path.
 """
 from __future__ import annotations
@@ -145,17 +146,17 @@ def peft_adapter_config(settings: LoRASettings, base_model: str) -> dict:
     }
 
 
-def export_lora(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype, sharded: bool,
+def export_lora(model: nn.Module, hf_dir: str | os.PathLike, *, dtype: torch.dtype, sharded: bool,
                 tokenizer_dir: str | os.PathLike | None, base_path: str | os.PathLike
                 | None) -> str:
-    """The end of a [lora] run: the merged model in <out_dir>/hf (in `dtype`), the PEFT adapter
-    (fp32) in <out_dir>/hf_adapter, and the base weights in <out_dir>/hf_base when `base_path`
-    (model.path) is empty. A collective when `sharded`; rank 0 writes. Returns <out_dir>/hf."""
+    """The end of a [lora] run: the merged model in `hf_dir` (in `dtype`), the PEFT adapter
+    (fp32) in <hf_dir>_adapter, and the base weights in <hf_dir>_base when `base_path`
+    (model.path) is empty. A collective when `sharded`; rank 0 writes. Returns hf_dir."""
     from safetensors.torch import save_file
 
     from rega_engine.model import hf_io
 
-    out_dir = os.fspath(out_dir)
+    hf_dir = os.fspath(hf_dir)
     settings: LoRASettings = model.lora_settings
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -163,7 +164,6 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dt
                                                                      cpu_offload=True))
     else:
         state = model.state_dict()
-    hf_dir = os.path.join(out_dir, "hf")
     if distributed.rank() == 0:
         state = {hf_io.canonical_name(k): v.detach().to("cpu") for k, v in state.items()}
         hf_io.save_pretrained(model, hf_dir, state_dict=merge_state_dict(state, settings.scaling),
@@ -171,11 +171,11 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dt
         if base_path:
             base = os.path.abspath(os.fspath(base_path))
         else:
-            base = os.path.abspath(os.path.join(out_dir, "hf_base"))
+            base = os.path.abspath(f"{hf_dir}_base")
             hf_io.save_pretrained(model, base, dtype=dtype,
                                   state_dict={k: v for k, v in state.items()
                                               if not is_lora_name(k)})
-        adapter_dir = os.path.join(out_dir, "hf_adapter")
+        adapter_dir = f"{hf_dir}_adapter"
         os.makedirs(adapter_dir, exist_ok=True)
         adapters = {PEFT_PREFIX + k: v.float().contiguous() for k, v in state.items()
                     if is_lora_name(k)}

@@ -5,14 +5,20 @@
     rank_<r>.pt               what is per rank: loader position, RNG states (tensors and plain
                               Python values only, read back with torch.load(weights_only=True))
     meta.json                 step, world size, elapsed time, the dataset trained on (path,
-                              fingerprint), and the size and sha256 of every other file
-                              ("files"); written last
+                              fingerprint), the model ("model": its config.json, dtype, LoRA
+                              settings, tokenizer and base folders, for `rega-engine export`),
+                              and the size and sha256 of every other file ("files"); written last
 
 A checkpoint is written under `step_<N>.tmp` and renamed by rank 0 after every rank has finished,
 so a directory named `step_<N>` is complete by construction and a run killed mid-write leaves only
 a `.tmp` directory, which resuming ignores. Single-process runs without a process group use DCP's
 no_dist mode: the same files, the same code. A write that fails (a full disk) stops every rank
 with one line naming the disk, the folder and the last complete checkpoint.
+
+checkpoint.async = true: DCP's async_save copies each rank's state to host memory (the one pause
+of training) and a thread writes it, hashes it and renames it, with the same files and the same
+rule (`PendingCheckpoint`); at most one is in flight: the next save, a SIGTERM and the end of the
+run wait for it, so only complete step_<N> folders ever appear.
 
 `Checkpointer` is the training run's policy over these files: when to save and how many to keep
 (those whose files have their recorded sizes first), whether and from which checkpoint to resume
@@ -29,15 +35,18 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -60,6 +69,10 @@ from rega_engine.files import (
 from rega_engine.log import get_logger
 
 log = get_logger(__name__)
+# DCP warns on every single-process save and load that it assumes a single process: we mean it.
+# A filter for the process rather than a catch_warnings block: the background writer's thread
+# warns too, and catch_warnings is not thread-safe.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 META_FILE = "meta.json"
@@ -116,66 +129,157 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, rank_state: dict, *, keep: int,
-                    meta: dict | None = None) -> Path:
+                    meta: dict | None = None, background: bool = False,
+                    group=None) -> Path | PendingCheckpoint:
     """Writes checkpoint `step` (a collective: every rank calls it) and prunes old ones.
 
     `rank_state` is this rank's own state (loader position, RNG); `meta` goes to meta.json, with
     the size and sha256 of every file (`files`). Returns the final directory. A write that fails
     (a full disk) raises TrainingError on every rank naming the disk, the folder and the last
     complete checkpoint, and leaves no temporary directory behind.
+
+    background: DCP's async_save copies this rank's model and optimizer state to host memory and
+    returns at once; the files are written, hashed, completed and renamed by a thread, and a
+    PendingCheckpoint is returned (its result() is the final directory, or raises that
+    TrainingError). That thread's collectives use `group`, a gloo group of every rank beside
+    training's own: two threads must never share a process group, and DCP's async save needs a
+    CPU one.
     """
     root = checkpoint_root(out_dir)
-    final = root / f"step_{step}"
     tmp = root / f"step_{step}.tmp"
-    rank = distributed.rank()
-    started = time.perf_counter()
+    write = _Write(out_dir, step, tmp, keep=keep, meta=meta, rank_state=_serialized(rank_state),
+                   group=group)
     failure = None
-    if rank == 0:
-        log.info(f"checkpoint: saving step {step} to {final} ...")
+    if distributed.rank() == 0:
+        log.info(f"checkpoint: saving step {step} to {root / f'step_{step}'}"
+                 f"{' in the background' if background else ''} ...")
         failure = _attempt(lambda: _fresh_directory(root, tmp), root)
     failure = distributed.broadcast_from_rank0(failure)   # also the barrier before writing
-
-    files, hash_s = {}, 0.0
-    if failure is None:
-        try:
-            model_state, optim_state = get_state_dict(model, optimizer)
-            with _quiet_single_process():
-                dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp),
-                         no_dist=not distributed.is_distributed())
-            files[f"rank_{rank}.pt"] = _write_rank_state(tmp / f"rank_{rank}.pt", rank_state)
-            hashed = time.perf_counter()
-            files.update(_hash_own_files(tmp, rank))
-            hash_s = time.perf_counter() - hashed
-        except _DCP_FAILURES as e:   # every rank must reach the gather below
-            failure = _failure_text(e, root)
-    gathered = distributed.gather_objects((files, hash_s, failure))   # also a barrier
-    failure = next((f for _, _, f in gathered if f), None)
-    if failure is None:
-        if rank == 0:
-            manifest = {name: entry for part, _, _ in gathered for name, entry in part.items()}
-            info = {"step": step, "world_size": distributed.world_size(), **(meta or {}),
-                    "files": dict(sorted(manifest.items()))}
-            failure = _attempt(lambda: _complete(tmp, final, info), root)
-        failure = distributed.broadcast_from_rank0(failure)
     if failure is not None:
-        if rank == 0:   # the space a partial checkpoint holds is what the next try needs
-            shutil.rmtree(tmp, ignore_errors=True)
-        latest = latest_checkpoint(out_dir)
+        write.fail(failure)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    no_dist = not distributed.is_distributed()
+    if not background:
+        try:
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=no_dist)
+        except _DCP_FAILURES as e:   # every rank must reach the gather in finish()
+            failure = _failure_text(e, root)
+        return write.finish(failure)
+    upload = None
+    try:   # stages to host memory, then starts DCP's writer thread
+        upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group,
+                                no_dist=no_dist)
+    except _DCP_FAILURES as e:
+        failure = _failure_text(e, root)
+    # Every rank staged, or all stop here together (a writer already started elsewhere then
+    # waits in its group's collectives until that group's timeout, and is abandoned).
+    failure = next((f for f in distributed.gather_objects(failure) if f), None)
+    if failure is not None:
+        write.fail(failure)
+    log.debug(f"checkpoint: step {step} staged in {time.perf_counter() - write.started:.2f} s")
+    return PendingCheckpoint(step, lambda: write.finish(_upload_failure(upload, root)))
+
+
+def _upload_failure(upload, root: Path) -> str | None:
+    """How DCP's background write ended: None, or its failure in words."""
+    try:
+        upload.result()
+    except _DCP_FAILURES as e:
+        return _failure_text(e, root)
+    return None
+
+
+class _Write:
+    """One checkpoint's writing after DCP's part, on every rank: the rank file, the sha256 of this
+    rank's files, then (rank 0) meta.json and the rename, and pruning; collectives on `group`."""
+
+    def __init__(self, out_dir, step: int, tmp: Path, *, keep: int, meta: dict | None,
+                 rank_state: bytes, group):
+        self.out_dir, self.step, self.tmp = out_dir, step, tmp
+        self.root, self.final = tmp.parent, tmp.parent / f"step_{step}"
+        self.keep, self.meta, self.rank_state, self.group = keep, meta, rank_state, group
+        self.started = time.perf_counter()
+
+    def finish(self, failure: str | None) -> Path:
+        """`failure`: this rank's DCP write failed (its text), else None. Returns the final
+        directory on every rank, or raises the TrainingError of `fail` on every rank."""
+        rank = distributed.rank()
+        files, hash_s = {}, 0.0
+        if failure is None:
+            try:
+                name = f"rank_{rank}.pt"
+                _write_durably(self.tmp / name, lambda f: f.write(self.rank_state))
+                files[name] = {"bytes": len(self.rank_state),
+                               "sha256": hashlib.sha256(self.rank_state).hexdigest()}
+                hashed = time.perf_counter()
+                files.update(_hash_own_files(self.tmp, rank))
+                hash_s = time.perf_counter() - hashed
+            except _DCP_FAILURES as e:   # every rank must reach the gather below
+                failure = _failure_text(e, self.root)
+        gathered = distributed.gather_objects((files, hash_s, failure), self.group)  # a barrier
+        failure = next((f for _, _, f in gathered if f), None)
+        if failure is None:
+            if rank == 0:
+                manifest = {name: entry for part, _, _ in gathered for name, entry in part.items()}
+                info = {"step": self.step, "world_size": distributed.world_size(),
+                        **(self.meta or {}), "files": dict(sorted(manifest.items()))}
+                failure = _attempt(lambda: _complete(self.tmp, self.final, info), self.root)
+            failure = distributed.broadcast_from_rank0(failure, self.group)
+        if failure is not None:
+            self.fail(failure)
+        if rank == 0:
+            if self.keep > 0:
+                _prune(self.out_dir, self.keep)
+            total = sum(entry["bytes"] for part, _, _ in gathered for entry in part.values())
+            log.info(f"checkpoint: saved step {self.step}, {human_bytes(total)} in "
+                     f"{time.perf_counter() - self.started:.1f} s (of which sha256 "
+                     f"{max(h for _, h, _ in gathered):.1f} s): {self.final}")
+        distributed.barrier(self.group)
+        return self.final
+
+    def fail(self, failure: str) -> NoReturn:
+        """Every rank raises the same TrainingError; rank 0 removes the partial checkpoint."""
+        if distributed.rank() == 0:   # the space a partial checkpoint holds is what the next
+            shutil.rmtree(self.tmp, ignore_errors=True)   # try needs
+        latest = latest_checkpoint(self.out_dir)
         fix = ("free space (or lower checkpoint.keep)" if failure.startswith(_NO_SPACE)
                else "fix what stopped the write")
         raise TrainingError(
-            f"checkpoint step {step}: writing {tmp} failed: {failure}; the partial checkpoint was "
-            f"removed; the last complete checkpoint is {latest or 'none (no checkpoint yet)'}: "
-            f"{fix}, then run again with --resume")
-    if rank == 0:
-        if keep > 0:
-            _prune(out_dir, keep)
-        total = sum(entry["bytes"] for part, _, _ in gathered for entry in part.values())
-        log.info(f"checkpoint: saved step {step}, {human_bytes(total)} in "
-                 f"{time.perf_counter() - started:.1f} s (of which sha256 "
-                 f"{max(h for _, h, _ in gathered):.1f} s): {final}")
-    distributed.barrier()
-    return final
+            f"checkpoint step {self.step}: writing {self.tmp} failed: {failure}; the partial "
+            f"checkpoint was removed; the last complete checkpoint is "
+            f"{latest or 'none (no checkpoint yet)'}: {fix}, then run again with --resume")
+
+
+class PendingCheckpoint:
+    """A checkpoint being written in the background (checkpoint.async): a thread runs its
+    completion; result() waits for it and returns the final directory or raises its failure.
+    The thread is not a daemon: a process that ends while it runs waits for it, so the write
+    completes (or fails, leaving only a .tmp folder) rather than being cut off."""
+
+    def __init__(self, step: int, complete):
+        self.step = step
+        self._path: Path | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(complete,),
+                                        name=f"checkpoint-step-{step}")
+        self._thread.start()
+
+    def _run(self, complete) -> None:
+        try:
+            self._path = complete()
+        except BaseException as e:   # noqa: BLE001 (handed to whoever waits, on the main thread)
+            self._error = e
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def result(self) -> Path:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._path
 
 
 def _fresh_directory(root: Path, tmp: Path) -> None:
@@ -247,12 +351,12 @@ def _file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def _write_rank_state(path: Path, rank_state: dict) -> dict:
+def _serialized(rank_state: dict) -> bytes:
+    """rank_<r>.pt's bytes, taken when the save starts (a background write must not see the
+    loader positions and RNG states of later steps)."""
     buffer = io.BytesIO()
     torch.save(rank_state, buffer)
-    data = buffer.getbuffer()
-    _write_durably(path, lambda f: f.write(data))
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return buffer.getvalue()
 
 
 def _hash_own_files(directory: Path, rank: int) -> dict:
@@ -341,14 +445,19 @@ def _move_aside(path: Path) -> Path:
     return target
 
 
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
+    """meta.json of checkpoint `path`."""
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: {path} is not a complete checkpoint")
+    return read_json_object(meta_path, error=CheckpointError,
+                            fix="the checkpoint is damaged; resume from an older one")
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
     """(meta, this rank's state) of checkpoint `path`, read without loading anything."""
     path = Path(path)
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: {path} is not a complete checkpoint")
-    meta = read_json_object(meta_path, error=CheckpointError,
-                            fix="the checkpoint is damaged; resume from an older one")
+    meta = read_checkpoint_meta(path)
     rank = distributed.rank()
     # A rank the saving run did not have reads rank 0's loader positions (the same on every rank)
     # and keeps its own freshly seeded RNG states.
@@ -378,8 +487,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     try:
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path), no_dist=not distributed.is_distributed())
+        dcp.load(state, checkpoint_id=str(path), no_dist=not distributed.is_distributed())
     except _DCP_FAILURES as e:
         # A checkpoint that verified and matches the model's shapes was checked before; this is
         # one written before checksums existed, damaged.
@@ -441,13 +549,25 @@ class Checkpointer:
 
     def __init__(self, out_dir: str | os.PathLike, policy: CheckpointConfig, *, total_steps: int,
                  model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 loaders: Sequence, device: torch.device, verify_data: bool = False):
+                 loaders: Sequence, device: torch.device, verify_data: bool = False,
+                 timeout_s: float | None = None, model_meta: dict | None = None):
         self.out_dir = Path(out_dir)
         self.policy = policy
         self.total_steps = total_steps
         self.model, self.optimizer, self.loaders = model, optimizer, list(loaders)
         self.device = device
         self.verify_data = verify_data   # data.verify: hash the dataset at a resume too
+        # What `rega-engine export` needs to rebuild the model from a checkpoint alone (meta.json
+        # "model": the Hugging Face config, LoRA settings, dtype, tokenizer and base folders).
+        self.model_meta = model_meta
+        self._pending: PendingCheckpoint | None = None
+        self._group = None
+        if policy.async_ and distributed.is_distributed():
+            # The background writer's own group (every rank calls new_group, in the same order):
+            # gloo, which DCP's async save needs, beside NCCL on GPUs; on CPU beside training's
+            # gloo groups, which the writer thread must not share with the main thread.
+            self._group = dist.new_group(backend="gloo", timeout=None if timeout_s is None
+                                         else timedelta(seconds=timeout_s))
 
     def resume(self) -> ResumePoint:
         """Loads the newest complete checkpoint when checkpoint.resume is set (a fresh start if
@@ -485,16 +605,52 @@ class Checkpointer:
         every = self.policy.every
         return bool(every) and (step % every == 0 or step == self.total_steps)
 
-    def save(self, step: int, *, elapsed_s: float) -> Path:
+    def save(self, step: int, *, elapsed_s: float, wait: bool = False) -> Path | None:
+        """Saves checkpoint `step`; returns its directory. With checkpoint.async the write goes on
+        in the background and None is returned (`wait`: unless the caller needs it complete now,
+        as a SIGTERM does). Waits first for a save still in flight: one at a time."""
+        self.wait()
         rank_state = {"step": step, "loaders": [loader.state_dict() for loader in self.loaders],
                       "rng": rng_state(self.device)}
         meta = {"elapsed_s": elapsed_s, "steps": self.total_steps}
+        if self.model_meta is not None:
+            meta["model"] = self.model_meta
         dataset = self._dataset()
         if dataset is not None:   # what a resume checks it continues on
             meta["dataset"] = {"path": str(dataset.path), "fingerprint": dataset.fingerprint,
                                "samples": len(dataset), "tokens": dataset.num_tokens}
-        return save_checkpoint(self.out_dir, step, self.model, self.optimizer, rank_state,
-                               keep=self.policy.keep, meta=meta)
+        saved = save_checkpoint(self.out_dir, step, self.model, self.optimizer, rank_state,
+                                keep=self.policy.keep, meta=meta, background=self.policy.async_,
+                                group=self._group)
+        if isinstance(saved, PendingCheckpoint):
+            self._pending = saved
+            return self.wait() if wait else None
+        return saved
+
+    @property
+    def writing_step(self) -> int | None:
+        """The step of the checkpoint being written in the background now, None when none is."""
+        pending = self._pending
+        return pending.step if pending is not None and pending.running else None
+
+    def wait(self) -> Path | None:
+        """Waits for the checkpoint in flight, if any; its directory (or its TrainingError, also
+        that of a write that has already ended)."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    def close(self, *, wait: bool = True) -> None:
+        """At the end of a run that failed: lets a checkpoint in flight complete (it is a valid
+        one of an earlier step) and logs, rather than raises, its own failure. wait=False when a
+        rank is lost: its writer would wait for that rank in vain; it is left to fail on its
+        group's timeout, leaving only a .tmp folder."""
+        if not wait:
+            self._pending = None
+            return
+        try:
+            self.wait()
+        except Exception as error:   # noqa: BLE001 (the run's own error is the one to raise)
+            log.warning(f"the checkpoint written in the background failed too: {error}")
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.out_dir)
@@ -610,14 +766,6 @@ class Checkpointer:
 
 # --------------------------------------------------------------------------------------------
 # File helpers
-
-
-@contextmanager
-def _quiet_single_process():
-    # DCP warns on every single-process save/load that it assumes a single process: we mean it.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def _write_durably(path: Path, write) -> None:

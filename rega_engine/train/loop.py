@@ -14,9 +14,11 @@ A run, in the four steps `_train` reads as:
   3. train: `optimizer_step` after `optimizer_step` up to train.steps, with a log record every
      train.log_every steps and a checkpoint when the Checkpointer says one is due or a SIGTERM asks
      the run to stop (then it stops after that step, writes <out_dir>/preempted.json and exits
-     143); the log's data_wait_s and checkpoint_s time the host's wait for the loader and the
-     saves (perf_counter on the host, no device sync added), and train.profile_steps traces a
-     few steps with the torch profiler (`_StepProfiler`);
+     143); with checkpoint.async a save is written in the background while the next steps train
+     (the stop, the end of training and the next save wait for it); the log's data_wait_s and
+     checkpoint_s time the host's wait for the loader and the saves (perf_counter on the host,
+     no device sync added), and train.profile_steps traces a few steps with the torch profiler
+     (`_StepProfiler`);
   4. export: <out_dir>/hf in the compute dtype with the tokenizer files (model/hf_io.py), loadable
      by transformers, when the run finished; a run resumed at its last step only exports. Then
      the summary line and the loss plot (a plot that fails is a warning: the model is safe).
@@ -134,9 +136,14 @@ def train(config: RunConfig, *, loader_deals: Sequence[tuple[int, int]] | None =
 
 def _make_loaders(config: RunConfig, dataset, runtime: Runtime,
                   loader_deals: Sequence[tuple[int, int]] | None) -> list:
-    from rega_engine.data.loader import PackedLoader
+    from rega_engine.data.loader import PackedLoader, PlanSharing
+    share_plan = None
     if loader_deals is None:
         deals = [(runtime.dp_rank, runtime.dp_size)]   # CP / TP peers would read the same rows
+        # Under torchrun with several processes on this node, local rank 0 plans each epoch and
+        # the node's other processes map its plan (rega_engine/data/shared_plan.py): one copy per
+        # node, not one per process. None otherwise, or with REGA_SHARED_PLAN=0.
+        share_plan = PlanSharing.from_env() if runtime.world_size > 1 else None
     else:
         deals = [(int(r), int(w)) for r, w in loader_deals]
         if runtime.world_size != 1:
@@ -151,7 +158,8 @@ def _make_loaders(config: RunConfig, dataset, runtime: Runtime,
                  f"{dict(dataset.kind_weights)} stored in {dataset.path}/meta.json")
     loaders = [PackedLoader(dataset, seq_len=config.data.seq_len,
                             batch_size=config.train.micro_batch_size, rank=r, world_size=w,
-                            seed=config.train.seed, kind_weights=config.data.kind_weights)
+                            seed=config.train.seed, kind_weights=config.data.kind_weights,
+                            share_plan=share_plan)
                for r, w in deals]
     if len(loaders[0]) == 0:
         raise TrainingError(f"data.prepared = {dataset.path}: no micro-batch fits an epoch "
@@ -369,9 +377,12 @@ def _train(config: RunConfig, runtime: Runtime,
         stop.install()
         finished = _train_steps(run, stop, watchdog)                  # 3. train
         if finished:
+            _wait_for_checkpoint(run, watchdog)
             _export(run, watchdog)                                    # 4. export
     except Exception as error:
         failure = _collective_failure(error, config, runtime, watchdog)
+        if run is not None:   # a checkpoint in flight completes, unless a rank is lost
+            run.checkpointer.close(wait=failure is None)
         if failure is None:
             raise
         raise failure from None
@@ -388,6 +399,26 @@ def _train(config: RunConfig, runtime: Runtime,
     return 0 if finished else PREEMPTED_EXIT_CODE
 
 
+def _wait_for_checkpoint(run: Run, watchdog: StallWatchdog) -> None:
+    """The end of training waits for a checkpoint written in the background (checkpoint.async),
+    so that a finished run never leaves one behind half-written."""
+    step = run.checkpointer.writing_step
+    if step is not None:
+        watchdog.begin(f"the checkpoint of step {step}", run.step)
+    waiting = time.perf_counter()
+    run.checkpointer.wait()   # also raises the failure of a write that has already ended
+    if step is not None:
+        run.logger.checkpoint_done(time.perf_counter() - waiting, count=False)
+        watchdog.end(typical=False)
+
+
+def _model_meta(config: RunConfig, model: torch.nn.Module, dtype: torch.dtype) -> dict:
+    """meta.json's "model" of each checkpoint: what `rega-engine export` rebuilds the model from,
+    without the run's config file."""
+    from rega_engine.export import model_meta
+    return model_meta(config, model.args.hf_config, str(dtype).removeprefix("torch."))
+
+
 def _export(run: Run, watchdog: StallWatchdog) -> None:
     """Step 4: <out_dir>/hf (merged, plus the PEFT adapter for LoRA runs)."""
     config, runtime = run.config, run.runtime
@@ -396,7 +427,7 @@ def _export(run: Run, watchdog: StallWatchdog) -> None:
     watchdog.begin("the export", run.step)
     if config.lora.rank:
         from rega_engine.model.lora import export_lora
-        hf_dir = export_lora(run.model, run.out_dir, dtype=run.compute_dtype,
+        hf_dir = export_lora(run.model, run.out_dir / "hf", dtype=run.compute_dtype,
                              sharded=runtime.use_fsdp,
                              tokenizer_dir=config.data.tokenizer or config.model.path,
                              base_path=config.model.path)
@@ -440,6 +471,11 @@ def _collective_failure(error: Exception, config: RunConfig, runtime: Runtime,
     # the first sentence, without the source location.
     detail = re.sub(r"^\[[^\]]*\]\s*", "", (text.strip().splitlines() or [""])[-1])
     detail = detail.split(". ")[0][:200] or type(error).__name__
+    silent = watchdog.silent_ranks() or {}
+    if silent:   # the heartbeats name the dead: the peer's address alone does not say its rank
+        who = ", ".join(f"rank {r} ({why})" for r, why in sorted(silent.items()))
+        return TrainingError(f"{where}: rank {runtime.rank} lost its connection to {who} "
+                             f"[{detail}]. {resume}")
     return TrainingError(f"{where}: rank {runtime.rank} lost its connection to another rank "
                          f"({detail}): a rank died or its host went away. {resume}")
 
@@ -469,7 +505,8 @@ def _set_up(config: RunConfig, runtime: Runtime,
     optimizer = _make_optimizer(model, t, runtime.device)
     checkpointer = Checkpointer(t.out_dir, config.checkpoint, total_steps=t.steps, model=model,
                                 optimizer=optimizer, loaders=loaders, device=runtime.device,
-                                verify_data=config.data.verify)
+                                verify_data=config.data.verify, timeout_s=t.collective_timeout_s,
+                                model_meta=_model_meta(config, model, compute_dtype))
     start = checkpointer.resume()
     logger = MetricsLogger(t.out_dir, domain_names=dataset.domain_names, total_steps=t.steps,
                            start_step=start.step, enabled=runtime.is_main, progress=t.progress,
@@ -541,12 +578,15 @@ def _steps(run: Run, stop: _StopRequest, watchdog: StallWatchdog,
         stopping = result.stop_votes > 0 or (runtime.world_size == 1 and stop.requested)
         if stopping or run.checkpointer.due(step):
             watchdog.begin(f"the checkpoint of step {step}", step)
-            saving = time.perf_counter()   # save() ends with a barrier: the slowest rank's time
-            saved_at = run.checkpointer.save(step, elapsed_s=run.logger.elapsed())
+            # The time training stood still: a whole save (it ends with a barrier: the slowest
+            # rank's time), or with checkpoint.async the staging plus any wait for the last one.
+            saving = time.perf_counter()
+            saved_at = run.checkpointer.save(step, elapsed_s=run.logger.elapsed(),
+                                             wait=stopping)
             run.logger.checkpoint_done(time.perf_counter() - saving)
             watchdog.end(typical=False)
         if stopping:
-            # save() ends with a barrier: every rank's files are complete when rank 0 says so.
+            # The save waited for its barrier: every rank's files are complete when rank 0 says so.
             marker = (run_dir.write_preempted(run.out_dir, step=step, total_steps=t.steps,
                                               checkpoint=saved_at) if runtime.is_main else None)
             run.logger.message(f"SIGTERM: stopped after step {step} of {t.steps}; checkpoint "
@@ -653,7 +693,8 @@ def _record(run: Run, host: list[PackedBatch], result: StepResult,
         run.logger.log(run.step, run.sums.collect(run.runtime.distributed),
                        grad_norm=result.grad_norm, lr=result.lr, peak_flops=run.peak_flops,
                        world_size=run.runtime.world_size,
-                       peak_memory=peak_memory_bytes(run.runtime.device))
+                       peak_memory=peak_memory_bytes(run.runtime.device),
+                       checkpoint_pending=run.checkpointer.writing_step)
 
 
 def _seed_everything(seed: int) -> None:

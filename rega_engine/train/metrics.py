@@ -175,9 +175,12 @@ class MetricsLogger:
       the elapsed time of the run it resumed),
       data_wait_s (rank 0's mean seconds per step spent waiting for its micro-batches from the
       loader's prefetch, over the steps since the last record: near 0 when the loader keeps up),
-      checkpoint_s (seconds spent saving checkpoints since the last record, rank 0's wall time
-      including the save's closing barrier; a checkpoint is saved after its step's record, so it
-      shows in the next one, and the summary line counts them all).
+      checkpoint_s (seconds training stood still for checkpoints since the last record, rank 0's
+      wall time including the save's closing barrier, or with checkpoint.async the staging and
+      any wait for the previous write; a checkpoint is saved after its step's record, so it shows
+      in the next one, and the summary line counts them all),
+      checkpoint_pending (the step of a checkpoint still being written in the background when
+      the record was taken: training went on meanwhile; null when none is).
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, domain_names: list[str], total_steps: int,
@@ -229,14 +232,15 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(1)
 
-    def checkpoint_done(self, seconds: float) -> None:
-        """A checkpoint save took `seconds`; reported in the next record and the summary."""
+    def checkpoint_done(self, seconds: float, count: bool = True) -> None:
+        """A checkpoint save kept training waiting `seconds`; reported in the next record and the
+        summary. count=False: the wait for a save already counted (checkpoint.async)."""
         self._checkpoint_s += seconds
         self.total_checkpoint_s += seconds
-        self.checkpoints += 1
+        self.checkpoints += int(count)
 
     def log(self, step: int, sums: dict, *, grad_norm: float, lr: float, peak_flops: float | None,
-            world_size: int, peak_memory: int) -> dict:
+            world_size: int, peak_memory: int, checkpoint_pending: int | None = None) -> dict:
         now = time.perf_counter()
         seconds = now - self._last_time
         self._last_time = now
@@ -260,6 +264,7 @@ class MetricsLogger:
             "elapsed_s": self.elapsed(),
             "data_wait_s": self._data_wait_s / max(sums.get("steps", 1), 1),
             "checkpoint_s": self._checkpoint_s,
+            "checkpoint_pending": checkpoint_pending,
         }
         data_share = self._data_wait_s / seconds if seconds > 0 else None
         self._data_wait_s = self._checkpoint_s = 0.0

@@ -19,9 +19,11 @@ compute and fp32 gradient reduction; a plain model would have to train in bf16 o
 autocast, which our fused kernels do not follow. A single fp32 CPU process runs the plain model.
 
 Large models are built on the meta device, sharded, materialised with `to_empty` (each rank
-allocating only its shards) and then filled: from safetensors straight into the shards, or, for a
-random init, from rank 0's CPU model broadcast tensor by tensor, so that one process and N
-processes start from bit-identical weights for a given seed.
+allocating only its shards) and then filled without any rank holding the whole model: from
+safetensors, each rank reading only the rows of its shards (hf_io.load_state_dict_into), or, for a
+random init, each rank drawing the single process's tensors one at a time and keeping its shard
+(_sharded_random_init), so that one process and N processes, on any mesh, start from
+bit-identical weights for a given seed.
 """
 from __future__ import annotations
 
@@ -370,26 +372,43 @@ def build_model(config: ModelConfig, runtime: Runtime, *, seed: int, precision: 
         if kind == "path":
             load_state_dict_into(model, source)
         else:
-            _broadcast_random_init(model, source, seed, runtime)
+            _sharded_random_init(model, seed)
     if lora is not None and lora.rank:
         from rega_engine.model.lora import init_lora_weights
         init_lora_weights(model, seed)
     return model, compute_dtype
 
 
-def _broadcast_random_init(model: nn.Module, init_config: Path, seed: int,
-                           runtime: Runtime) -> None:
-    """Rank 0 initialises the full model on CPU from `seed` (exactly as a single process does) and
-    broadcasts it tensor by tensor; every rank keeps its shards. The other ranks never hold more
-    than one full tensor."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+@torch.no_grad()
+def _sharded_random_init(model: nn.Module, seed: int) -> None:
+    """The random init of a materialised (sharded) model, bit for bit what one process gets from
+    `from_config(..., seed=seed)` (CausalLM.init_weights on the CPU), whatever the mesh, and
+    without communication: every rank walks the base model's parameters in init order (llama's
+    init_order, on a meta-device CausalLM of the model's args, so that LoRA adapters, FP8 linears
+    and wrappers change nothing), draws each normal tensor whole in fp32 on the CPU from one
+    generator seeded with `seed`, keeps the part its shard holds and drops the rest. Host memory
+    peaks at the rank's shards plus one full tensor; every rank spends the CPU time of drawing the
+    whole model once. LoRA adapters are left to init_lora_weights."""
+    from torch.distributed.tensor import DTensor
 
-    from rega_engine.model import from_config
+    from rega_engine.model.hf_io import _copy_into, _expected_tensors, _list
+    from rega_engine.model.llama import INIT_NORMAL, INIT_ZEROS, CausalLM, init_order
 
-    full = {}
-    if runtime.rank == 0:
-        full = from_config(init_config, dtype=torch.float32, device="cpu", seed=seed).state_dict()
-    # LoRA adapters are not in rank 0's base model; build_model initialises them afterwards.
-    set_model_state_dict(model, full, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=True, strict=not hasattr(model,
-                                                                            "lora_settings")))
+    targets = _expected_tensors(model)   # canonical names, LoRA adapters left out
+    order = list(init_order(CausalLM(model.args, device="meta")))
+    differ = {name for name, _ in order} ^ set(targets)
+    if differ:
+        raise RuntimeError(f"random init: the model's parameters and its init order differ in "
+                           f"{_list(differ)}")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    std = model.args.initializer_range
+    for name, how in order:
+        target = targets[name]
+        if how == INIT_NORMAL:
+            full = torch.empty(tuple(target.shape), dtype=torch.float32)
+            full.normal_(0.0, std, generator=generator)
+            _copy_into(target, full)
+            del full
+        else:
+            local = target.to_local() if isinstance(target, DTensor) else target
+            local.fill_(0.0 if how == INIT_ZEROS else 1.0)

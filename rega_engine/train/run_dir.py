@@ -5,7 +5,7 @@
                   killed run leaves, and the next run says so and takes over.
   preempted.json  written after the checkpoint of a SIGTERM is complete, removed when a run
                   starts: the "pre-empted, resume me" status that survives torchrun, which exits
-                  1 whatever its workers' status (README: requeue recipe).
+                  1 whatever its workers' status (docs/many-gpus.md: requeue recipe).
 
 `claim` is called once per run, by every rank after the process group exists; rank 0 decides
 (the lock, and whether the folder's earlier outputs may be replaced) and every rank raises the
@@ -125,8 +125,8 @@ def lock_out_dir(out_dir: str | os.PathLike) -> RunLock:
             return _take(fd, path, tuple(created))
         os.close(fd)
     who = _holder_text(holder) if holder else "a run that is just starting"
-    # Exit 2 (README "Exit status"): the command as given cannot run; a requeue script must not
-    # retry it into the running job's folder.
+    # Exit 2 (docs/pipeline.md "Exit status"): the command as given cannot run; a requeue script
+    # must not retry it into the running job's folder.
     raise ConfigError(f"train.out_dir = {out_dir} is in use by another run ({who}; lock "
                       f"{path}); wait for it to end or stop it, or give this run another "
                       "train.out_dir")

@@ -61,6 +61,9 @@ class StallWatchdog:
 
     def start(self) -> StallWatchdog:
         if self.world_size > 1 and self._thread is None:
+            # The first heartbeat goes out now, not a heartbeat later: a rank that dies in its
+            # first second must read as "no heartbeat for N s", not "no heartbeat yet".
+            self._beat()
             self._thread = threading.Thread(target=self._run, name="rega-stall-watchdog",
                                             daemon=True)
             self._thread.start()
@@ -150,22 +153,46 @@ class StallWatchdog:
             return
         second = self._heartbeats()
         self._first_sample = None
-        suspects = {}
-        for r in range(self.world_size):
-            if r == self.rank:
-                continue
-            if r not in second:
-                suspects[r] = "no heartbeat yet"
-            elif first.get(r) == second[r]:
-                suspects[r] = (f"no heartbeat for {now - first_at:.0f}+ s: stopped, hung or "
-                               "its host unreachable?")
-            elif second[r][0] < step:
-                suspects[r] = f"still at step {second[r][0]}"
+        suspects = self._silent(first, second, now - first_at,
+                                "stopped, hung or its host unreachable?")
+        for r, (at_step, _) in second.items():
+            if r != self.rank and r not in suspects and at_step < step:
+                suspects[r] = f"still at step {at_step}"
         if self.rank == 1 and 0 not in suspects:
             with self._lock:   # rank 0 is alive and reports for itself
                 self._next_report = now + self.stall_after_s()
             return
         self._report(what, step, now - since, suspects)
+
+    def _silent(self, first: dict, second: dict, apart_s: float, guess: str) -> dict[int, str]:
+        """{rank: why} for each other rank whose heartbeat did not move between two readings
+        `apart_s` seconds apart (or never came)."""
+        silent = {}
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            if r not in second:
+                silent[r] = "no heartbeat yet"
+            elif first.get(r) == second[r]:
+                silent[r] = f"no heartbeat for {apart_s:.0f}+ s: {guess}"
+        return silent
+
+    def silent_ranks(self) -> dict[int, str] | None:
+        """After a collective lost its connection to a peer: which ranks died, as {rank: why},
+        from two readings of the heartbeats a few heartbeats apart (on the calling thread, about
+        2.5 heartbeats: a second or two). None where the store cannot tell (none, or it went
+        away with the rank that hosted it)."""
+        if self.store is None:
+            return None
+        try:
+            first = self._heartbeats()
+            started = time.monotonic()
+            time.sleep(2.5 * self.heartbeat_s)
+            second = self._heartbeats()
+        except Exception:   # the store died with its host (a rank-hosted store): no names
+            return None
+        return self._silent(first, second, time.monotonic() - started,
+                            "the process died or its host went away")
 
     def _report(self, what: str, step: int, waited: float, suspects: dict | None) -> None:
         typical = self.typical_s()
