@@ -75,7 +75,7 @@ if [ "$mode" = lock ]; then
     echo "# on $(date -u +%Y-%m-%d), with Python $("$py" -c 'import platform; print(platform.python_version())'); refresh it with \`make lock\`"
     echo "# after \`make test-latest\` passes. torch, its CUDA libraries and (where a machine keeps"
     echo "# its own torch) triton are chosen by .ci/make_venv.sh, not here."
-    $pip freeze --exclude-editable | grep -v -i -E '^(torch|nvidia-|cuda-)'
+    $pip freeze --exclude-editable | grep -v -i -E '^(torch==|nvidia-|cuda-)'
   } > "$lock.new"
   mv "$lock.new" "$lock"
   echo "wrote $lock ($(grep -c '==' "$lock") pins)"

@@ -1,16 +1,17 @@
-"""`rega-engine <tokenizer|model-config|prepare|train|distill|eval|demo|bench>`.
+"""`rega-engine <tokenizer|model-config|prepare|train|distill|eval|export|convert|demo|bench>`.
 
 Every subcommand that runs a job takes `--config run.toml` plus any number of `--section.key=value`
 overrides (`rega-engine <job> --help` lists each key the job reads, with its default and meaning),
 which win over the file, also over its alternative key (config.ALTERNATIVES: `--train.epochs=1`
 on a file with train.steps trains one pass, and says so);
 each stage's module is imported only when its subcommand runs, so `prepare` on a data box never
-pays for importing the model code. `tokenizer` and `model-config` are tools with their own options.
+pays for importing the model code. `tokenizer`, `model-config`, `export` and `convert` are tools
+with their own options.
 
 A user's mistake ends in one line on stderr and a non-zero exit, never a traceback: every
 deliberate error is a RegaError, and a file the operating system cannot open is named (absolute
 path) with its reason. Anything else is a bug and keeps its traceback. The exit status follows one
-rule (README "Exit status"; tests/test_cli_rules.py holds it):
+rule (docs/pipeline.md "Exit status"; tests/test_cli_rules.py holds it):
   0    done;
   1    the run started and could not go on: a runtime failure (a non-finite loss, a full disk, a
        crashed rank, an unreadable device) or a bug;
@@ -75,6 +76,8 @@ TOOLS = {
                  "ids)",
     "model-config": "write a Llama config.json (tiny, 1b, 8b) for training a base model from "
                     "scratch",
+    "export": "write a training checkpoint (any mesh) as a Hugging Face folder",
+    "convert": "write a GGUF model as a Hugging Face folder (needs the gguf extra)",
 }
 OTHERS = {
     "demo": "the whole REGA pipeline on a bundled synthetic world (CPU, minutes)",
@@ -199,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         if command == "model-config":
             from .model.presets import main as model_config_main
             return model_config_main(rest)
+        if command == "convert":
+            from .convert import main as convert_main
+            return convert_main(rest)
+        if command == "export":
+            from .export import main as export_main
+            return export_main(rest)
         if command == "demo":
             from .demo.run import main as demo_main
             return demo_main(rest)

@@ -13,6 +13,7 @@ first end token (the tokenizer's EOS and the model's generation-config EOS ids) 
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import inspect
@@ -64,18 +65,25 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dty
         torch_dtype = dtypes[dtype]
     else:
         raise ValueError(f"dtype {dtype!r}: expected auto, bf16, fp16 or fp32")
+    with quiet_transformers_load():
+        model = load_transformers_model(path, dtype=torch_dtype)
+    return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def quiet_transformers_load():
+    """transformers' model code imported without torchao's noise (import_transformers_models),
+    and no progress bar per load (the demo loads a dozen models) while the block runs."""
     from transformers.utils import logging as hf_logging
 
     import_transformers_models()
-    # transformers draws a progress bar per load; the demo loads a dozen models.
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = load_transformers_model(path, dtype=torch_dtype)
+        yield
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    return model.to(device).eval()
 
 
 def import_transformers_models() -> None:

@@ -36,6 +36,12 @@ def analyse_set(world, name: str, examples, predictions, loss=None, perplexity=N
                      "exact": bool(p["correct"]),
                      "content": content(text) == content(example.answer),
                      "convention": convention(text)})
+    return summarise(name, rows, loss, perplexity)
+
+
+def summarise(name: str, rows: list[dict], loss=None, perplexity=None) -> dict:
+    """A set's metrics from its judged answers, each {"kind", "exact", "content", "convention"}
+    (`convention`: the domain whose convention the answer carries, "general" for none)."""
     n = len(rows)
 
     def share(flag, subset=None):
@@ -124,8 +130,38 @@ def _pts(diffs) -> str:
     return ", ".join(f"{100 * d:+.1f}" for d in diffs) + " pts"
 
 
-def verdicts(per_seed: list[dict], domains) -> list[dict]:
-    """The claims, each decided on all seeds: {"status", "claim", "values"}."""
+def comparison(per_seed: list[dict], label: str, a_name: str, b_name: str, set_name: str,
+               key: str, kind: str | None = None, higher_is_better: bool = True,
+               what: str = "exact match") -> dict | None:
+    """Model a against model b on one number, decided on the paired per-seed differences
+    (`paired`): {"status", "claim", "values"}, or None where a seed lacks a model or the number."""
+    if any(a_name not in r or b_name not in r for r in per_seed):
+        return None
+    a = metric(per_seed, a_name, set_name, key, kind)
+    b = metric(per_seed, b_name, set_name, key, kind)
+    if any(math.isnan(v) for v in a + b):
+        return None
+    status, diffs = paired(a, b, higher_is_better)
+    a_label, b_label = NAMES.get(a_name, a_name), NAMES.get(b_name, b_name)
+    head = {WIN: f"{a_label} beats {b_label} {label}",
+            LOSS: f"{b_label} beats {a_label} {label}",
+            TIE: f"{a_label} and {b_label} tie {label}",
+            ONE_SEED: f"{a_label} vs {b_label} {label}: one seed, no spread to decide on",
+            }[status]
+    rule = {WIN: "better in every seed", LOSS: "worse in every seed",
+            TIE: "the per-seed differences straddle zero or are zero",
+            ONE_SEED: "rerun with --seeds 3"}[status]
+    return {"status": status,
+            "claim": f"{head}: {what} {_pct(a)} vs {_pct(b)}, paired differences {_pts(diffs)} "
+                     f"({rule})",
+            "values": {"diffs": diffs}}
+
+
+def verdicts(per_seed: list[dict], domains, general_only_kind: str = GENERAL_ONLY_SKILL,
+             general_only_what: str = "a general computation") -> list[dict]:
+    """The claims, each decided on all seeds: {"status", "claim", "values"}.
+    `general_only_kind`: the kind of domain question that needs `general_only_what`, a skill
+    only the general data teaches."""
     n = len(per_seed)
     base = metric(per_seed, "base", GENERAL, "exact_match")
     out = []
@@ -147,30 +183,15 @@ def verdicts(per_seed: list[dict], domains) -> list[dict]:
         "model's "
         f"general exact match ({_pct(std)}; below {FORGET_SHARE:.0%} in every seed)", ratios=ratios)
 
-    def compare(label, a_name, b_name, set_name, key, kind=None, higher_is_better=True,
-                what="exact match"):
-        a = metric(per_seed, a_name, set_name, key, kind)
-        b = metric(per_seed, b_name, set_name, key, kind)
-        if any(math.isnan(v) for v in a + b):
-            return
-        status, diffs = paired(a, b, higher_is_better)
-        a_label, b_label = NAMES.get(a_name, a_name), NAMES.get(b_name, b_name)
-        head = {WIN: f"{a_label} beats {b_label} {label}",
-                LOSS: f"{b_label} beats {a_label} {label}",
-                TIE: f"{a_label} and {b_label} tie {label}",
-                ONE_SEED: f"{a_label} vs {b_label} {label}: one seed, no spread to decide on",
-                }[status]
-        rule = {WIN: "better in every seed", LOSS: "worse in every seed",
-                TIE: "the per-seed differences straddle zero or are zero",
-                ONE_SEED: "rerun with --seeds 3"}[status]
-        add(status,
-            f"{head}: {what} {_pct(a)} vs {_pct(b)}, paired differences {_pts(diffs)} ({rule})",
-            diffs=diffs)
+    def compare(*args, **kwargs):
+        check = comparison(per_seed, *args, **kwargs)
+        if check is not None:
+            out.append(check)
 
     for d in domains:
         compare(f"in {d}", "rega", "standard", d, "exact_match")
-    compare(f"on the domain questions that need a general computation ({GENERAL_ONLY_SKILL}, never "
-            "in the domain data)", "rega", "standard", "domains", "by_kind", GENERAL_ONLY_SKILL)
+    compare(f"on the domain questions that need {general_only_what} ({general_only_kind}, never "
+            "in the domain data)", "rega", "standard", "domains", "by_kind", general_only_kind)
     compare("on inter-domain confusion (domain answers in the other domain's convention)",
             "rega", "standard", "domains", "confusion", higher_is_better=False, what="confusion")
     compare("on inter-domain confusion: what role prompts add", "rega", "no_roles", "domains",
