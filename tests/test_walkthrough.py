@@ -1,5 +1,6 @@
-"""README's "Your own data, end to end" runs as written: the bash block between the walkthrough
-markers, on files made from the bundled sample, every command exiting 0 with its outputs there."""
+"""docs/walkthrough.md, "Your own data, end to end", runs as written: the bash block between the
+walkthrough markers, on files made from the bundled sample, every command exiting 0 with its
+outputs there."""
 from __future__ import annotations
 
 import json
@@ -15,14 +16,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "rega_engine" / "demo" / "sample"
 HELD_OUT = 8     # rows of each set kept out of training, for eval.jsonl
+PAGE = REPO / "docs" / "walkthrough.md"   # the page that holds the walkthrough markers
 
 
 def walkthrough_block() -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = PAGE.read_text(encoding="utf-8")
     found = re.search(r"<!-- walkthrough -->\s*```bash\n(.*?)```\s*<!-- /walkthrough -->", text,
                       re.S)
-    assert found, ("README.md has no ```bash block between <!-- walkthrough --> and "
-                   "<!-- /walkthrough -->")
+    assert found, (f"{PAGE.relative_to(REPO)} has no ```bash block between <!-- walkthrough --> "
+                   "and <!-- /walkthrough -->")
     return found.group(1)
 
 

@@ -74,7 +74,7 @@ class Sizes:
 # ~410 fine-tuning steps of 4 x 256 tokens, six training processes started at ~4.5 s each, six
 # evaluations of 450 questions). At these sizes REGA's worst seed keeps 91% of the base's general
 # exact match (the verdict asks 90%), and the fine-tunes have not yet learned to tell the
-# domains' sign-offs apart (see the README): more fine-tuning (domain_train, epochs) is the
+# domains' sign-offs apart (see docs/demo.md): more fine-tuning (domain_train, epochs) is the
 # knob, at about 0.2 s of CPU per step and seed.
 # The demo reuses half of each domain under the central prompt (the engine's default is 0.1): a
 # model this small needs to see the domains under the central prompt often to answer them as
