@@ -13,6 +13,7 @@ if __name__ == "rega_engine.kernels":
     # `from rega_engine.kernels.rms_norm import ...`.
     from .rms_norm import rms_norm, rms_norm_reference
     from .rope import rotary_embedding, rotary_embedding_reference
+    from .split_attention import split_varlen_attention
     from .swiglu import swiglu, swiglu_reference
 else:
     def _yield_name_to_installed_package() -> None:

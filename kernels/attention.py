@@ -465,11 +465,12 @@ def _extended_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> torch.T
 
 
 def _build_work_table(cu_ext: torch.Tensor, total_tokens: int, blocks, side: str,
-                      causal: bool) -> torch.Tensor:
+                      causal: bool, work_of=None) -> torch.Tensor:
     """Rows of (segment, block) items, one row per block size of `_TABLE_BLOCKS` (only the rows
     for `blocks` are filled). Segment `num_docs` is the tail after the last document; -1 marks a
     surplus item. Items are ordered by estimated work, largest first, so that the long causal
-    blocks start early and the grid does not end on a straggler."""
+    blocks start early and the grid does not end on a straggler. work_of(seg, blk, block,
+    seg_len), if given, estimates the work of the items instead of `side` and `causal`."""
     num_docs = cu_ext.numel() - 2
     capacity = total_tokens // min(_TABLE_BLOCKS) + num_docs + 1
     table = torch.full((len(_TABLE_BLOCKS), capacity, 2), -1, dtype=torch.int32,
@@ -486,7 +487,9 @@ def _build_work_table(cu_ext: torch.Tensor, total_tokens: int, blocks, side: str
         seg = seg.clamp(max=num_docs)
         blk = item - (ends[seg] - blocks_per_seg[seg])
         seg_len = lengths[seg]
-        if not causal:
+        if work_of is not None:
+            work = work_of(seg, blk, block, seg_len)
+        elif not causal:
             work = seg_len
         elif side == "q":  # a query block reads keys up to its own end
             work = torch.minimum((blk + 1) * block, seg_len)
@@ -510,18 +513,27 @@ class _TableCache:
         self.entries: dict = {}
 
     def get(self, cu_seqlens: torch.Tensor, total_tokens: int, blocks, side: str, causal: bool):
-        key = (id(cu_seqlens), total_tokens, tuple(sorted(set(blocks))), side, causal)
+        def build():
+            cu_ext = _extended_cu_seqlens(cu_seqlens, total_tokens)
+            return cu_ext, _build_work_table(cu_ext, total_tokens, blocks, side, causal)
+        return self.lookup((cu_seqlens,), (total_tokens, tuple(sorted(set(blocks))), side, causal),
+                           build)
+
+    def lookup(self, tensors, key, build):
+        """build()'s value for these tensors (as they are now) and the hashable `key`."""
+        key = (*(id(t) for t in tensors), *key)
         hit = self.entries.get(key)
         if hit is not None:
-            ref, version, cu_ext, table = hit
-            if ref() is cu_seqlens and version == cu_seqlens._version:
-                return cu_ext, table
-        cu_ext = _extended_cu_seqlens(cu_seqlens, total_tokens)
-        table = _build_work_table(cu_ext, total_tokens, blocks, side, causal)
+            refs, versions, value = hit
+            if all(r() is t and version == t._version
+                   for r, version, t in zip(refs, versions, tensors)):
+                return value
+        value = build()
         if len(self.entries) >= self.size:
             self.entries.pop(next(iter(self.entries)))
-        self.entries[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, cu_ext, table)
-        return cu_ext, table
+        self.entries[key] = ([weakref.ref(t) for t in tensors], [t._version for t in tensors],
+                             value)
+        return value
 
 
 _TABLES = _TableCache()
@@ -838,10 +850,10 @@ _varlen_attention_op.register_autograd(_backward_varlen_attention,
 # Public functions
 # ----------------------------------------------------------------------------------------------
 
-def _check_arguments(q, k, v, cu_seqlens, max_seqlen, softmax_scale, who: str) -> float:
-    """Validate shapes, dtypes and devices (never values on the GPU: that would synchronise);
-    return the softmax scale to use."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+def _check_qkv(q, k, v, others, who: str, same_tokens: bool = True) -> None:
+    """Shapes and dtypes of q, k and v, and that q, k, v and the named tensors in `others`
+    ((name, value) pairs) are tensors."""
+    for name, t in (("q", q), ("k", k), ("v", v), *others):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -851,9 +863,12 @@ def _check_arguments(q, k, v, cu_seqlens, max_seqlen, softmax_scale, who: str) -
     if k.shape != v.shape:
         raise ValueError(f"{who}: k and v must have the same shape, got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+    if same_tokens and (q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]):
         raise ValueError(f"{who}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on "
                          "total_tokens (dim 0) and head_dim (dim 2)")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"{who}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on "
+                         "head_dim (dim 2)")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"{who}: query heads ({q.shape[1]}) must be a positive multiple of "
                          f"key/value heads ({k.shape[1]}) for grouped-query attention")
@@ -863,34 +878,59 @@ def _check_arguments(q, k, v, cu_seqlens, max_seqlen, softmax_scale, who: str) -
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"{who}: dtype {q.dtype} is not supported; use bfloat16, float16 or "
                          "float32")
-    if not (q.device == k.device == v.device == cu_seqlens.device):
-        raise ValueError(f"{who}: q, k, v and cu_seqlens must be on one device, got {q.device}, "
-                         f"{k.device}, {v.device}, {cu_seqlens.device}")
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"{who}: cu_seqlens must be a 1-D int32 tensor of documents + 1 offsets, "
-                         f"got dtype {cu_seqlens.dtype} and shape {tuple(cu_seqlens.shape)}; "
+
+
+def _check_offsets_tensor(cu, name: str, who: str) -> None:
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{who}: {name} must be a 1-D int32 tensor of documents + 1 offsets, "
+                         f"got dtype {cu.dtype} and shape {tuple(cu.shape)}; "
                          "use .to(torch.int32)")
-    if (isinstance(max_seqlen, bool)
-            or not isinstance(max_seqlen, (numbers.Integral, torch.SymInt)) or max_seqlen < 0):
-        raise ValueError(f"{who}: max_seqlen must be a non-negative int (the longest document), "
-                         f"got {max_seqlen!r}; a tensor would need .item(), which synchronises "
+
+
+def _check_max_seqlen(value, name: str, who: str) -> None:
+    if (isinstance(value, bool)
+            or not isinstance(value, (numbers.Integral, torch.SymInt)) or value < 0):
+        raise ValueError(f"{who}: {name} must be a non-negative int (the longest document), "
+                         f"got {value!r}; a tensor would need .item(), which synchronises "
                          "on the GPU, so compute it on the host")
-    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
-        # Free to check here; on the GPU it would cost a synchronisation per call, and under
-        # torch.compile reading values would break the graph.
-        offsets = cu_seqlens.tolist()
-        if offsets[0] != 0 or offsets[-1] > q.shape[0] or any(
-                b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(f"{who}: cu_seqlens must start at 0, never decrease and end at or "
-                             f"before total_tokens={q.shape[0]}, got {offsets[:8]}"
-                             f"{'...' if len(offsets) > 8 else ''} (last {offsets[-1]})")
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    # Free to check on the CPU; on the GPU it would cost a synchronisation per call, and under
+    # torch.compile reading values would break the graph.
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_offset_values(offsets: list, name: str, total: int, total_name: str,
+                         who: str) -> None:
+    if offsets[0] != 0 or offsets[-1] > total or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{who}: {name} must start at 0, never decrease and end at or "
+                         f"before {total_name}={total}, got {offsets[:8]}"
+                         f"{'...' if len(offsets) > 8 else ''} (last {offsets[-1]})")
+
+
+def _softmax_scale(softmax_scale, head_dim: int, who: str) -> float:
     if softmax_scale is None:
-        return 1.0 / math.sqrt(q.shape[2])
+        return 1.0 / math.sqrt(head_dim)
     scale = float(softmax_scale)
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"{who}: softmax_scale must be a positive finite number, got "
                          f"{softmax_scale!r}")
     return scale
+
+
+def _check_arguments(q, k, v, cu_seqlens, max_seqlen, softmax_scale, who: str) -> float:
+    """Validate shapes, dtypes and devices (never values on the GPU: that would synchronise);
+    return the softmax scale to use."""
+    _check_qkv(q, k, v, [("cu_seqlens", cu_seqlens)], who)
+    if not (q.device == k.device == v.device == cu_seqlens.device):
+        raise ValueError(f"{who}: q, k, v and cu_seqlens must be on one device, got {q.device}, "
+                         f"{k.device}, {v.device}, {cu_seqlens.device}")
+    _check_offsets_tensor(cu_seqlens, "cu_seqlens", who)
+    _check_max_seqlen(max_seqlen, "max_seqlen", who)
+    if _values_checkable(cu_seqlens):
+        _check_offset_values(cu_seqlens.tolist(), "cu_seqlens", q.shape[0], "total_tokens", who)
+    return _softmax_scale(softmax_scale, q.shape[2], who)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
