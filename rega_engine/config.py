@@ -213,6 +213,11 @@ class ParallelConfig:
     # nothing; each rank keeps its gradients unsharded meanwhile, in fp32: 4 bytes a parameter,
     # 32 GB for an 8B model, so it is not the default)
     accumulate: str = "sharded"
+    # context parallelism: processes one packed row is split over (each keeps 2 of the row's
+    # 2 x cp chunks and gathers the keys and values of the rest: train/context_parallel.py); the
+    # data-parallel mesh is what is left, dp_replicate x dp_shard x cp = the processes, and
+    # data.seq_len must be a multiple of 2 x cp
+    cp: int = 1
 
 
 @dataclass
@@ -610,10 +615,18 @@ def _check_precision(t: TrainConfig, d: DataConfig) -> None:
             f"{FP8_DIM_MULTIPLE}, e.g. {-(-d.seq_len // FP8_DIM_MULTIPLE) * FP8_DIM_MULTIPLE}")
 
 
-def _check_parallel(p: ParallelConfig) -> None:
+def _check_parallel(p: ParallelConfig, seq_len: int) -> None:
     """What the values alone decide; their product against the number of processes is checked
     where that is known (train/parallel.py mesh_shape)."""
     _one_of("parallel.accumulate", p.accumulate, ACCUMULATE_MODES)
+    if isinstance(p.cp, bool) or not isinstance(p.cp, int) or p.cp < 1:
+        raise ConfigError(f"parallel.cp = {p.cp!r}: expected an integer >= 1 (the processes one "
+                          "row is split over; 1 = no context parallelism)")
+    if p.cp > 1 and seq_len % (2 * p.cp):
+        fit = -(-seq_len // (2 * p.cp)) * 2 * p.cp
+        raise ConfigError(f"parallel.cp = {p.cp}: data.seq_len = {seq_len} must be a multiple of "
+                          f"2 x parallel.cp = {2 * p.cp} (each row is cut into that many equal "
+                          f"chunks); use data.seq_len = {fit}")
     if isinstance(p.dp_replicate, bool) or not isinstance(p.dp_replicate, int) \
             or not (p.dp_replicate >= 1 or p.dp_replicate == -1):
         raise ConfigError(f"parallel.dp_replicate = {p.dp_replicate!r}: expected an integer >= 1, "
@@ -673,7 +686,7 @@ def validate_config(config: RunConfig) -> RunConfig:
     _check_eval(config.eval)
     _check_precision(config.train, config.data)
     _check_lora(config.lora, config.train)
-    _check_parallel(config.parallel)
+    _check_parallel(config.parallel, config.data.seq_len)
     return config
 
 

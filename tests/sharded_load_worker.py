@@ -146,7 +146,7 @@ def main(out_dir: str, data: str, tag: str, replicate: int, shard: int, cases: l
     results = {case: run_case(case, data, runtime) for case in cases}
     with open(os.path.join(out_dir, f"{tag}_rank{runtime.rank}.json"), "w") as f:
         json.dump(results, f)
-    teardown_runtime(runtime)
+    teardown_runtime(runtime, finished=True)
 
 
 if __name__ == "__main__":

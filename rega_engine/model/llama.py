@@ -41,6 +41,7 @@ from rega_engine.kernels.attention import INTERPRETED, varlen_attention
 from rega_engine.kernels.cross_entropy import fused_linear_cross_entropy
 from rega_engine.kernels.rms_norm import rms_norm
 from rega_engine.kernels.rope import rotary_embedding
+from rega_engine.kernels.split_attention import split_varlen_attention
 from rega_engine.kernels.swiglu import swiglu
 from rega_engine.model.args import ModelArgs, RopeArgs
 
@@ -142,7 +143,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=args.qkv_bias, **kw)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=args.o_bias, **kw)
 
-    def forward(self, x, rope: Rope, cu_seqlens, max_seqlen):
+    def forward(self, x, rope: Rope, cu_seqlens, max_seqlen, context=None):
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.n_kv_heads, self.head_dim)
@@ -151,8 +152,15 @@ class Attention(nn.Module):
             q, k = rotary_embedding(q, k, rope.position_ids, rope.inv_freq, backend="triton")
         else:
             q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True,
-                               softmax_scale=self.softmax_scale, backend=self.backend)
+        if context is None:
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True,
+                                   softmax_scale=self.softmax_scale, backend=self.backend)
+        else:   # this rank's queries against the whole row's keys (train/context_parallel.py)
+            from rega_engine.train.context_parallel import gather_row
+            k, v = gather_row(torch.cat((k, v), 1), context).split(self.n_kv_heads, 1)
+            out = split_varlen_attention(q, k, v, context.cu_seqlens_q, cu_seqlens,
+                                         context.q_positions, context.max_seqlen_q, max_seqlen,
+                                         softmax_scale=self.softmax_scale, backend=self.backend)
         return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
 
 
@@ -182,8 +190,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
 
-    def forward(self, x, rope: Rope, cu_seqlens, max_seqlen: int):
-        attended = self.self_attn(self.input_layernorm(x), rope, cu_seqlens, max_seqlen)
+    def forward(self, x, rope: Rope, cu_seqlens, max_seqlen: int, context=None):
+        attended = self.self_attn(self.input_layernorm(x), rope, cu_seqlens, max_seqlen, context)
         # x + attended and its norm in one pass (one kernel on the fused path)
         normed, x = self.post_attention_layernorm(attended, residual=x)
         return x + self.mlp(normed)
@@ -201,8 +209,10 @@ class DecoderModel(nn.Module):
                                     for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
 
-    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int) -> torch.Tensor:
-        """Flat (T,) ids and positions -> final normalised hidden states (T, hidden)."""
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int,
+                context=None) -> torch.Tensor:
+        """Flat (T,) ids and positions -> final normalised hidden states (T, hidden); under
+        context parallelism (a ContextShard) T is this rank's tokens of the batch."""
         x = self.embed_tokens(input_ids)
         rope = Rope(position_ids, rope_inv_freq(self.args.rope, self.args.head_dim,
                                                 position_ids.device))
@@ -210,7 +220,7 @@ class DecoderModel(nn.Module):
             angles = position_ids.float()[:, None] * rope.inv_freq[None, :]
             rope = rope._replace(cos=angles.cos(), sin=angles.sin())
         for layer in self.layers:
-            x = layer(x, rope, cu_seqlens, max_seqlen)
+            x = layer(x, rope, cu_seqlens, max_seqlen, context)
         return self.norm(x)
 
 
@@ -288,7 +298,8 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 labels: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None,
-                reduction: str = "mean", return_token_losses: bool = False) -> CausalLMOutput:
+                reduction: str = "mean", return_token_losses: bool = False,
+                context=None) -> CausalLMOutput:
         """input_ids (B, L), or (1, T) for one flattened stream.
 
         Without `cu_seqlens` every row is one causal document (position_ids alone never split
@@ -306,7 +317,17 @@ class CausalLM(nn.Module):
         cross-entropy with the kernel's `reduction`: "mean" (weighted sum / weight of the
         non-ignored labels), "sum", or "none" (B, L) aligned with labels like `token_losses`.
         Logits (B, L, vocab) are returned only when `labels` is None.
+
+        `context` (train/context_parallel.ContextShard): context parallelism. Every argument
+        still describes the whole micro-batch, as every rank of the cp group reads it; this
+        rank computes its own tokens (context.index) against the row's gathered keys and values.
+        The loss is this rank's share ("sum": the shares add up over the group; "mean" is
+        refused), and logits, "none" losses and token losses are (B, L) with zeros at the other
+        ranks' positions.
         """
+        if context is not None and labels is not None and reduction == "mean":
+            raise ValueError("context parallelism: reduction='mean' would average each rank's "
+                             "share separately; use 'sum' and divide by the total weight")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape "
                              f"{tuple(input_ids.shape)}")
@@ -320,10 +341,16 @@ class CausalLM(nn.Module):
             # blocks compiled on their own then take any document count without recompiling
             torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
         self._check_sliding_window(cu_seqlens, max_seqlen, l, labels)
-        hidden = self.model(input_ids.reshape(-1), position_ids.reshape(-1), cu_seqlens, l)
+        ids, positions = input_ids.reshape(-1), position_ids.reshape(-1)
+        if context is not None:   # this rank's tokens only, from here to the loss
+            ids, positions = context.local(ids), context.local(positions)
+        hidden = self.model(ids, positions, cu_seqlens, l, context)
         if labels is None:
-            return CausalLMOutput(logits=F.linear(hidden, self.lm_head_weight).view(b, l, -1))
-        return self._loss(hidden, labels, loss_weights, reduction, return_token_losses)
+            logits = F.linear(hidden, self.lm_head_weight)
+            if context is not None:
+                logits = context.scatter(logits)
+            return CausalLMOutput(logits=logits.view(b, l, -1))
+        return self._loss(hidden, labels, loss_weights, reduction, return_token_losses, context)
 
     def _check_sliding_window(self, cu_seqlens: torch.Tensor, max_seqlen: int | None,
                               row_length: int, labels: torch.Tensor | None) -> None:
@@ -347,8 +374,11 @@ class CausalLM(nn.Module):
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor,
               loss_weights: torch.Tensor | None, reduction: str,
-              return_token_losses: bool) -> CausalLMOutput:
-        """The fused linear cross-entropy of the hidden states (B * L, hidden) against labels."""
+              return_token_losses: bool, context=None) -> CausalLMOutput:
+        """The fused linear cross-entropy of the hidden states (B * L, hidden) against labels;
+        under context parallelism, of this rank's positions (their shares of "sum" and "mean"
+        add up over the cp group only for "sum"; "none" and token losses come back (B, L) with
+        zeros at the other ranks' positions)."""
         b, l = labels.shape
         # Shift the (small) labels rather than the (large) hidden states: position t of a row
         # is scored against labels[t + 1]; each row's last position gets IGNORE_INDEX.
@@ -359,11 +389,17 @@ class CausalLM(nn.Module):
                 raise ValueError(f"loss_weights shape {tuple(loss_weights.shape)} != labels "
                                  f"shape {tuple(labels.shape)}")
             weights = F.pad(loss_weights[:, 1:], (0, 1), value=0.0).reshape(-1)
+        if context is not None:   # shifted on the whole row above: a chunk's last position
+            target = context.local(target)   # predicts the next chunk's first label
+            weights = None if weights is None else context.local(weights)
         result = fused_linear_cross_entropy(
             hidden, self.lm_head_weight, target, ignore_index=IGNORE_INDEX,
             token_weights=weights, reduction=reduction, backend=self.cross_entropy_backend,
             return_token_losses=return_token_losses)
         loss, token_losses = result if return_token_losses else (result, None)
+        if context is not None:
+            loss = context.scatter(loss) if reduction == "none" else loss
+            token_losses = None if token_losses is None else context.scatter(token_losses)
         if reduction == "none":
             loss = _align_with_labels(loss, b, l)
         if token_losses is not None:

@@ -71,6 +71,7 @@ from rega_engine.log import get_logger
 from rega_engine.model import hf_io
 from rega_engine.train import run_dir
 from rega_engine.train.checkpoint import Checkpointer, latest_checkpoint
+from rega_engine.train.context_parallel import ContextShard, shard_batch
 from rega_engine.train.fp8 import after_optimizer_step as fp8_after_optimizer_step
 from rega_engine.train.metrics import (
     DeviceSums,
@@ -118,16 +119,19 @@ def train(config: RunConfig, *, loader_deals: Sequence[tuple[int, int]] | None =
         torch.set_num_threads(config.train.threads)
     runtime = setup_runtime(config.train.device, config.model.dtype,
                             timeout_s=config.train.collective_timeout_s, parallel=config.parallel)
+    finished = False
     try:
         lock = run_dir.claim(config.train.out_dir, resume=config.checkpoint.resume,
                              overwrite=config.train.overwrite)
         try:
-            return _train(config, runtime, loader_deals)
+            status = _train(config, runtime, loader_deals)
+            finished = True
+            return status
         finally:
             if lock is not None:
                 lock.release()
     finally:
-        teardown_runtime(runtime)
+        teardown_runtime(runtime, finished=finished)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,16 +248,18 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    micro_batches: list[PackedBatch], *, lr: float, grad_clip: float, step: int,
                    world_size: int = 1, distributed: bool = False,
                    sums: DeviceSums | None = None, stop_requested: bool = False,
-                   accumulate: str = "sharded") -> StepResult:
+                   accumulate: str = "sharded",
+                   contexts: list[ContextShard] | None = None) -> StepResult:
     """One optimizer step over micro-batches already on the device: forward and backward, the
     global gradient norm and clipping (grad_clip 0: none), then AdamW at `lr` and zeroed
     gradients. Its one host synchronisation checks loss and norm first: a non-finite step raises
     NonFiniteStep naming `step`, and the update never reaches the weights. world_size: the
-    data-parallel ranks (Runtime.dp_size); accumulate: parallel.accumulate."""
+    ranks FSDP2 averages gradients over (Runtime.grad_ranks); accumulate: parallel.accumulate;
+    contexts: each micro-batch's ContextShard under context parallelism."""
     step_loss, stop_votes = forward_backward(model, micro_batches, world_size=world_size,
                                              distributed=distributed, sums=sums,
                                              stop_flag=float(stop_requested),
-                                             accumulate=accumulate)
+                                             accumulate=accumulate, contexts=contexts)
     norm = grad_norm_and_clip(model, grad_clip)
     loss_value, norm_value, votes = torch.stack(
         [step_loss.double(), norm.double(), stop_votes]).tolist()   # the step's one sync
@@ -270,37 +276,44 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def forward_backward(model: torch.nn.Module, batches: list[PackedBatch], *, world_size: int,
                      distributed: bool, sums: DeviceSums | None = None,
-                     stop_flag: float = 0.0,
-                     accumulate: str = "sharded") -> tuple[torch.Tensor, torch.Tensor]:
+                     stop_flag: float = 0.0, accumulate: str = "sharded",
+                     contexts: list[ContextShard] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over one optimizer step's micro-batches (already on the device).
 
     Leaves in .grad the gradient of  sum(w * token_loss) / W  over every micro-batch of every rank,
     W being the global sum of the loss weights. Returns (this rank's share of that loss, the stop
-    flag summed over ranks), both on the device.
+    flag summed over ranks), both on the device. Under context parallelism (`contexts`) the ranks
+    of a cp group share each micro-batch: one of them counts its weights in W, and each computes
+    and back-propagates the loss of its own tokens.
     """
     device = batches[0].input_ids.device
+    contexts = contexts or [None] * len(batches)
+    counted = [b for b, c in zip(batches, contexts) if c is None or c.counts_batch]
     # torch.full launches a fill kernel; torch.tensor would copy from the host and wait for the GPU.
-    local = torch.stack([sum(b.loss_weights.sum(dtype=torch.float64) for b in batches),
+    local = torch.stack([sum((b.loss_weights.sum(dtype=torch.float64) for b in counted),
+                             torch.zeros((), dtype=torch.float64, device=device)),
                          torch.full((), float(stop_flag), dtype=torch.float64, device=device)])
     if distributed:
         dist.all_reduce(local)
     # A step whose every label is ignored has W = 0 and all weights 0: its loss is 0, not 0/0.
     total_weight = local[0].clamp(min=1e-30).to(torch.float32)
     step_loss = torch.zeros((), dtype=torch.float32, device=local.device)
-    for i, b in enumerate(batches):
+    for i, (b, context) in enumerate(zip(batches, contexts)):
         _gradient_sync(model, last=i == len(batches) - 1, accumulate=accumulate)
         out = model(b.input_ids, position_ids=b.position_ids, cu_seqlens=b.cu_seqlens,
                     max_seqlen=b.max_seqlen, labels=b.labels,
                     loss_weights=b.loss_weights / total_weight, reduction="sum",
-                    return_token_losses=sums is not None)
+                    return_token_losses=sums is not None, context=context)
         # FSDP averages gradients over the data-parallel ranks (HSDP: over dp_shard in the
-        # reduce-scatter, then over dp_replicate in the all-reduce); the objective is their sum,
-        # so scale by their number (exact for powers of two, and independent of torch's reduce-op
-        # defaults).
+        # reduce-scatter, then over dp_replicate in the all-reduce; with their cp ranks); the
+        # objective is their sum, so scale by their number (exact for powers of two, and
+        # independent of torch's reduce-op defaults).
         (out.loss * world_size if world_size > 1 else out.loss).backward()
         step_loss += out.loss.detach().float()
         if sums is not None:
-            sums.add_tokens(out.token_losses, b.labels, b.kind_ids, b.domain_ids)
+            labels = b.labels if context is None else context.own(b.labels)
+            sums.add_tokens(out.token_losses, labels, b.kind_ids, b.domain_ids)
     return step_loss, local[1]
 
 
@@ -559,12 +572,16 @@ def _steps(run: Run, stop: _StopRequest, watchdog: StallWatchdog,
         lr = lr_at(step, lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps,
                    min_lr_ratio=t.min_lr_ratio)
         try:
+            contexts = None if runtime.cp == 1 else [
+                shard_batch(b, runtime.cp, runtime.cp_rank, runtime.cp_group, runtime.device)
+                for b in host]
             result = optimizer_step(run.model, run.optimizer, [b.to(runtime.device) for b in host],
                                     lr=lr, grad_clip=t.grad_clip, step=step,
-                                    world_size=runtime.dp_size,
+                                    world_size=runtime.grad_ranks,
                                     distributed=runtime.distributed, sums=run.sums,
                                     stop_requested=stop.requested,
-                                    accumulate=run.config.parallel.accumulate)
+                                    accumulate=run.config.parallel.accumulate,
+                                    contexts=contexts)
         except NonFiniteStep as error:
             raise TrainingError(
                 f"{error} and no checkpoint was written. Last complete checkpoint: "
@@ -683,9 +700,12 @@ def _record(run: Run, host: list[PackedBatch], result: StepResult,
             data_wait_s: float = 0.0) -> None:
     """Adds the step to the device sums; every train.log_every steps (and at the last), reads
     them back and writes the log record."""
-    tokens = sum(b.num_real_tokens for b in host)
+    # The metrics add up over ranks: under context parallelism one rank of each cp group counts
+    # the batch its group shares.
+    counted = host if run.runtime.cp_rank == 0 else []
+    tokens = sum(b.num_real_tokens for b in counted)
     flops = sum(run.flops_per_token * b.num_real_tokens
-                + run.model.attention_flops(document_lengths(b)) for b in host)
+                + run.model.attention_flops(document_lengths(b)) for b in counted)
     run.sums.add_step(result.loss, tokens, flops)
     run.logger.step_done(data_wait_s)
     t = run.config.train
@@ -723,7 +743,7 @@ def _check_vocab(config: RunConfig, dataset, model) -> None:
 def _print_header(run: Run, resumed_from: Path | None, pass_line: str = "") -> None:
     config, runtime, model, dataset = run.config, run.runtime, run.model, run.dataset
     t = config.train
-    rows = t.micro_batch_size * t.grad_accum * runtime.world_size
+    rows = t.micro_batch_size * t.grad_accum * runtime.dp_size
     source = config.model.path or f"random init from {config.model.init_config}"
     checkpointing = config.model.activation_checkpointing
     lines = [
@@ -737,7 +757,8 @@ def _print_header(run: Run, resumed_from: Path | None, pass_line: str = "") -> N
         f"data: {dataset.path} ({len(dataset)} samples, {dataset.num_tokens} tokens, domains "
         f"{', '.join(dataset.domain_names)})",
         f"steps: {t.steps} of {rows} rows x {config.data.seq_len} tokens (micro-batch "
-        f"{t.micro_batch_size} x grad_accum {t.grad_accum} x {runtime.world_size} ranks); "
+        f"{t.micro_batch_size} x grad_accum {t.grad_accum} x {runtime.dp_size} data-parallel "
+        f"ranks{f', each row split over {runtime.cp} (parallel.cp)' if runtime.cp > 1 else ''}); "
         f"log: {Path(t.out_dir) / 'log.jsonl'}",
         *([pass_line] if pass_line else []),
     ]

@@ -12,6 +12,12 @@ row-major order), which is also the data-parallel rank the loader deals rows by.
 the group, then an all-reduce of the shards across groups). With dp_replicate = 1 FSDP2 gets the
 "dp_shard" dim alone: plain FSDP, no all-reduce over a group of one.
 
+With context parallelism (parallel.cp > 1) the mesh gains a third, innermost dim "cp" (so a row's
+ranks are neighbours, on one node): dims ("dp_replicate", "dp_shard", "cp"), rank = (replicate
+index * dp_shard + shard index) * cp + cp index. The cp ranks of a group read the same rows and
+split each one (train/context_parallel.py); FSDP2 shards over dp_shard and cp flattened into one
+dim, "dp_shard_cp" (as torchtitan does), since those ranks hold the same parameters too.
+
 When FSDP is used: whenever the run is launched by torchrun, and whenever the compute dtype is
 not fp32 (always on CUDA, where it is bf16), even in one process (then with a process group of
 one). FSDP2's MixedPrecisionPolicy is what gives fp32 master weights and optimizer state with bf16
@@ -52,16 +58,33 @@ class Runtime:
     world_size: int
     local_rank: int
     use_fsdp: bool
-    mesh: object = None           # DeviceMesh ("dp_replicate", "dp_shard") when use_fsdp
+    mesh: object = None           # DeviceMesh ("dp_replicate", "dp_shard"[, "cp"]) when use_fsdp
     owns_process_group: bool = False
-    dp_replicate: int = 1         # the mesh's shape (parallel.dp_replicate x parallel.dp_shard)
-    dp_shard: int = 1
+    dp_replicate: int = 1         # the mesh's shape (parallel.dp_replicate x parallel.dp_shard
+    dp_shard: int = 1             # x parallel.cp)
+    cp: int = 1
 
     @property
     def dp_size(self) -> int:
-        """Data-parallel ranks: the ranks that read different rows and whose gradients FSDP2
-        averages (all of them while there is no CP or TP)."""
+        """Data-parallel ranks: the ranks that read different rows (all of them while there is
+        no CP or TP)."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def grad_ranks(self) -> int:
+        """The ranks whose gradients FSDP2 averages: the data-parallel ranks and their cp
+        ranks."""
+        return self.dp_size * self.cp
+
+    @property
+    def cp_rank(self) -> int:
+        """This rank's place in its row's cp group (0 without context parallelism)."""
+        return self.mesh.get_local_rank("cp") if self.cp > 1 else 0
+
+    @property
+    def cp_group(self):
+        """The process group of the ranks that split this rank's rows (None without CP)."""
+        return self.mesh.get_group("cp") if self.cp > 1 else None
 
     @property
     def dp_rank(self) -> int:
@@ -75,10 +98,12 @@ class Runtime:
     @property
     def fsdp_mesh(self):
         """The mesh fully_shard gets: 2-D (HSDP) when there are replica groups, else the dp_shard
-        dim alone (plain FSDP)."""
-        if self.mesh is None or self.dp_replicate > 1:
-            return self.mesh
-        return self.mesh["dp_shard"]
+        dim alone (plain FSDP); with CP, dp_shard and cp flattened ("dp_shard_cp") stand for
+        dp_shard."""
+        if self.mesh is None:
+            return None
+        shard = "dp_shard_cp" if self.cp > 1 else "dp_shard"
+        return self.mesh["dp_replicate", shard] if self.dp_replicate > 1 else self.mesh[shard]
 
     @property
     def distributed(self) -> bool:
@@ -92,15 +117,21 @@ class Runtime:
 
 def mesh_shape(parallel: ParallelConfig | None, world_size: int,
                local_world_size: int) -> tuple[int, int]:
-    """(dp_replicate, dp_shard) for `world_size` processes, `local_world_size` of them per node:
-    -1 takes what the other leaves, dp_shard "auto" the node's processes. A ConfigError naming the
-    keys when they do not multiply to the world size."""
+    """(dp_replicate, dp_shard) for `world_size` processes, `local_world_size` of them per node,
+    parallel.cp of them splitting each row: -1 takes what the other leaves, dp_shard "auto" the
+    node's processes (over cp). A ConfigError naming the keys when they do not multiply to the
+    world size."""
     parallel = parallel or ParallelConfig()
-    replicate, shard = parallel.dp_replicate, parallel.dp_shard
+    replicate, shard, cp = parallel.dp_replicate, parallel.dp_shard, parallel.cp
     given = (f"parallel.dp_replicate = {replicate!r}, parallel.dp_shard = {shard!r}"
+             f"{f', parallel.cp = {cp}' if cp > 1 else ''}"
              f"{f' (LOCAL_WORLD_SIZE {local_world_size})' if shard == 'auto' else ''}")
+    if world_size % cp:
+        raise ConfigError(f"{given}: parallel.cp = {cp} does not divide the {world_size} "
+                          "process(es) (WORLD_SIZE)")
+    world_size //= cp
     if shard == "auto":
-        shard = local_world_size
+        shard = max(local_world_size // cp, 1)
     for key, value, other in (("parallel.dp_replicate", replicate, shard),
                               ("parallel.dp_shard", shard, replicate)):
         if value == -1:
@@ -113,10 +144,12 @@ def mesh_shape(parallel: ParallelConfig | None, world_size: int,
     if shard == -1:
         shard = world_size // replicate
     if replicate * shard != world_size:
-        raise ConfigError(f"{given}: a mesh of {replicate} x {shard} = {replicate * shard} "
-                          f"process(es), but this run has {world_size} (WORLD_SIZE); make "
-                          "parallel.dp_replicate x parallel.dp_shard equal it, or set one of them "
-                          "to -1 to take what the other leaves")
+        cp_text = f" x {cp}" if cp > 1 else ""
+        raise ConfigError(f"{given}: a mesh of {replicate} x {shard}{cp_text} = "
+                          f"{replicate * shard * cp} process(es), but this run has "
+                          f"{world_size * cp} (WORLD_SIZE); make parallel.dp_replicate x "
+                          f"parallel.dp_shard{' x parallel.cp' if cp > 1 else ''} equal it, or "
+                          "set one of the first two to -1 to take what the other leaves")
     return replicate, shard
 
 
@@ -150,6 +183,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto",
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if torchrun else 1
     # Before the process group: a wrong shape fails at once on every rank, not in a collective.
     replicate, shard = mesh_shape(parallel, world, local_world)
+    cp = (parallel or ParallelConfig()).cp
     use_fsdp = torchrun or compute_dtype != torch.float32
     owns = False
     mesh = None
@@ -166,15 +200,21 @@ def setup_runtime(device: str = "auto", dtype: str = "auto",
             owns = use_fsdp = _start_group_of_one(backend, dev, compute_dtype, kwargs)
     if use_fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(dev.type, (replicate, shard),
-                                mesh_dim_names=("dp_replicate", "dp_shard"),
-                                backend_override=_subgroup_timeouts((replicate, shard), dev,
-                                                                    timeout_s))
+        shape, names = (replicate, shard), ("dp_replicate", "dp_shard")
+        if cp > 1:
+            shape, names = (*shape, cp), (*names, "cp")
+        mesh = init_device_mesh(dev.type, shape, mesh_dim_names=names,
+                                backend_override=_subgroup_timeouts(shape, dev, timeout_s))
+        if cp > 1:   # the dim FSDP2 shards over (Runtime.fsdp_mesh)
+            mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
         rank, world = dist.get_rank(), dist.get_world_size()
+    elif cp > 1:
+        raise ConfigError(f"parallel.cp = {cp} needs a process group (torchrun, or a mixed-"
+                          "precision run); this process has none")
     return Runtime(device=dev, dtype=compute_dtype, rank=rank, world_size=world,
                    local_rank=local_rank,
                    use_fsdp=use_fsdp, mesh=mesh, owns_process_group=owns,
-                   dp_replicate=replicate, dp_shard=shard)
+                   dp_replicate=replicate, dp_shard=shard, cp=cp)
 
 
 def _subgroup_timeouts(shape: tuple[int, ...], device: torch.device,
@@ -232,8 +272,14 @@ def _start_group_of_one(backend: str, device: torch.device, compute_dtype: torch
     return True
 
 
-def teardown_runtime(runtime: Runtime) -> None:
+def teardown_runtime(runtime: Runtime, *, finished: bool = False) -> None:
+    """Ends the process group this process started. `finished`: every rank got here the same way
+    (a run that ended normally), so they first wait for each other: none closes its connections
+    while a peer may still be reading its last collective (a gloo peer whose socket is reset then
+    aborts). After a failure there is no waiting: the ranks left may never come."""
     if runtime.owns_process_group and dist.is_initialized():
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
