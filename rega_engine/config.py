@@ -218,6 +218,10 @@ class ParallelConfig:
     # data-parallel mesh is what is left, dp_replicate x dp_shard x cp = the processes, and
     # data.seq_len must be a multiple of 2 x cp
     cp: int = 1
+    # tensor parallelism: processes each decoder block's matmuls are split over (heads and MLP
+    # units; train/tensor_parallel.py), typically within a node; dp_replicate x dp_shard x tp =
+    # the processes. Not yet with parallel.cp, train.precision = "fp8" or [lora]
+    tp: int = 1
 
 
 @dataclass
@@ -687,7 +691,22 @@ def validate_config(config: RunConfig) -> RunConfig:
     _check_precision(config.train, config.data)
     _check_lora(config.lora, config.train)
     _check_parallel(config.parallel, config.data.seq_len)
+    _check_tensor_parallel(config.parallel, config.train, config.lora)
     return config
+
+
+def _check_tensor_parallel(p: ParallelConfig, t: TrainConfig, lora: LoRAConfig) -> None:
+    if isinstance(p.tp, bool) or not isinstance(p.tp, int) or p.tp < 1:
+        raise ConfigError(f"parallel.tp = {p.tp!r}: expected an integer >= 1 (the processes a "
+                          "block's matmuls are split over; 1 = no tensor parallelism)")
+    if p.tp == 1:
+        return
+    for clash, given in (("parallel.cp > 1", p.cp > 1),
+                         ("train.precision = 'fp8'", t.precision == "fp8"),
+                         ("[lora] (lora.rank > 0)", bool(lora.rank))):
+        if given:
+            raise ConfigError(f"parallel.tp = {p.tp} with {clash}: not supported together yet; "
+                              "use one of them")
 
 
 def _field_comments() -> dict[tuple[str, str], str]:

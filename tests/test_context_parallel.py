@@ -14,16 +14,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_helpers import cli_args, read_log, run_config  # noqa: E402
+from train_helpers import (  # noqa: E402
+    assert_same_run,
+    assert_same_weights,
+    read_log,
+    single_process_runs,
+    torchrun,
+)
 
 from rega_engine.config import ConfigError, ParallelConfig, load_config  # noqa: E402
 from rega_engine.train.context_parallel import (  # noqa: E402
@@ -49,19 +53,10 @@ TOL = 1e-5
 WEIGHT_TOL = 5e-5
 
 
-def _torchrun(processes: int, args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={processes}", *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
-
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("cp", [2, 4])
 def test_a_split_batch_gives_the_whole_batchs_loss_logits_and_gradients(tmp_path, cp):
-    _torchrun(cp, [str(TESTS / "cp_worker.py"), str(tmp_path), f"cp{cp}"])
+    torchrun(cp, [str(TESTS / "cp_worker.py"), str(tmp_path), f"cp{cp}"])
     for rank in range(cp):
         seen = json.loads((tmp_path / f"cp{cp}_rank{rank}.json").read_text())
         assert seen["kv_heads"] == [4, 2]   # grouped-query attention
@@ -80,37 +75,13 @@ RUNS = {"cp2": (2, 1, 2, ()), "cp4": (4, 1, 4, ("--model.activation_checkpointin
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One process on one and on two data-parallel deals, then the RUNS; returns (tmp, args)."""
-    from rega_engine.train.loop import train
     tmp = tmp_path_factory.mktemp("cp")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for deals in (1, 2):
-            single = run_config(tmp, *COMMON, f"--train.grad_accum={deals * GRAD_ACCUM}",
-                                "--checkpoint.export=true", steps=STEPS)
-            single.train.out_dir = str(tmp / f"single{deals}")
-            assert train(single, loader_deals=[(r, deals) for r in range(deals)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    base = run_config(tmp, *COMMON, f"--train.grad_accum={GRAD_ACCUM}", steps=STEPS)
-    args = [a for a in cli_args(base) if not a.startswith("--train.out_dir=")]
+    args = single_process_runs(tmp, COMMON, (1, 2), GRAD_ACCUM, STEPS)
     for name, (processes, shard, cp, extra) in RUNS.items():
-        _torchrun(processes, ["-m", "rega_engine.cli", "train", *args,
-                              f"--train.out_dir={tmp / name}", "--checkpoint.export=true",
-                              f"--parallel.dp_shard={shard}", f"--parallel.cp={cp}", *extra])
+        torchrun(processes, ["-m", "rega_engine.cli", "train", *args,
+                             f"--train.out_dir={tmp / name}", "--checkpoint.export=true",
+                             f"--parallel.dp_shard={shard}", f"--parallel.cp={cp}", *extra])
     return tmp, args
-
-
-def _same_run(one: list[dict], other: list[dict]) -> None:
-    assert [r["step"] for r in one] == [r["step"] for r in other]
-    for a, b in zip(one, other):
-        assert a["tokens"] == b["tokens"]
-        assert a["loss"] == pytest.approx(b["loss"], abs=TOL), (a["step"], a["loss"], b["loss"])
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=TOL)
-        assert a["loss_tokens_by_kind"] == b["loss_tokens_by_kind"]
-        for name, value in a["loss_by_domain"].items():
-            if value is not None:
-                assert value == pytest.approx(b["loss_by_domain"][name], abs=TOL)
 
 
 @pytest.mark.multiprocess
@@ -120,14 +91,9 @@ def test_context_parallel_training_equals_one_process(runs, name):
     tmp, _ = runs
     processes, shard, cp, _ = RUNS[name]
     single = tmp / f"single{shard}"
-    _same_run(read_log(single), read_log(tmp / name))
+    assert_same_run(read_log(single), read_log(tmp / name), TOL)
     assert read_log(single)[-1]["loss"] < read_log(single)[0]["loss"]
-    want = load_file(single / "hf" / "model.safetensors")
-    got = load_file(tmp / name / "hf" / "model.safetensors")
-    assert want.keys() == got.keys()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=WEIGHT_TOL, rtol=0,
-                                   msg=lambda m: f"{name} {key}: {m}")
+    assert_same_weights(single, tmp / name, WEIGHT_TOL)
 
 
 @pytest.mark.multiprocess
@@ -139,10 +105,10 @@ def test_a_cp_checkpoint_resumes_with_another_cp_degree(runs):
     for name, processes, shard, cp in (("resume_cp1", 2, 2, 1), ("resume_cp4", 4, 1, 4)):
         out = tmp / name
         shutil.copytree(saved, out / "checkpoints" / saved.name)
-        result = _torchrun(processes, ["-m", "rega_engine.cli", "train", *args,
-                                       f"--train.out_dir={out}", "--resume",
-                                       "--checkpoint.every=0", f"--parallel.dp_shard={shard}",
-                                       f"--parallel.cp={cp}"])
+        result = torchrun(processes, ["-m", "rega_engine.cli", "train", *args,
+                                      f"--train.out_dir={out}", "--resume",
+                                      "--checkpoint.every=0", f"--parallel.dp_shard={shard}",
+                                      f"--parallel.cp={cp}"])
         assert f"resumed from {saved.name}" in result.stderr.replace(str(out / "checkpoints") +
                                                                      "/", "")
         log = read_log(out)
@@ -151,7 +117,7 @@ def test_a_cp_checkpoint_resumes_with_another_cp_degree(runs):
         assert all(0 < r["loss"] < first for r in log), (name, [r["loss"] for r in log])
     # cp = 1 on the 2 x 2 run's two data-parallel ranks reads the same rows: it goes on exactly
     # as the 2 x 2 run did (cp = 4 has one data-parallel rank, so other rows: elastic).
-    _same_run(read_log(tmp / "dp2cp2")[SAVED:], read_log(tmp / "resume_cp1"))
+    assert_same_run(read_log(tmp / "dp2cp2")[SAVED:], read_log(tmp / "resume_cp1"), TOL)
 
 
 def test_each_document_is_cut_in_2cp_pieces_and_rank_i_keeps_piece_i_and_its_mirror():

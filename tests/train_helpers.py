@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,3 +94,59 @@ def cli_args(config) -> list[str]:
 def read_log(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / "log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def torchrun(processes: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node=N ARGS` on one thread per
+    process; fails the test with the output's tail unless it exits 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def single_process_runs(tmp: Path, common: tuple, deals: tuple[int, ...], grad_accum: int,
+                        steps: int) -> list[str]:
+    """One process reading the rows of 1, 2, ... data-parallel ranks (tmp/single<n>, exported),
+    for multi-process runs to be compared against; returns the common command-line arguments
+    (without train.out_dir) for those runs, at `grad_accum` per rank."""
+    from rega_engine.train.loop import train
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in deals:
+            single = run_config(tmp, *common, f"--train.grad_accum={n * grad_accum}",
+                                "--checkpoint.export=true", steps=steps)
+            single.train.out_dir = str(tmp / f"single{n}")
+            assert train(single, loader_deals=[(r, n) for r in range(n)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    base = run_config(tmp, *common, f"--train.grad_accum={grad_accum}", steps=steps)
+    return [a for a in cli_args(base) if not a.startswith("--train.out_dir=")]
+
+
+def assert_same_run(one: list[dict], other: list[dict], tol: float) -> None:
+    """Two runs' log records step by step: tokens and label counts equal, losses (also per
+    domain) and gradient norms within `tol`."""
+    assert [r["step"] for r in one] == [r["step"] for r in other]
+    for a, b in zip(one, other):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=tol), (a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=tol)
+        assert a["loss_tokens_by_kind"] == b["loss_tokens_by_kind"]
+        for name, value in a["loss_by_domain"].items():
+            if value is not None:
+                assert value == pytest.approx(b["loss_by_domain"][name], abs=tol)
+
+
+def assert_same_weights(one: Path, other: Path, tol: float) -> None:
+    """Two runs' exported weights (<run>/hf/model.safetensors) within `tol`."""
+    from safetensors.torch import load_file
+    want = load_file(Path(one) / "hf" / "model.safetensors")
+    got = load_file(Path(other) / "hf" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=tol, rtol=0,
+                                   msg=lambda m: f"{other} {key}: {m}")

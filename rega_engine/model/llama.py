@@ -55,6 +55,14 @@ def uses_kernels(backend: str, x: torch.Tensor, who: str) -> bool:
 # Building blocks
 
 
+def local_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A parameter as this rank's plain tensor: under tensor parallelism the modules our kernels
+    run in hold Replicate DTensors (train/tensor_parallel.py), whose computation is replicated,
+    so the local tensor and its gradient are the whole ones. Anything else passes through."""
+    to_local = getattr(weight, "to_local", None)
+    return weight if to_local is None else to_local()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, device=None, dtype=None):
         super().__init__()
@@ -64,15 +72,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`, (norm(x + residual), x + residual) in one pass."""
+        weight = local_weight(self.weight)
         if uses_kernels(self.backend, x, "RMSNorm"):
-            return rms_norm(x, self.weight, self.eps, residual=residual, backend="triton")
+            return rms_norm(x, weight, self.eps, residual=residual, backend="triton")
         if residual is not None:
             x = x + residual
         # Normalise in fp32, cast back before the gain: the order transformers uses, so that
         # bf16 runs round the same way as the reference implementation.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = self.weight * xf.to(x.dtype)
+        y = weight * xf.to(x.dtype)
         return y if residual is None else (y, x)
 
     def reset_parameters(self) -> None:
@@ -145,9 +154,10 @@ class Attention(nn.Module):
 
     def forward(self, x, rope: Rope, cu_seqlens, max_seqlen, context=None):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.n_kv_heads, self.head_dim)
+        # -1 heads: under tensor parallelism the projections return this rank's heads only
+        q = self.q_proj(x).view(t, -1, self.head_dim)
+        k = self.k_proj(x).view(t, -1, self.head_dim)
+        v = self.v_proj(x).view(t, -1, self.head_dim)
         if uses_kernels(self.backend, x, "Attention"):
             q, k = rotary_embedding(q, k, rope.position_ids, rope.inv_freq, backend="triton")
         else:
@@ -157,11 +167,11 @@ class Attention(nn.Module):
                                    softmax_scale=self.softmax_scale, backend=self.backend)
         else:   # this rank's queries against the whole row's keys (train/context_parallel.py)
             from rega_engine.train.context_parallel import gather_row
-            k, v = gather_row(torch.cat((k, v), 1), context).split(self.n_kv_heads, 1)
+            k, v = gather_row(torch.cat((k, v), 1), context).chunk(2, 1)
             out = split_varlen_attention(q, k, v, context.cu_seqlens_q, cu_seqlens,
                                          context.q_positions, context.max_seqlen_q, max_seqlen,
                                          softmax_scale=self.softmax_scale, backend=self.backend)
-        return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
+        return self.o_proj(out.reshape(t, -1))
 
 
 class MLP(nn.Module):
@@ -213,7 +223,7 @@ class DecoderModel(nn.Module):
                 context=None) -> torch.Tensor:
         """Flat (T,) ids and positions -> final normalised hidden states (T, hidden); under
         context parallelism (a ContextShard) T is this rank's tokens of the batch."""
-        x = self.embed_tokens(input_ids)
+        x = F.embedding(input_ids, local_weight(self.embed_tokens.weight))
         rope = Rope(position_ids, rope_inv_freq(self.args.rope, self.args.head_dim,
                                                 position_ids.device))
         if not all(uses_kernels(layer.self_attn.backend, x, "Attention") for layer in self.layers):
@@ -271,6 +281,15 @@ class CausalLM(nn.Module):
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def _head_weight(self) -> torch.Tensor:
+        """The LM head's weight as a plain tensor for the logits and the loss. Under tensor
+        parallelism (DTensors) a head split by vocabulary rows is gathered whole: every tp rank
+        computes its batch's whole loss, and the gradient's way back keeps each rank's rows; a
+        replicated (tied) one is its local tensor."""
+        weight = self.lm_head_weight
+        full_tensor = getattr(weight, "full_tensor", None)
+        return weight if full_tensor is None else full_tensor()
 
     # -- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -346,7 +365,7 @@ class CausalLM(nn.Module):
             ids, positions = context.local(ids), context.local(positions)
         hidden = self.model(ids, positions, cu_seqlens, l, context)
         if labels is None:
-            logits = F.linear(hidden, self.lm_head_weight)
+            logits = F.linear(hidden, self._head_weight())
             if context is not None:
                 logits = context.scatter(logits)
             return CausalLMOutput(logits=logits.view(b, l, -1))
@@ -393,7 +412,7 @@ class CausalLM(nn.Module):
             target = context.local(target)   # predicts the next chunk's first label
             weights = None if weights is None else context.local(weights)
         result = fused_linear_cross_entropy(
-            hidden, self.lm_head_weight, target, ignore_index=IGNORE_INDEX,
+            hidden, self._head_weight(), target, ignore_index=IGNORE_INDEX,
             token_weights=weights, reduction=reduction, backend=self.cross_entropy_backend,
             return_token_losses=return_token_losses)
         loss, token_losses = result if return_token_losses else (result, None)

@@ -249,17 +249,20 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    world_size: int = 1, distributed: bool = False,
                    sums: DeviceSums | None = None, stop_requested: bool = False,
                    accumulate: str = "sharded",
-                   contexts: list[ContextShard] | None = None) -> StepResult:
+                   contexts: list[ContextShard] | None = None,
+                   tp_leader: bool = True) -> StepResult:
     """One optimizer step over micro-batches already on the device: forward and backward, the
     global gradient norm and clipping (grad_clip 0: none), then AdamW at `lr` and zeroed
     gradients. Its one host synchronisation checks loss and norm first: a non-finite step raises
     NonFiniteStep naming `step`, and the update never reaches the weights. world_size: the
     ranks FSDP2 averages gradients over (Runtime.grad_ranks); accumulate: parallel.accumulate;
-    contexts: each micro-batch's ContextShard under context parallelism."""
+    contexts: each micro-batch's ContextShard under context parallelism; tp_leader: False on
+    the tensor-parallel ranks that compute the same loss as another and must not count it."""
     step_loss, stop_votes = forward_backward(model, micro_batches, world_size=world_size,
                                              distributed=distributed, sums=sums,
                                              stop_flag=float(stop_requested),
-                                             accumulate=accumulate, contexts=contexts)
+                                             accumulate=accumulate, contexts=contexts,
+                                             tp_leader=tp_leader)
     norm = grad_norm_and_clip(model, grad_clip)
     loss_value, norm_value, votes = torch.stack(
         [step_loss.double(), norm.double(), stop_votes]).tolist()   # the step's one sync
@@ -277,7 +280,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 def forward_backward(model: torch.nn.Module, batches: list[PackedBatch], *, world_size: int,
                      distributed: bool, sums: DeviceSums | None = None,
                      stop_flag: float = 0.0, accumulate: str = "sharded",
-                     contexts: list[ContextShard] | None = None
+                     contexts: list[ContextShard] | None = None, tp_leader: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over one optimizer step's micro-batches (already on the device).
 
@@ -285,11 +288,13 @@ def forward_backward(model: torch.nn.Module, batches: list[PackedBatch], *, worl
     W being the global sum of the loss weights. Returns (this rank's share of that loss, the stop
     flag summed over ranks), both on the device. Under context parallelism (`contexts`) the ranks
     of a cp group share each micro-batch: one of them counts its weights in W, and each computes
-    and back-propagates the loss of its own tokens.
+    and back-propagates the loss of its own tokens. Under tensor parallelism every rank of a tp
+    group computes the whole loss; only its leader (`tp_leader`) counts W and the metrics.
     """
     device = batches[0].input_ids.device
     contexts = contexts or [None] * len(batches)
-    counted = [b for b, c in zip(batches, contexts) if c is None or c.counts_batch]
+    counted = [b for b, c in zip(batches, contexts)
+               if tp_leader and (c is None or c.counts_batch)]
     # torch.full launches a fill kernel; torch.tensor would copy from the host and wait for the GPU.
     local = torch.stack([sum((b.loss_weights.sum(dtype=torch.float64) for b in counted),
                              torch.zeros((), dtype=torch.float64, device=device)),
@@ -311,7 +316,7 @@ def forward_backward(model: torch.nn.Module, batches: list[PackedBatch], *, worl
         # independent of torch's reduce-op defaults).
         (out.loss * world_size if world_size > 1 else out.loss).backward()
         step_loss += out.loss.detach().float()
-        if sums is not None:
+        if sums is not None and tp_leader:
             labels = b.labels if context is None else context.own(b.labels)
             sums.add_tokens(out.token_losses, labels, b.kind_ids, b.domain_ids)
     return step_loss, local[1]
@@ -505,7 +510,7 @@ def _set_up(config: RunConfig, runtime: Runtime,
     # One pass: this process's micro-batches of the first epoch (the loaders are fresh here).
     per_pass = sum(len(loader) for loader in loaders)
     pass_line = one_pass_text(per_pass, micro_batch_size=t.micro_batch_size,
-                              grad_accum=t.grad_accum, world_size=runtime.world_size)
+                              grad_accum=t.grad_accum, world_size=runtime.dp_size)
     if t.epochs > 0:
         steps = steps_for_epochs(t.epochs, per_pass, t.grad_accum)
         pass_line += (f"; train.epochs = {t.epochs:g}: {steps} steps (train.steps derived from "
@@ -581,7 +586,7 @@ def _steps(run: Run, stop: _StopRequest, watchdog: StallWatchdog,
                                     distributed=runtime.distributed, sums=run.sums,
                                     stop_requested=stop.requested,
                                     accumulate=run.config.parallel.accumulate,
-                                    contexts=contexts)
+                                    contexts=contexts, tp_leader=runtime.tp_rank == 0)
         except NonFiniteStep as error:
             raise TrainingError(
                 f"{error} and no checkpoint was written. Last complete checkpoint: "
@@ -700,13 +705,14 @@ def _record(run: Run, host: list[PackedBatch], result: StepResult,
             data_wait_s: float = 0.0) -> None:
     """Adds the step to the device sums; every train.log_every steps (and at the last), reads
     them back and writes the log record."""
-    # The metrics add up over ranks: under context parallelism one rank of each cp group counts
-    # the batch its group shares.
-    counted = host if run.runtime.cp_rank == 0 else []
+    # The metrics add up over ranks: one rank of each cp or tp group counts the batch its group
+    # shares; the loss is each cp rank's share, and the tp ranks' copies of it count once.
+    counted = host if run.runtime.counts_batch else []
     tokens = sum(b.num_real_tokens for b in counted)
     flops = sum(run.flops_per_token * b.num_real_tokens
                 + run.model.attention_flops(document_lengths(b)) for b in counted)
-    run.sums.add_step(result.loss, tokens, flops)
+    run.sums.add_step(result.loss if run.runtime.tp_rank == 0 else torch.zeros_like(result.loss),
+                      tokens, flops)
     run.logger.step_done(data_wait_s)
     t = run.config.train
     if run.step % t.log_every == 0 or run.step == t.steps:
@@ -758,7 +764,8 @@ def _print_header(run: Run, resumed_from: Path | None, pass_line: str = "") -> N
         f"{', '.join(dataset.domain_names)})",
         f"steps: {t.steps} of {rows} rows x {config.data.seq_len} tokens (micro-batch "
         f"{t.micro_batch_size} x grad_accum {t.grad_accum} x {runtime.dp_size} data-parallel "
-        f"ranks{f', each row split over {runtime.cp} (parallel.cp)' if runtime.cp > 1 else ''}); "
+        f"ranks{f', each row split over {runtime.cp} (parallel.cp)' if runtime.cp > 1 else ''}"
+        f"{f', each block over {runtime.tp} (parallel.tp)' if runtime.tp > 1 else ''}); "
         f"log: {Path(t.out_dir) / 'log.jsonl'}",
         *([pass_line] if pass_line else []),
     ]

@@ -61,8 +61,9 @@ class Runtime:
     mesh: object = None           # DeviceMesh ("dp_replicate", "dp_shard"[, "cp"]) when use_fsdp
     owns_process_group: bool = False
     dp_replicate: int = 1         # the mesh's shape (parallel.dp_replicate x parallel.dp_shard
-    dp_shard: int = 1             # x parallel.cp)
+    dp_shard: int = 1             # x parallel.cp x parallel.tp)
     cp: int = 1
+    tp: int = 1
 
     @property
     def dp_size(self) -> int:
@@ -75,6 +76,22 @@ class Runtime:
         """The ranks whose gradients FSDP2 averages: the data-parallel ranks and their cp
         ranks."""
         return self.dp_size * self.cp
+
+    @property
+    def tp_mesh(self):
+        """The 1-D mesh of the ranks that split this rank's blocks (None without TP)."""
+        return self.mesh["tp"] if self.tp > 1 else None
+
+    @property
+    def tp_rank(self) -> int:
+        """This rank's place in its tp group (0 without tensor parallelism)."""
+        return self.mesh.get_local_rank("tp") if self.tp > 1 else 0
+
+    @property
+    def counts_batch(self) -> bool:
+        """Whether this rank counts its micro-batches' tokens and FLOPs in the metrics: the ranks
+        of a cp or tp group share them, and one of each group counts."""
+        return self.cp_rank == 0 and self.tp_rank == 0
 
     @property
     def cp_rank(self) -> int:
@@ -122,16 +139,20 @@ def mesh_shape(parallel: ParallelConfig | None, world_size: int,
     node's processes (over cp). A ConfigError naming the keys when they do not multiply to the
     world size."""
     parallel = parallel or ParallelConfig()
-    replicate, shard, cp = parallel.dp_replicate, parallel.dp_shard, parallel.cp
+    replicate, shard = parallel.dp_replicate, parallel.dp_shard
+    inner = {key: value for key, value in (("cp", parallel.cp), ("tp", parallel.tp)) if value > 1}
     given = (f"parallel.dp_replicate = {replicate!r}, parallel.dp_shard = {shard!r}"
-             f"{f', parallel.cp = {cp}' if cp > 1 else ''}"
+             f"{''.join(f', parallel.{key} = {value}' for key, value in inner.items())}"
              f"{f' (LOCAL_WORLD_SIZE {local_world_size})' if shard == 'auto' else ''}")
-    if world_size % cp:
-        raise ConfigError(f"{given}: parallel.cp = {cp} does not divide the {world_size} "
-                          "process(es) (WORLD_SIZE)")
-    world_size //= cp
+    split = 1   # processes that share each data-parallel rank's rows
+    for key, value in inner.items():
+        split *= value
+        if world_size % split:
+            raise ConfigError(f"{given}: parallel.{key} = {value} does not divide the "
+                              f"{world_size} process(es) (WORLD_SIZE)")
+    world_size //= split
     if shard == "auto":
-        shard = max(local_world_size // cp, 1)
+        shard = max(local_world_size // split, 1)
     for key, value, other in (("parallel.dp_replicate", replicate, shard),
                               ("parallel.dp_shard", shard, replicate)):
         if value == -1:
@@ -144,12 +165,13 @@ def mesh_shape(parallel: ParallelConfig | None, world_size: int,
     if shard == -1:
         shard = world_size // replicate
     if replicate * shard != world_size:
-        cp_text = f" x {cp}" if cp > 1 else ""
-        raise ConfigError(f"{given}: a mesh of {replicate} x {shard}{cp_text} = "
-                          f"{replicate * shard * cp} process(es), but this run has "
-                          f"{world_size * cp} (WORLD_SIZE); make parallel.dp_replicate x "
-                          f"parallel.dp_shard{' x parallel.cp' if cp > 1 else ''} equal it, or "
-                          "set one of the first two to -1 to take what the other leaves")
+        inner_text = "".join(f" x {value}" for value in inner.values())
+        keys = "".join(f" x parallel.{key}" for key in inner)
+        raise ConfigError(f"{given}: a mesh of {replicate} x {shard}{inner_text} = "
+                          f"{replicate * shard * split} process(es), but this run has "
+                          f"{world_size * split} (WORLD_SIZE); make parallel.dp_replicate x "
+                          f"parallel.dp_shard{keys} equal it, or set one of the first two to -1 "
+                          "to take what the other leaves")
     return replicate, shard
 
 
@@ -183,7 +205,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto",
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if torchrun else 1
     # Before the process group: a wrong shape fails at once on every rank, not in a collective.
     replicate, shard = mesh_shape(parallel, world, local_world)
-    cp = (parallel or ParallelConfig()).cp
+    cp, tp = (parallel or ParallelConfig()).cp, (parallel or ParallelConfig()).tp
     use_fsdp = torchrun or compute_dtype != torch.float32
     owns = False
     mesh = None
@@ -203,18 +225,20 @@ def setup_runtime(device: str = "auto", dtype: str = "auto",
         shape, names = (replicate, shard), ("dp_replicate", "dp_shard")
         if cp > 1:
             shape, names = (*shape, cp), (*names, "cp")
+        if tp > 1:   # innermost: a block's ranks on one node
+            shape, names = (*shape, tp), (*names, "tp")
         mesh = init_device_mesh(dev.type, shape, mesh_dim_names=names,
                                 backend_override=_subgroup_timeouts(shape, dev, timeout_s))
         if cp > 1:   # the dim FSDP2 shards over (Runtime.fsdp_mesh)
             mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
         rank, world = dist.get_rank(), dist.get_world_size()
-    elif cp > 1:
-        raise ConfigError(f"parallel.cp = {cp} needs a process group (torchrun, or a mixed-"
-                          "precision run); this process has none")
+    elif cp > 1 or tp > 1:
+        raise ConfigError("parallel.cp / parallel.tp > 1 need a process group (torchrun, or a "
+                          "mixed-precision run); this process has none")
     return Runtime(device=dev, dtype=compute_dtype, rank=rank, world_size=world,
                    local_rank=local_rank,
                    use_fsdp=use_fsdp, mesh=mesh, owns_process_group=owns,
-                   dp_replicate=replicate, dp_shard=shard, cp=cp)
+                   dp_replicate=replicate, dp_shard=shard, cp=cp, tp=tp)
 
 
 def _subgroup_timeouts(shape: tuple[int, ...], device: torch.device,
@@ -406,6 +430,9 @@ def build_model(config: ModelConfig, runtime: Runtime, *, seed: int, precision: 
     if lora is not None and lora.rank:   # [lora]: frozen weights, adapters trained (model/lora.py)
         from rega_engine.model.lora import LoRASettings, apply_lora
         apply_lora(model, LoRASettings.from_config(lora))
+    if runtime.tp > 1:   # torchtitan's order: TP, then checkpointing, compile and fully_shard
+        from rega_engine.train.tensor_parallel import apply_tensor_parallel
+        apply_tensor_parallel(model, runtime.tp_mesh)
     for block in model.model.layers:
         if config.activation_checkpointing == "block":
             checkpoint_block(block)
