@@ -15,6 +15,7 @@ if __name__ == "rega_engine.kernels":
     from .rope import rotary_embedding, rotary_embedding_reference
     from .split_attention import split_varlen_attention
     from .swiglu import swiglu, swiglu_reference
+    from .vocab_parallel_cross_entropy import vocab_parallel_linear_cross_entropy
 else:
     def _yield_name_to_installed_package() -> None:
         import importlib.machinery
