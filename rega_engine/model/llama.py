@@ -43,6 +43,10 @@ from rega_engine.kernels.rms_norm import rms_norm
 from rega_engine.kernels.rope import rotary_embedding
 from rega_engine.kernels.split_attention import split_varlen_attention
 from rega_engine.kernels.swiglu import swiglu
+from rega_engine.kernels.vocab_parallel_cross_entropy import (
+    vocab_parallel_linear_cross_entropy,
+    vocab_shard,
+)
 from rega_engine.model.args import ModelArgs, RopeArgs
 
 
@@ -283,10 +287,9 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def _head_weight(self) -> torch.Tensor:
-        """The LM head's weight as a plain tensor for the logits and the loss. Under tensor
-        parallelism (DTensors) a head split by vocabulary rows is gathered whole: every tp rank
-        computes its batch's whole loss, and the gradient's way back keeps each rank's rows; a
-        replicated (tied) one is its local tensor."""
+        """The LM head's weight as a plain tensor for the logits. Under tensor parallelism
+        (DTensors) a head split by vocabulary rows is gathered whole, and the gradient's way back
+        keeps each rank's rows; a replicated (tied) one is its local tensor."""
         weight = self.lm_head_weight
         full_tensor = getattr(weight, "full_tensor", None)
         return weight if full_tensor is None else full_tensor()
@@ -411,10 +414,20 @@ class CausalLM(nn.Module):
         if context is not None:   # shifted on the whole row above: a chunk's last position
             target = context.local(target)   # predicts the next chunk's first label
             weights = None if weights is None else context.local(weights)
-        result = fused_linear_cross_entropy(
-            hidden, self._head_weight(), target, ignore_index=IGNORE_INDEX,
-            token_weights=weights, reduction=reduction, backend=self.cross_entropy_backend,
-            return_token_losses=return_token_losses)
+        # under tensor parallelism a head split by vocabulary rows is never gathered
+        split = vocab_shard(self.lm_head_weight)
+        if split is None:
+            result = fused_linear_cross_entropy(
+                hidden, self._head_weight(), target, ignore_index=IGNORE_INDEX,
+                token_weights=weights, reduction=reduction, backend=self.cross_entropy_backend,
+                return_token_losses=return_token_losses)
+        else:
+            rows, start, group = split
+            result = vocab_parallel_linear_cross_entropy(
+                hidden, rows, target, vocab_start=start, vocab_size=self.args.vocab_size,
+                group=group, ignore_index=IGNORE_INDEX, token_weights=weights,
+                reduction=reduction, backend=self.cross_entropy_backend,
+                return_token_losses=return_token_losses)
         loss, token_losses = result if return_token_losses else (result, None)
         if context is not None:
             loss = context.scatter(loss) if reduction == "none" else loss

@@ -11,9 +11,10 @@ Every other parameter is a Replicate DTensor on the same tp mesh (embeddings, no
 too when it is tied), which the model reads through `local_weight`: their computation is
 replicated, so the local gradient is already the whole one. That keeps every parameter on one
 (dp, tp) mesh for FSDP2, the gradient norm, the optimizer and DCP (a checkpoint resumes on
-another tp degree: DCP reshards). An untied LM head is split by vocabulary rows (Shard(0)); the
-loss reads it whole (CausalLM._loss): every rank computes the loss of its data-parallel rank's
-batch, and each keeps the gradient of its rows.
+another tp degree: DCP reshards). An untied LM head is split by vocabulary rows (Shard(0)) and
+the loss runs vocabulary-parallel on the rows (CausalLM._loss,
+kernels/vocab_parallel_cross_entropy.py): the full-vocabulary logits and head are never
+gathered, every rank gets its data-parallel rank's whole loss, and each the gradient of its rows.
 
 The tp ranks of a group read the same rows (the loader deals by data-parallel rank) and compute
 the same loss; one of them counts the batch in the metrics.
