@@ -264,8 +264,6 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
             **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from rega_engine.kernels import fused_linear_cross_entropy
-
     kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     return_dict = kwargs.pop("return_dict", None)
@@ -277,23 +275,10 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
         # Appending one ignored label and dropping the first keeps every hidden state in place
         # (no copy of hidden[:, :-1]) while targetting labels[t + 1] from position t.
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    # The effective weight: under a PEFT LoRA adapter on the LM head, W + scaling * B @ A, so that
-    # the adapter gets its gradient through the fused loss (plain `lm_head.weight` would drop it).
-    weight = effective_linear_weight(self.lm_head, f"{type(self).__name__}.lm_head")
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    elif weight.dtype != hidden.dtype:
-        weight = weight.to(hidden.dtype)
     flat_labels = shift_labels.reshape(-1).to(hidden.device)
-    if num_items_in_batch is None:
-        loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels,
-                                          ignore_index=IGNORE_INDEX, reduction="mean",
-                                          backend=self._rega_backend)
-    else:
-        loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels,
-                                          ignore_index=IGNORE_INDEX, reduction="sum",
-                                          backend=self._rega_backend)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = _lm_head_loss(self, hidden.reshape(-1, hidden.shape[-1]), flat_labels, reduction)
+    if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
@@ -305,6 +290,164 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
                                     hidden_states=outputs.hidden_states,
                                     attentions=outputs.attentions)
     return result.to_tuple() if return_dict is False else result
+
+
+def _fused_head_loss(model, hidden: torch.Tensor, labels: torch.Tensor,
+                     reduction: str) -> torch.Tensor:
+    """fused_linear_cross_entropy of (tokens, hidden) states over the LM head's effective weight,
+    where that weight's parameters are whole tensors (see _lm_head_loss)."""
+    from rega_engine.kernels import fused_linear_cross_entropy
+
+    name = f"{type(model).__name__}.lm_head"
+    split = _vocabulary_split_head(model.lm_head)
+    if split is not None:
+        return _vocab_parallel_head_loss(model, split, hidden, labels, reduction)
+    _check_head_parameters(model.lm_head, name, in_forward=True)
+    # The effective weight: under a PEFT LoRA adapter on the LM head, W + scaling * B @ A, so that
+    # the adapter gets its gradient through the fused loss (plain `lm_head.weight` would drop it).
+    weight = effective_linear_weight(model.lm_head, name)
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    return fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX,
+                                      reduction=reduction, backend=model._rega_backend)
+
+
+def _vocabulary_split_head(head: torch.nn.Module):
+    """vocab_shard of a plain nn.Linear LM head whose weight tensor parallelism split by
+    vocabulary rows (ColwiseParallel on lm_head: Shard(0) over a 1-D mesh), else None."""
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    from rega_engine.kernels.vocab_parallel_cross_entropy import vocab_shard
+    return vocab_shard(head.weight)
+
+
+def _vocab_parallel_head_loss(model, split, hidden: torch.Tensor, labels: torch.Tensor,
+                              reduction: str) -> torch.Tensor:
+    """The loss over a vocabulary-split LM head without gathering it or the full logits: every
+    rank of the head's group holds the same hidden states and labels and gets the same loss."""
+    from rega_engine.kernels import vocab_parallel_linear_cross_entropy
+    rows, start, group = split
+    if getattr(hidden, "full_tensor", None) is not None:   # sequence-parallel hidden states
+        hidden = hidden.full_tensor()
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, rows = hidden.to(dtype), rows.to(dtype)
+    elif rows.dtype != hidden.dtype:
+        rows = rows.to(hidden.dtype)
+    return vocab_parallel_linear_cross_entropy(
+        hidden, rows, labels, vocab_start=start, vocab_size=model.lm_head.weight.shape[0],
+        group=group, ignore_index=IGNORE_INDEX, reduction=reduction, backend=model._rega_backend)
+
+
+def _fsdp_units(head: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 units (FSDPModule) at or below the LM head, outermost first:
+    `fully_shard(lm_head)`, `fully_shard([embed_tokens, lm_head])` for tied embeddings, a PEFT
+    LoRA wrapper sharded as a unit, or units inside it (its base_layer, ...)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:     # a torch built without distributed
+        return []
+    return [module for module in head.modules() if isinstance(module, FSDPModule)]
+
+
+def _lm_head_loss(model, hidden: torch.Tensor, labels: torch.Tensor,
+                  reduction: str) -> torch.Tensor:
+    """The fused loss, with the LM head's parameters unsharded where FSDP2 shards them.
+
+    The fused loss reads the LM head's weight instead of calling `lm_head(hidden)`. FSDP2 unshards
+    a unit's parameters only around that unit's forward, so when the LM head is a unit of its own
+    (Accelerate's FSDP2 plugin, torchtitan-style trainers) its weight is a sharded DTensor here.
+    `register_fsdp_forward_method` is FSDP2's public way to make another method of a unit behave
+    like its forward: pre-forward all-gathers the parameters and registers the post-backward
+    (gradient reduce-scatter) on the inputs, post-forward reshards and registers the pre-backward
+    unshard on the output, so that the loss's backward (which recomputes logits from the weight)
+    finds the weight all-gathered again and its gradient lands on the unsharded parameter, to be
+    reduce-scattered as FSDP2 does for lm_head(hidden). Each unit at or below the LM head gets
+    such a method, and the loss runs nested inside all of them. When the LM head belongs to an
+    enclosing unit (the root), that unit's forward is running now, so its parameters are already
+    whole and nothing needs doing.
+    """
+    units = _fsdp_units(model.lm_head)
+    if not units:
+        return _fused_head_loss(model, hidden, labels, reduction)
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    def through(index):
+        if index == len(units):
+            return lambda h, y, r: _fused_head_loss(model, h, y, r)
+        unit = units[index]
+        if not unit.__dict__.get("_rega_loss_method"):
+            # Once per unit; registered at the first forward, so that sharding after patching
+            # works the same as patching a sharded model.
+            unit._rega_fused_loss = types.MethodType(_run_inside_method, unit)
+            register_fsdp_forward_method(unit, "_rega_fused_loss")
+            unit._rega_loss_method = True
+        inner = through(index + 1)
+        return lambda h, y, r: unit._rega_fused_loss(inner, h, y, r)
+
+    return through(0)(hidden, labels, reduction)
+
+
+def _run_inside_method(self, continuation, hidden, labels, reduction):
+    # The forward method registered on each FSDP2 unit (see _lm_head_loss): FSDP2's hooks run
+    # around it, and it hands the (possibly cast) inputs on to the next unit or to the loss.
+    return continuation(hidden, labels, reduction)
+
+
+def _has_fsdp_unit(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def _check_head_parameters(head: torch.nn.Module, name: str, in_forward: bool,
+                           fsdp_in_model: bool = False) -> None:
+    """Refuses LM-head parameters that the fused loss would read as something other than the whole
+    weight: DeepSpeed ZeRO-3 partitions, and DTensors that are still sharded where the loss runs
+    (tensor parallelism, or an FSDP2 layout that leaves them sharded during the forward)."""
+    dtensor = _dtensor_type()
+    for pname, param in head.named_parameters():
+        where = f"{name}.{pname}"
+        # DeepSpeed is not imported for this: ZeRO-3 marks each partitioned parameter.
+        if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
+            raise TypeError(
+                f"{where} is partitioned by DeepSpeed ZeRO-3 (it carries `ds_id`): the fused "
+                "cross-entropy reads the LM head's weight outside lm_head's forward, where "
+                "ZeRO-3 holds only this rank's partition, so the loss would be wrong. Use "
+                "apply_rega_kernels(model, cross_entropy=False) (the other kernels run inside "
+                "their modules' forwards and work under ZeRO-3), or ZeRO stage 1/2, or FSDP2")
+        if dtensor is None or not isinstance(param, dtensor):
+            continue
+        # In the forward every FSDP2 unit that manages the head has unsharded it (see
+        # _lm_head_loss), so a DTensor left is tensor parallel (or a layout FSDP2 leaves sharded).
+        # At patch time an FSDP2-sharded weight is a DTensor too, and telling it from a TP one
+        # would take FSDP2's internals: only a model without any FSDP2 unit is refused then.
+        if _vocabulary_split_head(head) is not None:
+            continue   # tensor parallelism over the vocabulary: the vocabulary-parallel loss
+        if in_forward or not fsdp_in_model:
+            raise NotImplementedError(_tp_message(where, param))
+
+
+def _tp_message(where: str, param) -> str:
+    return (f"{where} is a DTensor with placements {tuple(param.placements)} on mesh "
+            f"{param.device_mesh} where the fused cross-entropy reads it, a layout it does not "
+            "handle: the vocabulary-parallel loss takes a plain nn.Linear LM head (no bias, no "
+            "adapter) split by rows over a 1-D mesh (ColwiseParallel), and FSDP2 needs lm_head "
+            "to be a fully_shard unit of its own or part of the root's. Otherwise pass "
+            "apply_rega_kernels(model, cross_entropy=False)")
 
 
 def _cache_name(target) -> str:
@@ -345,8 +488,14 @@ def apply_rega_kernels(model, attention: bool = True, cross_entropy: bool = True
         apply_fp8_to_hf_model); off by default, refused below compute capability 8.9, on CPU slow.
     Calling it again is harmless; a False switch leaves that part as it is. Returns the model.
     What a kernel cannot do exactly (a non-SiLU MLP, a yarn/dynamic rope, DoRA or LoRA dropout on
-    the LM head, ...) is refused with a ValueError/TypeError naming the module. A PEFT wrapper
-    (LoRA, ...) gets its base model patched; adapters added after patching work too.
+    the LM head, an LM head partitioned by DeepSpeed ZeRO-3, ...) is refused with a
+    ValueError/TypeError naming the module. A tensor-parallel LM head split by vocabulary rows
+    (ColwiseParallel, a plain nn.Linear) gets the vocabulary-parallel loss, which never gathers
+    it; other DTensor layouts where the loss runs raise NotImplementedError. FSDP2
+    (`fully_shard`), before or after patching, is supported: an LM
+    head that is a unit of its own (also tied with the embedding, or under a LoRA wrapper) is
+    unsharded around the fused loss through FSDP2's forward hooks (see _lm_head_loss). A PEFT
+    wrapper (LoRA, ...) gets its base model patched; adapters added after patching work too.
     """
     if callable(getattr(model, "get_base_model", None)):
         apply_rega_kernels(model.get_base_model(), attention=attention, cross_entropy=cross_entropy,
@@ -374,9 +523,13 @@ def apply_rega_kernels(model, attention: bool = True, cross_entropy: bool = True
                             f"`model` and `lm_head` (like {model_type.capitalize()}ForCausalLM); "
                             f"{type(model).__name__} lacks {', '.join(missing)}. Patch the "
                             "ForCausalLM model, or pass cross_entropy=False")
-        # refuse an LM head the fused loss cannot read before patching anything
+        # refuse an LM head the fused loss cannot read before patching anything; structure only:
+        # on a model sharded already its parameters are shards, to be whole in the forward.
+        head_name = f"{type(model).__name__}.lm_head"
+        _check_head_parameters(model.lm_head, head_name, in_forward=False,
+                               fsdp_in_model=_has_fsdp_unit(model))
         with torch.no_grad():
-            effective_linear_weight(model.lm_head, f"{type(model).__name__}.lm_head")
+            effective_linear_weight(model.lm_head, head_name, check_only=True)
     # Every check runs before anything is patched: a refused switch leaves the model as it was.
     plans = [(name, plan(model)) for name, plan, wanted in (
         ("rms_norm", plan_rms_norms, rms_norm), ("rope", plan_rope, rope), ("swiglu", plan_swiglu,

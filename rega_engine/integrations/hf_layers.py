@@ -213,14 +213,15 @@ def plan_swiglu(model):
 # --------------------------------------------------------------------------------------------
 
 def effective_linear_weight(module: torch.nn.Module, name: str = "lm_head",
-                            training: bool = True) -> torch.Tensor:
+                            training: bool = True, check_only: bool = False) -> torch.Tensor:
     """The weight W such that module(x) == x @ W.T, with autograd reaching every trainable tensor.
 
     A PEFT LoRA layer gives W + sum over active adapters of scaling * B @ A (so the adapters get
     their gradients through the fused loss); a `modules_to_save` wrapper the active copy. What
     has no exact single-matrix form is refused with the module's name: LoRA dropout in training,
     DoRA and other LoRA variants, a LoRA bias, fan_in_fan_out, other PEFT tuner layers, quantized
-    base weights.
+    base weights. check_only: make every check but return the base weight without adding the
+    adapters (apply_rega_kernels on a sharded model, whose parameters are shards until the forward).
     """
     kind = type(module).__name__
     if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
@@ -228,10 +229,11 @@ def effective_linear_weight(module: torch.nn.Module, name: str = "lm_head",
         active = list(module.active_adapters)
         if module.disable_adapters or not active or any(a not in module.modules_to_save
                                                         for a in active):
-            return effective_linear_weight(module.original_module, name, training)
-        return effective_linear_weight(module.modules_to_save[active[0]], name, training)
+            return effective_linear_weight(module.original_module, name, training, check_only)
+        return effective_linear_weight(module.modules_to_save[active[0]], name, training,
+                                        check_only)
     if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-        base = effective_linear_weight(module.base_layer, name, training)
+        base = effective_linear_weight(module.base_layer, name, training, check_only)
         if module.disable_adapters or module.merged:
             return base
         if getattr(module, "fan_in_fan_out", False):
@@ -258,6 +260,8 @@ def effective_linear_weight(module: torch.nn.Module, name: str = "lm_head",
             if getattr(lora_B, "bias", None) is not None or not isinstance(lora_A, torch.nn.Linear):
                 raise ValueError(f"{where} has a LoRA bias or a non-linear lora_A; the fused "
                                  "cross-entropy takes a weight only; pass cross_entropy=False")
+            if check_only:
+                continue
             delta = (lora_B.weight @ lora_A.weight) * module.scaling[adapter]
             weight = weight + delta.to(weight.dtype)
         return weight
