@@ -586,30 +586,36 @@ def _fused_triton(hidden, weight, labels, token_weights, *, ignore_index, reduct
 # --------------------------------------------------------------------------------------------
 
 def _check_arguments(hidden, weight, labels, token_weights, ignore_index, reduction, z_loss,
-                     softcap, backend, chunk_size, label_smoothing=0.0):
-    name = "fused_linear_cross_entropy"
+                     softcap, backend, chunk_size, label_smoothing=0.0, *,
+                     name="fused_linear_cross_entropy", weight_name="weight",
+                     vocab_size=None):
+    """Every argument rule of the fused loss, with the messages naming `name` and `weight_name`;
+    labels must lie in [0, vocab_size) (default: the weight's rows) or be ignore_index."""
+    vocab_size = weight.shape[0] if vocab_size is None and isinstance(weight, torch.Tensor) \
+        else vocab_size
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name}: reduction={reduction!r} is not one of {REDUCTIONS}")
     if backend not in BACKENDS:
         raise ValueError(f"{name}: backend={backend!r} is not one of {BACKENDS}")
-    for arg, tensor in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+    for arg, tensor in (("hidden", hidden), (weight_name, weight), ("labels", labels)):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name}: {arg} must be a torch.Tensor, got {type(tensor).__name__}")
     if hidden.dim() != 2:
         raise ValueError(f"{name}: hidden must be (N, H), got shape {tuple(hidden.shape)}; "
                          "flatten the batch first, e.g. hidden.reshape(-1, hidden.shape[-1])")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"{name}: weight must be the LM head (V, H) with H = hidden.shape[1] = "
-                         f"{hidden.shape[1]}, got shape {tuple(weight.shape)}")
+        raise ValueError(f"{name}: {weight_name} must be the LM head's rows (V, H) with H = "
+                         f"hidden.shape[1] = {hidden.shape[1]}, got shape {tuple(weight.shape)}")
     if weight.shape[0] == 0:
-        raise ValueError(f"{name}: weight has an empty vocabulary (shape {tuple(weight.shape)})")
+        raise ValueError(f"{name}: {weight_name} has an empty vocabulary (shape "
+                         f"{tuple(weight.shape)})")
     if labels.shape != (hidden.shape[0],):
         raise ValueError(f"{name}: labels must be (N,) = ({hidden.shape[0]},) to match hidden, "
                          f"got shape {tuple(labels.shape)}; flatten them like hidden")
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name}: labels must be int64 (or int32), got {labels.dtype}")
     if not hidden.dtype.is_floating_point or hidden.dtype != weight.dtype:
-        raise ValueError(f"{name}: hidden and weight must share one floating dtype, got "
+        raise ValueError(f"{name}: hidden and {weight_name} must share one floating dtype, got "
                          f"{hidden.dtype} and {weight.dtype}; cast one of them")
     devices = {hidden.device, weight.device, labels.device}
     if token_weights is not None:
@@ -638,12 +644,12 @@ def _check_arguments(hidden, weight, labels, token_weights, ignore_index, reduct
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         # free on the CPU; on a GPU this would be a device sync per step (see the module
         # docstring), and under torch.compile reading values would break the graph
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
         if bool(bad.any()):
             index = int(bad.nonzero()[0, 0])
             raise ValueError(
                 f"{name}: labels[{index}] = {int(labels[index])} is outside the vocabulary "
-                f"[0, {weight.shape[0]}) and is not ignore_index={ignore_index}; check the "
+                f"[0, {vocab_size}) and is not ignore_index={ignore_index}; check the "
                 "tokenizer's vocabulary size against the LM head, or mask the token with "
                 "ignore_index")
 

@@ -40,7 +40,6 @@ across the group, N and H equal on all ranks) run only for CPU tensors, as the l
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +54,6 @@ from ._triton_compat import (
     triton,
 )
 from .cross_entropy import (
-    BACKENDS,
-    REDUCTIONS,
     TORCH_CHUNK_BYTES,
     _accumulate_weight_grad,
     _chunk_rows,
@@ -69,6 +66,9 @@ from .cross_entropy import (
     _softcap_tanh,
     _token_weights_and_scale,
     _z_terms,
+)
+from .cross_entropy import (
+    _check_arguments as check_fused_arguments,
 )
 
 NAME = "vocab_parallel_linear_cross_entropy"
@@ -382,67 +382,21 @@ def _is_int(value) -> bool:
 def _check_arguments(hidden, weight, labels, token_weights, vocab_start, vocab_size, group,
                      ignore_index, reduction, z_loss, softcap, label_smoothing, backend,
                      chunk_size):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{NAME}: reduction={reduction!r} is not one of {REDUCTIONS}")
-    if backend not in BACKENDS:
-        raise ValueError(f"{NAME}: backend={backend!r} is not one of {BACKENDS}")
-    for arg, tensor in (("hidden", hidden), ("weight_shard", weight), ("labels", labels)):
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{NAME}: {arg} must be a torch.Tensor, got {type(tensor).__name__}")
-    if hidden.dim() != 2:
-        raise ValueError(f"{NAME}: hidden must be (N, H), got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"{NAME}: weight_shard must be (V_local, H) with H = hidden.shape[1] = "
-                         f"{hidden.shape[1]}, got shape {tuple(weight.shape)}")
-    if labels.shape != (hidden.shape[0],):
-        raise ValueError(f"{NAME}: labels must be (N,) = ({hidden.shape[0]},) to match hidden, "
-                         f"got shape {tuple(labels.shape)}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{NAME}: labels must be int64 (or int32), got {labels.dtype}")
-    if not hidden.dtype.is_floating_point or hidden.dtype != weight.dtype:
-        raise ValueError(f"{NAME}: hidden and weight_shard must share one floating dtype, got "
-                         f"{hidden.dtype} and {weight.dtype}")
-    devices = {hidden.device, weight.device, labels.device}
-    if token_weights is not None:
-        if not isinstance(token_weights, torch.Tensor) or token_weights.shape != labels.shape \
-                or not token_weights.dtype.is_floating_point:
-            what = (f"{token_weights.dtype} {tuple(token_weights.shape)}"
-                    if isinstance(token_weights, torch.Tensor) else type(token_weights).__name__)
-            raise ValueError(f"{NAME}: token_weights must be a floating (N,) = "
-                             f"({labels.shape[0]},) tensor like labels, got {what}")
-        devices.add(token_weights.device)
-    if len(devices) != 1:
-        raise ValueError(f"{NAME}: all tensors must be on one device, got "
-                         f"{sorted(str(d) for d in devices)}")
+    # vocab_size first: the shared checks test the labels against it
     if not (_is_int(vocab_size) and vocab_size >= 1):
         raise ValueError(f"{NAME}: vocab_size must be an int >= 1, got {vocab_size!r}")
+    check_fused_arguments(hidden, weight, labels, token_weights, ignore_index, reduction, z_loss,
+                          softcap, backend, chunk_size, label_smoothing, name=NAME,
+                          weight_name="weight_shard", vocab_size=vocab_size)
     if not (_is_int(vocab_start) and vocab_start >= 0):
         raise ValueError(f"{NAME}: vocab_start must be an int >= 0, got {vocab_start!r}")
-    if weight.shape[0] == 0 or vocab_start + weight.shape[0] > vocab_size:
+    if vocab_start + weight.shape[0] > vocab_size:
         raise ValueError(
             f"{NAME}: weight_shard has {weight.shape[0]} rows, so it would hold the ids "
             f"[{vocab_start}, {vocab_start + weight.shape[0]}), which must be a non-empty part "
             f"of the vocabulary [0, {vocab_size})")
-    if not (isinstance(z_loss, (int, float)) and math.isfinite(z_loss) and z_loss >= 0):
-        raise ValueError(f"{NAME}: z_loss must be a finite number >= 0, got {z_loss!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float))
-                                    and math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"{NAME}: softcap must be None or a finite number > 0, got {softcap!r}")
-    if not (isinstance(label_smoothing, (int, float)) and not isinstance(label_smoothing, bool)
-            and 0.0 <= label_smoothing <= 1.0):
-        raise ValueError(f"{NAME}: label_smoothing must be a number in [0, 1], got "
-                         f"{label_smoothing!r}")
-    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
-        raise ValueError(f"{NAME}: chunk_size must be None or an int >= 1, got {chunk_size!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(f"{NAME}: needs an initialised torch.distributed process group")
-    if labels.device.type == "cpu":
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-        if bool(bad.any()):
-            index = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"{NAME}: labels[{index}] = {int(labels[index])} is outside the vocabulary "
-                f"[0, {vocab_size}) and is not ignore_index={ignore_index}")
 
 
 def _check_shards(hidden, weight, vocab_start, vocab_size, group):

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import (  # noqa: E402
+    COMPARABLE,
     assert_same_run,
     assert_same_weights,
     read_log,
@@ -41,8 +42,6 @@ TESTS = Path(__file__).parent
 STEPS = 4
 SAVED = 2
 GRAD_ACCUM = 2
-COMMON = ("--train.warmup_steps=0", "--train.min_lr_ratio=1.0", "--train.grad_clip=0.5",
-          "--train.weight_decay=0.1")
 # Measured (torch 2.13 CPU, fp32): the split run's largest differences to the whole one were
 # 1.5e-5 in a summed loss of about 400 (relative 4e-8), 5e-7 in a token's loss or logit and
 # 1.7e-6 in a gradient whose largest entry is 4.8; trained 4 steps, 2e-7 in a step's loss.
@@ -76,7 +75,7 @@ RUNS = {"cp2": (2, 1, 2, ()), "cp4": (4, 1, 4, ("--model.activation_checkpointin
 def runs(tmp_path_factory):
     """One process on one and on two data-parallel deals, then the RUNS; returns (tmp, args)."""
     tmp = tmp_path_factory.mktemp("cp")
-    args = single_process_runs(tmp, COMMON, (1, 2), GRAD_ACCUM, STEPS)
+    args = single_process_runs(tmp, COMPARABLE, (1, 2), GRAD_ACCUM, STEPS)
     for name, (processes, shard, cp, extra) in RUNS.items():
         torchrun(processes, ["-m", "rega_engine.cli", "train", *args,
                              f"--train.out_dir={tmp / name}", "--checkpoint.export=true",

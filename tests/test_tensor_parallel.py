@@ -19,6 +19,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import tiny_hf_config  # noqa: E402
 from train_helpers import (  # noqa: E402
+    COMPARABLE,
     assert_same_run,
     assert_same_weights,
     read_log,
@@ -35,8 +36,6 @@ from rega_engine.train.tensor_parallel import check_divisible  # noqa: E402
 STEPS = 4
 SAVED = 2
 GRAD_ACCUM = 2
-COMMON = ("--train.warmup_steps=0", "--train.min_lr_ratio=1.0", "--train.grad_clip=0.5",
-          "--train.weight_decay=0.1")
 # Measured (torch 2.13 CPU, fp32, 4 steps at lr 3e-3, the vocabulary-parallel loss): losses
 # within 4.8e-7, gradient norms within 1.9e-6, final weights within 3.0e-5 (AdamW magnifies
 # last-bit gradient differences into a fraction of one update, as across HSDP meshes).
@@ -54,10 +53,10 @@ def runs(tmp_path_factory):
     """The single-process references, then the RUNS; returns (tmp, args)."""
     from rega_engine.train.loop import train
     tmp = tmp_path_factory.mktemp("tp")
-    args = single_process_runs(tmp, COMMON, (1, 2), GRAD_ACCUM, STEPS)
+    args = single_process_runs(tmp, COMPARABLE, (1, 2), GRAD_ACCUM, STEPS)
     tied = tmp / "tied.json"
     tied.write_text(json.dumps(tiny_hf_config("llama3", tie_word_embeddings=True)))
-    single = run_config(tmp, *COMMON, f"--train.grad_accum={GRAD_ACCUM}",
+    single = run_config(tmp, *COMPARABLE, f"--train.grad_accum={GRAD_ACCUM}",
                         "--checkpoint.export=true", f"--model.init_config={tied}", steps=STEPS)
     single.train.out_dir = str(tmp / "single1_tied")
     assert train(single) == 0

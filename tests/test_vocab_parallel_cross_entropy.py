@@ -202,6 +202,6 @@ def test_sharded_vocabulary_matches_the_full_logits(tmp_path, world):
             assert "outside the vocabulary [0, 257)" in errors["label"], errors
             assert "must be a non-empty part of the vocabulary" in errors["rows"], errors
             assert "share one floating dtype" in errors["dtype"], errors
-            assert "weight_shard must be (V_local, H)" in errors["shape"], errors
+            assert "weight_shard must be the LM head's rows (V, H)" in errors["shape"], errors
             assert "labels must be (N,)" in errors["labels_shape"], errors
             assert "must tile [0, 257)" in errors["overlap"], errors

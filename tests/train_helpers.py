@@ -96,6 +96,13 @@ def read_log(run_dir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# Settings under which a multi-process run must equal one process step for step: a constant
+# learning rate (so that a resumed run is the same run), clipping and decay on (their global
+# norms and per-parameter updates must come out the same however the model is split).
+COMPARABLE = ("--train.warmup_steps=0", "--train.min_lr_ratio=1.0", "--train.grad_clip=0.5",
+              "--train.weight_decay=0.1")
+
+
 def torchrun(processes: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --standalone --nproc_per_node=N ARGS` on one thread per
     process; fails the test with the output's tail unless it exits 0."""
