@@ -227,7 +227,11 @@ class DecoderModel(nn.Module):
                 context=None) -> torch.Tensor:
         """Flat (T,) ids and positions -> final normalised hidden states (T, hidden); under
         context parallelism (a ContextShard) T is this rank's tokens of the batch."""
-        x = F.embedding(input_ids, local_weight(self.embed_tokens.weight))
+        table = local_weight(self.embed_tokens.weight)
+        # the module's own call where it holds a plain tensor (its hooks run); a tensor-parallel
+        # Replicate table is looked up locally
+        x = (self.embed_tokens(input_ids) if table is self.embed_tokens.weight
+             else F.embedding(input_ids, table))
         rope = Rope(position_ids, rope_inv_freq(self.args.rope, self.args.head_dim,
                                                 position_ids.device))
         if not all(uses_kernels(layer.self_attn.backend, x, "Attention") for layer in self.layers):

@@ -16,7 +16,10 @@ With context parallelism (parallel.cp > 1) the mesh gains a third, innermost dim
 ranks are neighbours, on one node): dims ("dp_replicate", "dp_shard", "cp"), rank = (replicate
 index * dp_shard + shard index) * cp + cp index. The cp ranks of a group read the same rows and
 split each one (train/context_parallel.py); FSDP2 shards over dp_shard and cp flattened into one
-dim, "dp_shard_cp" (as torchtitan does), since those ranks hold the same parameters too.
+dim, "dp_shard_cp" (as torchtitan does), since those ranks hold the same parameters too. With
+tensor parallelism (parallel.tp > 1) an innermost "tp" dim follows: each block's matmuls are split
+over it (train/tensor_parallel.py), its ranks read the same rows, and FSDP2 shards each tensor-
+parallel piece over the data-parallel dims only (2-D FSDP + TP).
 
 When FSDP is used: whenever the run is launched by torchrun, and whenever the compute dtype is
 not fp32 (always on CUDA, where it is bf16), even in one process (then with a process group of
@@ -58,7 +61,7 @@ class Runtime:
     world_size: int
     local_rank: int
     use_fsdp: bool
-    mesh: object = None           # DeviceMesh ("dp_replicate", "dp_shard"[, "cp"]) when use_fsdp
+    mesh: object = None           # DeviceMesh ("dp_replicate", "dp_shard"[, "cp"][, "tp"])
     owns_process_group: bool = False
     dp_replicate: int = 1         # the mesh's shape (parallel.dp_replicate x parallel.dp_shard
     dp_shard: int = 1             # x parallel.cp x parallel.tp)
@@ -135,9 +138,9 @@ class Runtime:
 def mesh_shape(parallel: ParallelConfig | None, world_size: int,
                local_world_size: int) -> tuple[int, int]:
     """(dp_replicate, dp_shard) for `world_size` processes, `local_world_size` of them per node,
-    parallel.cp of them splitting each row: -1 takes what the other leaves, dp_shard "auto" the
-    node's processes (over cp). A ConfigError naming the keys when they do not multiply to the
-    world size."""
+    parallel.cp x parallel.tp of them sharing each data-parallel rank's rows: -1 takes what the
+    other leaves, dp_shard "auto" the node's processes (over cp x tp). A ConfigError naming the
+    keys when they do not multiply to the world size."""
     parallel = parallel or ParallelConfig()
     replicate, shard = parallel.dp_replicate, parallel.dp_shard
     inner = {key: value for key, value in (("cp", parallel.cp), ("tp", parallel.tp)) if value > 1}
