@@ -24,9 +24,9 @@ within its document and causal by its position in the row (kernels/split_attenti
 Gathering the whole row at once costs the memory of K and V for the full row per layer (freed
 after the layer; saved for the backward only under no activation checkpointing) and exposes the
 all-gather; a ring that overlaps each chunk's transfer with compute would hide it at the price of
-cp rounds of smaller kernels. Which wins is for GPU measurements to decide (README "Long
-context"); on the shapes this engine targets the K/V of a row is small next to the activations
-CP divides (GQA: 8 KV heads of 128 for 64 query heads).
+cp rounds of smaller kernels. Which wins is for GPU measurements to decide (docs/long-context.md);
+on the shapes this engine targets the K/V of a row is small next to the activations CP divides
+(grouped-query attention: Llama 3 8B keeps 8 KV heads for its 32 query heads).
 """
 from __future__ import annotations
 
