@@ -222,6 +222,11 @@ class ParallelConfig:
     # units; train/tensor_parallel.py), typically within a node; dp_replicate x dp_shard x tp =
     # the processes. Not yet with parallel.cp, train.precision = "fp8" or [lora]
     tp: int = 1
+    # with tp > 1: the tokens split over the tp ranks too between the split matmuls (the norms,
+    # the residual stream, the embeddings' output: 1 / tp of their activations per rank), at no
+    # extra communication (all-gather + reduce-scatter instead of all-reduce); data.seq_len
+    # must be a multiple of parallel.tp
+    sequence_parallel: bool = True
 
 
 @dataclass
@@ -691,16 +696,22 @@ def validate_config(config: RunConfig) -> RunConfig:
     _check_precision(config.train, config.data)
     _check_lora(config.lora, config.train)
     _check_parallel(config.parallel, config.data.seq_len)
-    _check_tensor_parallel(config.parallel, config.train, config.lora)
+    _check_tensor_parallel(config.parallel, config.train, config.lora, config.data.seq_len)
     return config
 
 
-def _check_tensor_parallel(p: ParallelConfig, t: TrainConfig, lora: LoRAConfig) -> None:
+def _check_tensor_parallel(p: ParallelConfig, t: TrainConfig, lora: LoRAConfig,
+                           seq_len: int) -> None:
     if isinstance(p.tp, bool) or not isinstance(p.tp, int) or p.tp < 1:
         raise ConfigError(f"parallel.tp = {p.tp!r}: expected an integer >= 1 (the processes a "
                           "block's matmuls are split over; 1 = no tensor parallelism)")
     if p.tp == 1:
         return
+    if p.sequence_parallel and seq_len % p.tp:
+        raise ConfigError(f"parallel.tp = {p.tp} with parallel.sequence_parallel = true: "
+                          f"data.seq_len = {seq_len} must be a multiple of parallel.tp (each rank "
+                          f"keeps an equal share of a micro-batch's tokens); use data.seq_len = "
+                          f"{-(-seq_len // p.tp) * p.tp}, or parallel.sequence_parallel = false")
     for clash, given in (("parallel.cp > 1", p.cp > 1),
                          ("train.precision = 'fp8'", t.precision == "fp8"),
                          ("[lora] (lora.rank > 0)", bool(lora.rank))):

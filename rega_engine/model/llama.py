@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial
 
 from rega_engine.batch import IGNORE_INDEX
 from rega_engine.kernels._triton_compat import resolve_backend
@@ -59,12 +60,18 @@ def uses_kernels(backend: str, x: torch.Tensor, who: str) -> bool:
 # Building blocks
 
 
-def local_weight(weight: torch.Tensor) -> torch.Tensor:
+def local_weight(weight: torch.Tensor, partial_grad: bool = False) -> torch.Tensor:
     """A parameter as this rank's plain tensor: under tensor parallelism the modules our kernels
-    run in hold Replicate DTensors (train/tensor_parallel.py), whose computation is replicated,
-    so the local tensor and its gradient are the whole ones. Anything else passes through."""
-    to_local = getattr(weight, "to_local", None)
-    return weight if to_local is None else to_local()
+    run in hold Replicate DTensors (train/tensor_parallel.py). Where their computation is
+    replicated the local gradient is the whole one; where each rank computes its share of the
+    tokens (sequence parallelism: `partial_grad`) it is a partial sum, which FSDP2 sums over the
+    tp ranks when it reduces the gradient. Anything else passes through."""
+    # isinstance, not an attribute probe: Dynamo traces isinstance of a DTensor parameter
+    if not isinstance(weight, DTensor):
+        return weight
+    if not partial_grad:
+        return weight.to_local()
+    return weight.to_local(grad_placements=[Partial()] * len(weight.placements))
 
 
 class RMSNorm(nn.Module):
@@ -73,10 +80,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
         self.backend = "auto"
+        # True under sequence parallelism (train/tensor_parallel.py): this rank normalises its
+        # share of the tokens only, so its weight's gradient is a partial sum
+        self.tokens_split = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`, (norm(x + residual), x + residual) in one pass."""
-        weight = local_weight(self.weight)
+        weight = local_weight(self.weight, partial_grad=self.tokens_split)
         if uses_kernels(self.backend, x, "RMSNorm"):
             return rms_norm(x, weight, self.eps, residual=residual, backend="triton")
         if residual is not None:
@@ -222,16 +232,20 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, device, dtype)
                                     for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        # True under sequence parallelism (train/tensor_parallel.py): between the split matmuls
+        # each tp rank holds an equal share of the tokens
+        self.sequence_parallel = False
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int,
                 context=None) -> torch.Tensor:
         """Flat (T,) ids and positions -> final normalised hidden states (T, hidden); under
         context parallelism (a ContextShard) T is this rank's tokens of the batch."""
-        table = local_weight(self.embed_tokens.weight)
-        # the module's own call where it holds a plain tensor (its hooks run); a tensor-parallel
-        # Replicate table is looked up locally
-        x = (self.embed_tokens(input_ids) if table is self.embed_tokens.weight
-             else F.embedding(input_ids, table))
+        weight = self.embed_tokens.weight
+        if vocab_shard(weight) is None:   # the module's own call: its hooks run
+            x = self.embed_tokens(input_ids)
+        else:   # tensor parallelism: the table split by vocabulary rows
+            from rega_engine.train.tensor_parallel import embed_split_vocabulary
+            x = embed_split_vocabulary(input_ids, weight, self.sequence_parallel)
         rope = Rope(position_ids, rope_inv_freq(self.args.rope, self.args.head_dim,
                                                 position_ids.device))
         if not all(uses_kernels(layer.self_attn.backend, x, "Attention") for layer in self.layers):
@@ -239,7 +253,10 @@ class DecoderModel(nn.Module):
             rope = rope._replace(cos=angles.cos(), sin=angles.sin())
         for layer in self.layers:
             x = layer(x, rope, cu_seqlens, max_seqlen, context)
-        return self.norm(x)
+        if not self.sequence_parallel:
+            return self.norm(x)
+        from rega_engine.train.tensor_parallel import gather_tokens
+        return gather_tokens(self.norm(x), weight.device_mesh)   # every token, for the LM head
 
 
 @dataclass
@@ -291,9 +308,9 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def _head_weight(self) -> torch.Tensor:
-        """The LM head's weight as a plain tensor for the logits. Under tensor parallelism
-        (DTensors) a head split by vocabulary rows is gathered whole, and the gradient's way back
-        keeps each rank's rows; a replicated (tied) one is its local tensor."""
+        """The LM head's weight as a plain tensor for the logits. Under tensor parallelism the
+        head (tied or not) is split by vocabulary rows: it is gathered whole, and the gradient's
+        way back keeps each rank's rows."""
         weight = self.lm_head_weight
         full_tensor = getattr(weight, "full_tensor", None)
         return weight if full_tensor is None else full_tensor()

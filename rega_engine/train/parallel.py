@@ -67,6 +67,7 @@ class Runtime:
     dp_shard: int = 1             # x parallel.cp x parallel.tp)
     cp: int = 1
     tp: int = 1
+    sequence_parallel: bool = True   # parallel.sequence_parallel (with tp > 1)
 
     @property
     def dp_size(self) -> int:
@@ -241,7 +242,8 @@ def setup_runtime(device: str = "auto", dtype: str = "auto",
     return Runtime(device=dev, dtype=compute_dtype, rank=rank, world_size=world,
                    local_rank=local_rank,
                    use_fsdp=use_fsdp, mesh=mesh, owns_process_group=owns,
-                   dp_replicate=replicate, dp_shard=shard, cp=cp, tp=tp)
+                   dp_replicate=replicate, dp_shard=shard, cp=cp, tp=tp,
+                   sequence_parallel=(parallel or ParallelConfig()).sequence_parallel)
 
 
 def _subgroup_timeouts(shape: tuple[int, ...], device: torch.device,
@@ -435,7 +437,7 @@ def build_model(config: ModelConfig, runtime: Runtime, *, seed: int, precision: 
         apply_lora(model, LoRASettings.from_config(lora))
     if runtime.tp > 1:   # torchtitan's order: TP, then checkpointing, compile and fully_shard
         from rega_engine.train.tensor_parallel import apply_tensor_parallel
-        apply_tensor_parallel(model, runtime.tp_mesh)
+        apply_tensor_parallel(model, runtime.tp_mesh, runtime.sequence_parallel)
     for block in model.model.layers:
         if config.activation_checkpointing == "block":
             checkpoint_block(block)

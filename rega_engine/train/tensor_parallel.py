@@ -1,30 +1,47 @@
-"""Tensor parallelism (parallel.tp): each decoder block's matmuls split over the ranks of a group.
+"""Tensor parallelism (parallel.tp): each decoder block's matmuls split over the ranks of a group,
+and with sequence parallelism (parallel.sequence_parallel, the default) the tokens in between.
 
 Megatron's layout through DTensor (torch.distributed.tensor.parallel): q, k, v, gate and up are
 split by output columns (ColwiseParallel: each rank computes its heads, its slice of the MLP's
-hidden units), o and down by input rows (RowwiseParallel: the partial sums are all-reduced), so a
-block costs two all-reduces forward and two backward. The split modules return plain local
-tensors, so our custom ops (attention, RoPE, SwiGLU, RMSNorm) run unchanged on each rank's heads
-and units; the attention reads its head counts from its inputs.
+hidden units), o and down by input rows (RowwiseParallel: the partial sums are reduced). The
+split modules return plain local tensors, so our custom ops (attention, RoPE, SwiGLU) run
+unchanged on each rank's heads and units; the attention reads its head counts from its inputs.
 
-Every other parameter is a Replicate DTensor on the same tp mesh (embeddings, norms; the LM head
-too when it is tied), which the model reads through `local_weight`: their computation is
-replicated, so the local gradient is already the whole one. That keeps every parameter on one
-(dp, tp) mesh for FSDP2, the gradient norm, the optimizer and DCP (a checkpoint resumes on
-another tp degree: DCP reshards). An untied LM head is split by vocabulary rows (Shard(0)) and
-the loss runs vocabulary-parallel on the rows (CausalLM._loss,
-kernels/vocab_parallel_cross_entropy.py): the full-vocabulary logits and head are never
-gathered, every rank gets its data-parallel rank's whole loss, and each the gradient of its rows.
+Between the split regions (the residual stream, the RMSNorms, the embeddings' output) every rank
+holds the whole (T, hidden) activations without sequence parallelism, and its share of the
+tokens, T / tp, with it: o and down then reduce-scatter their partial sums over the tokens instead
+of all-reducing them, and the attention and the MLP all-gather their input (PrepareModuleInput):
+the same bytes on the wire, 1 / tp of those activations per rank. The input reaches q, k and v
+(gate and up) as one DTensor, so their partial input gradients add up before ONE reduction (a
+reduce-scatter, or an all-reduce without SP), not one per projection. The RMSNorms then see
+their rank's tokens only: the gradient of their (Replicate) weight is a partial sum
+(`local_weight(..., partial_grad=True)`), which FSDP2 all-reduces over the tp ranks when it
+reduces the gradient.
 
-The tp ranks of a group read the same rows (the loader deals by data-parallel rank) and compute
-the same loss; one of them counts the batch in the metrics.
+The embedding table and the LM head are split by vocabulary rows (Shard(0); the last rank's share
+may be shorter): each rank looks up the ids its rows hold and the lookups are summed over the
+ranks (embed_split_vocabulary: reduce-scattered over the tokens under SP, else all-reduced); the
+final norm's output is all-gathered (gather_tokens) and the loss runs vocabulary-parallel
+(CausalLM._loss, kernels/vocab_parallel_cross_entropy.py): the full-vocabulary logits and head are
+never gathered, every rank gets its data-parallel rank's whole loss, and each the gradient of
+its rows. A tied model's one table is split once and serves both.
+
+Every parameter thus lives on the tp mesh (the norms as Replicate DTensors, read through
+`local_weight`), so FSDP2 (2-D), the gradient norm, the optimizer and DCP see one (dp, tp) mesh,
+and a checkpoint resumes on another tp degree (DCP reshards). The tp ranks of a group read the
+same rows (the loader deals by data-parallel rank) and compute the same loss; one of them counts
+the batch in the metrics.
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rega_engine.config import ConfigError
+from rega_engine.kernels.vocab_parallel_cross_entropy import vocab_shard
 from rega_engine.model.args import ModelArgs
+from rega_engine.model.llama import RMSNorm
 
 
 def check_divisible(args: ModelArgs, tp: int) -> None:
@@ -40,33 +57,82 @@ def check_divisible(args: ModelArgs, tp: int) -> None:
                           "use a tp degree that divides them")
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
-    """Splits `model` (a CausalLM, on any device, meta included) over `tp_mesh` in place."""
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
+    """Splits `model` (a CausalLM, on any device, meta included) over `tp_mesh` in place;
+    `sequence_parallel`: the tokens too, between the split matmuls."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
+        PrepareModuleInput,
         RowwiseParallel,
         parallelize_module,
     )
 
     check_divisible(model.args, tp_mesh.size())
-    plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+    between = Shard(0) if sequence_parallel else Replicate()   # the (T, hidden) activations
+    # Attention and MLP get their input as one DTensor, whole (all-gathered under SP): the
+    # partial gradients of q, k and v (gate and up) add up as DTensors and are reduced once
+    # there, not once per projection. The input layouts follow forward's positional arguments.
+    gathered = {"self_attn": PrepareModuleInput(input_layouts=(between, None, None, None, None),
+                                                desired_input_layouts=(Replicate(), None, None,
+                                                                       None, None)),
+                "mlp": PrepareModuleInput(input_layouts=(between,),
+                                          desired_input_layouts=(Replicate(),))}
+    plan = {**gathered,
+            "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=between),
             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel()}
+            "mlp.down_proj": RowwiseParallel(output_layouts=between)}
     for block in model.model.layers:
         parallelize_module(block, tp_mesh, plan)
     split = {id(p) for block in model.model.layers for p in block.parameters()
              if p.__class__.__name__ == "DTensor"}
-    lm_head = model.lm_head
+    # the embedding table and the LM head (a tied model has none) by vocabulary rows
+    tables = {id(model.model.embed_tokens), id(model.lm_head)}
     for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.tokens_split = sequence_parallel
         for name, param in list(module.named_parameters(recurse=False)):
             if id(param) in split:
                 continue
-            placement = Shard(0) if module is lm_head else Replicate()
+            placement = Shard(0) if id(module) in tables else Replicate()
             # distribute_tensor on a meta tensor keeps it on meta: the values come later
             # (sharded init or loading), as for the rest of the model.
             module.register_parameter(name, nn.Parameter(
                 distribute_tensor(param.data, tp_mesh, [placement], src_data_rank=None),
                 requires_grad=param.requires_grad))
             split.add(id(getattr(module, name)))
+    model.model.sequence_parallel = sequence_parallel
+
+
+def embed_split_vocabulary(ids: torch.Tensor, weight, tokens_split: bool) -> torch.Tensor:
+    """The embeddings of `ids` (T,) from a table split by vocabulary rows (a Shard(0) DTensor
+    on the tp mesh): each rank looks up the ids its rows hold (zeros for the others), and the
+    ranks' lookups are summed: all-reduced, or reduce-scattered over the tokens when they are
+    split (each rank then gets its share, T / tp). The backward all-gathers (under SP) and each
+    rank's rows get the gradient of their ids."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    rows, start, _ = vocab_shard(weight)
+    local = ids - start
+    held = (local >= 0) & (local < rows.shape[0])
+    looked_up = F.embedding(torch.where(held, local, 0), rows).masked_fill(~held[:, None], 0.0)
+    mesh = weight.device_mesh
+    if tokens_split and ids.shape[0] % mesh.size():
+        raise ValueError(f"sequence parallelism (parallel.sequence_parallel) splits a "
+                         f"micro-batch's {ids.shape[0]} tokens over the {mesh.size()} tp ranks, "
+                         "which does not divide them; make data.seq_len a multiple of "
+                         "parallel.tp")
+    summed = DTensor.from_local(looked_up, mesh, [Partial()], run_check=False)
+    return summed.redistribute(mesh, [Shard(0) if tokens_split else Replicate()]).to_local()
+
+
+def gather_tokens(x: torch.Tensor, mesh) -> torch.Tensor:
+    """Every rank's share of the tokens (T / tp, hidden) -> all of them (T, hidden), for the LM
+    head. The backward keeps this rank's share of the gradient without summing: the head's
+    vocabulary-parallel loss already returns the gradient summed over the tp ranks."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    shares = DTensor.from_local(x, mesh, [Shard(0)], run_check=False)
+    return shares.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Replicate()])
