@@ -43,8 +43,9 @@ demo: $(STAMP)
 	$(VENV)/bin/rega-engine demo
 
 # The suite without the cases marked `multiprocess` (torchrun with 2-4 gloo processes: FSDP, HSDP,
-# elastic resume, sharded loading, rank faults), which take about 4 minutes of a 2-core machine by
-# themselves: `make test` stays under 15 minutes there, and `make test-multiprocess` runs the rest.
+# CP, TP, elastic resume, sharded loading, rank faults; and TP at 4 and 8 ranks simulated in one
+# process), which take about 8 minutes of a 2-core machine by themselves: `make test` stays under
+# 15 minutes there, and `make test-multiprocess` runs the rest.
 # CI (.ci/run) runs both; test-latest and test-oldest run everything.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not multiprocess" $(PYTEST_ARGS)

@@ -4,7 +4,7 @@
   activation checkpointing) train like one process on the same rows over 20 steps: every step's
   loss and gradient norm, and the final weights after gathering; tp 2 with tied embeddings
   likewise (one table of 257 rows split unevenly, serving as embedding and head), with
-  sequence parallelism and torch.compile per block.
+  sequence parallelism and torch.compile per block; and HSDP (2 replicas of 1) x tp 2 on 4.
 - tests/test_tensor_parallel_simulated.py checks tp 4 and 8 in one process.
 - The 2 x 2 run's checkpoint resumes with FSDP only (tp 1, the same two data-parallel ranks: it
   goes on exactly as the 2 x 2 run did) and in one process without FSDP (elastic).
@@ -40,7 +40,7 @@ STEPS = 20
 SAVED = 10
 GRAD_ACCUM = 2
 # Measured (torch 2.13 CPU, fp32, 20 steps at lr 3e-3, about two passes over the data, the
-# vocabulary-parallel loss), worst of the three runs: losses within 4.8e-6, per-domain losses
+# vocabulary-parallel loss), worst of the four runs: losses within 4.8e-6, per-domain losses
 # 1.3e-5, gradient norms (up to 3.9) 2.1e-5, final weights 3.0e-5 eager and 5.5e-5 compiled.
 # Summation order is all that differs (and inductor's fusions, compiled); over 20 steps AdamW
 # turns last-bit gradient differences into a growing fraction of an update (lr 3e-3), as across
@@ -54,7 +54,8 @@ RUNS = {"tp2": (2, 1, ("--parallel.sequence_parallel=false",), "single1"),
         "dp2tp2": (4, 2, (f"--checkpoint.every={SAVED}", "--checkpoint.keep=2",
                           "--model.activation_checkpointing=block"), "single2"),
         "tp2_tied": (2, 1, ("--model.init_config={tied}", "--model.compile=true"),
-                     "single1_tied")}
+                     "single1_tied"),
+        "hsdp2tp2": (4, 1, ("--parallel.dp_replicate=2",), "single2")}
 
 
 @pytest.fixture(scope="module")

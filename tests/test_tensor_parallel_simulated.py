@@ -108,6 +108,7 @@ CASES = [("llama3", 4, False, True), ("qwen2", 4, True, True), ("llama3", 8, Fal
          ("llama3", 8, True, True), ("llama3", 8, False, False)]
 
 
+@pytest.mark.multiprocess   # several ranks, simulated: with the torchrun tests, off `make test`
 @pytest.mark.parametrize("family, tp, tied, sequence_parallel", CASES,
                          ids=[f"{family}-tp{tp}-{'tied' if tied else 'untied'}-sp{sp}"
                               for family, tp, tied, sp in CASES])
