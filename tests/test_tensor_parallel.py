@@ -132,7 +132,6 @@ def test_what_a_tp_degree_must_divide():
 
 @pytest.mark.parametrize("clash, text", [
     ("[parallel]\ncp = 2", r"parallel\.cp > 1"),
-    ("[train]\nprecision = \"fp8\"", r"train\.precision = 'fp8'"),
     ("[lora]\nrank = 8", r"\[lora\] \(lora\.rank > 0\)"),
 ])
 def test_what_tp_does_not_combine_with_yet(tmp_path, clash, text):

@@ -297,9 +297,9 @@ def precompute_fp8_weight_scales(model: nn.Module) -> None:
 
 
 def after_optimizer_step(model: nn.Module) -> None:
-    """The training loop's hook after each optimizer step: precompute_fp8_weight_scales when
-    build_model converted the model with the FSDP FP8 all-gather (model.fp8_summary); else
-    nothing."""
+    """The training loop's hook after each optimizer step (and once before the first):
+    precompute_fp8_weight_scales when build_model converted the model with the FSDP FP8
+    all-gather (model.fp8_summary); else nothing."""
     summary = getattr(model, "fp8_summary", None)
     if summary is not None and summary.fp8_all_gather:
         precompute_fp8_weight_scales(model)

@@ -526,6 +526,11 @@ def _set_up(config: RunConfig, runtime: Runtime,
                                 verify_data=config.data.verify, timeout_s=t.collective_timeout_s,
                                 model_meta=_model_meta(config, model, compute_dtype))
     start = checkpointer.resume()
+    # Under FSDP's FP8 all-gather each weight's scale is precomputed after every step; computing
+    # it now too (the weights are final) gives the first step the same scale, over the whole
+    # weight: left to the all-gather, it would cover this rank's FSDP group only, which under
+    # tensor parallelism holds one tp piece of the weight.
+    fp8_after_optimizer_step(model)
     logger = MetricsLogger(t.out_dir, domain_names=dataset.domain_names, total_steps=t.steps,
                            start_step=start.step, enabled=runtime.is_main, progress=t.progress,
                            tensorboard=t.tensorboard, elapsed_offset=start.elapsed_s,

@@ -59,7 +59,11 @@ def check_divisible(args: ModelArgs, tp: int) -> None:
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
     """Splits `model` (a CausalLM, on any device, meta included) over `tp_mesh` in place;
-    `sequence_parallel`: the tokens too, between the split matmuls."""
+    `sequence_parallel`: the tokens too, between the split matmuls. FP8 linear layers
+    (train/fp8.py, converted before) are split like any other: their tensorwise scales are
+    computed on the DTensor weights, over the whole weight, and the activations are gathered in
+    the model's dtype (torchao's FP8 split styles would gather them in FP8, which gloo cannot
+    carry, so nothing here could test them)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
