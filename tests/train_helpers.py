@@ -78,10 +78,12 @@ def run_config(tmp: str | os.PathLike, *extra: str, steps: int = 6, **keys):
 
 
 def cli_args(config) -> list[str]:
-    """The config as `rega-engine train` overrides, for subprocess runs."""
+    """The config as `rega-engine train` overrides, for subprocess runs. [parallel] included: a
+    test that sets --parallel.* keys in run_config gets them in the launched run (a later
+    command-line key still wins)."""
     out = []
     for section, values in config.to_dict().items():
-        if section not in ("model", "data", "train", "checkpoint"):
+        if section not in ("model", "data", "train", "checkpoint", "parallel"):
             continue
         for key, value in values.items():
             if isinstance(value, dict):
