@@ -220,7 +220,7 @@ class ParallelConfig:
     cp: int = 1
     # tensor parallelism: processes each decoder block's matmuls are split over (heads and MLP
     # units; train/tensor_parallel.py), typically within a node; dp_replicate x dp_shard x tp =
-    # the processes. Not yet with parallel.cp or [lora]
+    # the processes. Not yet with parallel.cp
     tp: int = 1
     # with tp > 1: the tokens split over the tp ranks too between the split matmuls (the norms,
     # the residual stream, the embeddings' output: 1 / tp of their activations per rank), at no
@@ -696,11 +696,11 @@ def validate_config(config: RunConfig) -> RunConfig:
     _check_precision(config.train, config.data)
     _check_lora(config.lora, config.train)
     _check_parallel(config.parallel, config.data.seq_len)
-    _check_tensor_parallel(config.parallel, config.lora, config.data.seq_len)
+    _check_tensor_parallel(config.parallel, config.data.seq_len)
     return config
 
 
-def _check_tensor_parallel(p: ParallelConfig, lora: LoRAConfig, seq_len: int) -> None:
+def _check_tensor_parallel(p: ParallelConfig, seq_len: int) -> None:
     if isinstance(p.tp, bool) or not isinstance(p.tp, int) or p.tp < 1:
         raise ConfigError(f"parallel.tp = {p.tp!r}: expected an integer >= 1 (the processes a "
                           "block's matmuls are split over; 1 = no tensor parallelism)")
@@ -711,11 +711,9 @@ def _check_tensor_parallel(p: ParallelConfig, lora: LoRAConfig, seq_len: int) ->
                           f"data.seq_len = {seq_len} must be a multiple of parallel.tp (each rank "
                           f"keeps an equal share of a micro-batch's tokens); use data.seq_len = "
                           f"{-(-seq_len // p.tp) * p.tp}, or parallel.sequence_parallel = false")
-    for clash, given in (("parallel.cp > 1", p.cp > 1),
-                         ("[lora] (lora.rank > 0)", bool(lora.rank))):
-        if given:
-            raise ConfigError(f"parallel.tp = {p.tp} with {clash}: not supported together yet; "
-                              "use one of them")
+    if p.cp > 1:
+        raise ConfigError(f"parallel.tp = {p.tp} with parallel.cp > 1: not supported together "
+                          "yet; use one of them")
 
 
 def _field_comments() -> dict[tuple[str, str], str]:

@@ -64,15 +64,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = T
     computed on the DTensor weights, over the whole weight, and the activations are gathered in
     the model's dtype (torchao's FP8 split styles would gather them in FP8, which gloo cannot
     carry, so nothing here could test them)."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        RowwiseParallel,
-        parallelize_module,
-    )
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, parallelize_module
 
     check_divisible(model.args, tp_mesh.size())
+    ColwiseParallel, RowwiseParallel = _split_styles()
     between = Shard(0) if sequence_parallel else Replicate()   # the (T, hidden) activations
     # Attention and MLP get their input as one DTensor, whole (all-gathered under SP): the
     # partial gradients of q, k and v (gate and up) add up as DTensors and are reduced once
@@ -100,14 +96,56 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = T
         for name, param in list(module.named_parameters(recurse=False)):
             if id(param) in split:
                 continue
-            placement = Shard(0) if id(module) in tables else Replicate()
-            # distribute_tensor on a meta tensor keeps it on meta: the values come later
-            # (sharded init or loading), as for the rest of the model.
-            module.register_parameter(name, nn.Parameter(
-                distribute_tensor(param.data, tp_mesh, [placement], src_data_rank=None),
-                requires_grad=param.requires_grad))
+            # on the meta device a DTensor stays on meta: the values come later (sharded init
+            # or loading), as for the rest of the model
+            _distribute(module, tp_mesh, {name: Shard(0) if id(module) in tables else Replicate()})
             split.add(id(getattr(module, name)))
     model.model.sequence_parallel = sequence_parallel
+
+
+def _split_styles():
+    """torch's ColwiseParallel and RowwiseParallel, splitting a LoRA layer's adapters (model/
+    lora.py: lora_A and lora_B submodules of the linear layer) with its weight: column-wise, A
+    (rank x in) whole and B (out x rank) by its output rows, like the weight; row-wise, A by its
+    input columns, like the weight, and B whole. The adapter's output then has the base output's
+    layout (this rank's columns; a partial sum), and the layer's forward adds the two as
+    DTensors. torch's own styles would split A and B by rows (column-wise) or not at all."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    # distribute_module calls the partition function for the layer (name "") and then for each
+    # of its submodules: the adapters are split with the layer, and left alone after.
+    class Colwise(ColwiseParallel):
+        def _partition_linear_fn(self, name, module, device_mesh):
+            if not name:
+                _distribute(module, device_mesh, {"weight": Shard(0), "bias": Shard(0),
+                                                  "lora_A.weight": Replicate(),
+                                                  "lora_B.weight": Shard(0)})
+
+    class Rowwise(RowwiseParallel):
+        def _partition_linear_fn(self, name, module, device_mesh):
+            if not name:
+                _distribute(module, device_mesh, {"weight": Shard(1), "bias": Replicate(),
+                                                  "lora_A.weight": Shard(1),
+                                                  "lora_B.weight": Replicate()})
+
+    return Colwise, Rowwise
+
+
+def _distribute(module: nn.Module, mesh, placements: dict) -> None:
+    """Each parameter of `placements` that `module` has (dotted names reach into submodules)
+    replaced by a DTensor of that placement on `mesh`, its local piece cut from the tensor
+    without communication (every rank holds the same values, or the meta device)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, placement in placements.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = getattr(module, owner_name, None) if owner_name else module
+        param = getattr(owner, leaf, None)
+        if param is not None:
+            owner.register_parameter(leaf, nn.Parameter(
+                distribute_tensor(param.data, mesh, [placement], src_data_rank=None),
+                requires_grad=param.requires_grad))
 
 
 def embed_split_vocabulary(ids: torch.Tensor, weight, tokens_split: bool) -> torch.Tensor:
