@@ -220,12 +220,12 @@ class ParallelConfig:
     cp: int = 1
     # tensor parallelism: processes each decoder block's matmuls are split over (heads and MLP
     # units; train/tensor_parallel.py), typically within a node; dp_replicate x dp_shard x tp =
-    # the processes. Not yet with parallel.cp
+    # the processes
     tp: int = 1
     # with tp > 1: the tokens split over the tp ranks too between the split matmuls (the norms,
     # the residual stream, the embeddings' output: 1 / tp of their activations per rank), at no
     # extra communication (all-gather + reduce-scatter instead of all-reduce); data.seq_len
-    # must be a multiple of parallel.tp
+    # must be a multiple of parallel.tp x parallel.cp
     sequence_parallel: bool = True
 
 
@@ -706,14 +706,14 @@ def _check_tensor_parallel(p: ParallelConfig, seq_len: int) -> None:
                           "block's matmuls are split over; 1 = no tensor parallelism)")
     if p.tp == 1:
         return
-    if p.sequence_parallel and seq_len % p.tp:
+    # each tp rank keeps an equal share of its (cp rank's) tokens
+    split = p.tp * p.cp
+    if p.sequence_parallel and seq_len % split:
+        what = "parallel.tp" if p.cp == 1 else "parallel.tp x parallel.cp"
         raise ConfigError(f"parallel.tp = {p.tp} with parallel.sequence_parallel = true: "
-                          f"data.seq_len = {seq_len} must be a multiple of parallel.tp (each rank "
+                          f"data.seq_len = {seq_len} must be a multiple of {what} (each rank "
                           f"keeps an equal share of a micro-batch's tokens); use data.seq_len = "
-                          f"{-(-seq_len // p.tp) * p.tp}, or parallel.sequence_parallel = false")
-    if p.cp > 1:
-        raise ConfigError(f"parallel.tp = {p.tp} with parallel.cp > 1: not supported together "
-                          "yet; use one of them")
+                          f"{-(-seq_len // split) * split}, or parallel.sequence_parallel = false")
 
 
 def _field_comments() -> dict[tuple[str, str], str]:
