@@ -770,7 +770,8 @@ def _print_header(run: Run, resumed_from: Path | None, pass_line: str = "") -> N
         f"steps: {t.steps} of {rows} rows x {config.data.seq_len} tokens (micro-batch "
         f"{t.micro_batch_size} x grad_accum {t.grad_accum} x {runtime.dp_size} data-parallel "
         f"ranks{f', each row split over {runtime.cp} (parallel.cp)' if runtime.cp > 1 else ''}"
-        f"{f', each block over {runtime.tp} (parallel.tp)' if runtime.tp > 1 else ''}); "
+        f"{f', each block over {runtime.tp} (parallel.tp)' if runtime.tp > 1 else ''}"
+        f"{', its tokens too' if runtime.tp > 1 and runtime.sequence_parallel else ''}); "
         f"log: {Path(t.out_dir) / 'log.jsonl'}",
         *([pass_line] if pass_line else []),
     ]

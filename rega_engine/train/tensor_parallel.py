@@ -64,7 +64,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = T
     computed on the DTensor weights, over the whole weight, and the activations are gathered in
     the model's dtype (torchao's FP8 split styles would gather them in FP8, which gloo cannot
     carry, so nothing here could test them)."""
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import PrepareModuleInput, parallelize_module
 
     check_divisible(model.args, tp_mesh.size())
@@ -87,9 +87,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = T
     for block in model.model.layers:
         parallelize_module(block, tp_mesh, plan)
     split = {id(p) for block in model.model.layers for p in block.parameters()
-             if p.__class__.__name__ == "DTensor"}
+             if isinstance(p, DTensor)}
     # the embedding table and the LM head (a tied model has none) by vocabulary rows
-    tables = {id(model.model.embed_tokens), id(model.lm_head)}
+    tables = {id(m) for m in (model.model.embed_tokens, model.lm_head) if m is not None}
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.tokens_split = sequence_parallel
@@ -165,7 +165,7 @@ def embed_split_vocabulary(ids: torch.Tensor, weight, tokens_split: bool) -> tor
         raise ValueError(f"sequence parallelism (parallel.sequence_parallel) splits a "
                          f"micro-batch's {ids.shape[0]} tokens over the {mesh.size()} tp ranks, "
                          "which does not divide them; make data.seq_len a multiple of "
-                         "parallel.tp")
+                         "parallel.tp x parallel.cp")
     summed = DTensor.from_local(looked_up, mesh, [Partial()], run_check=False)
     return summed.redistribute(mesh, [Shard(0) if tokens_split else Replicate()]).to_local()
 
