@@ -241,11 +241,13 @@ class DecoderModel(nn.Module):
         """Flat (T,) ids and positions -> final normalised hidden states (T, hidden); under
         context parallelism (a ContextShard) T is this rank's tokens of the batch."""
         weight = self.embed_tokens.weight
-        if vocab_shard(weight) is None:   # the module's own call: its hooks run
+        split = vocab_shard(weight)
+        if split is None:   # the module's own call: its hooks run
             x = self.embed_tokens(input_ids)
         else:   # tensor parallelism: the table split by vocabulary rows
             from rega_engine.train.tensor_parallel import embed_split_vocabulary
-            x = embed_split_vocabulary(input_ids, weight, self.sequence_parallel)
+            x = embed_split_vocabulary(input_ids, split, weight.device_mesh,
+                                       self.sequence_parallel)
         rope = Rope(position_ids, rope_inv_freq(self.args.rope, self.args.head_dim,
                                                 position_ids.device))
         if not all(uses_kernels(layer.self_attn.backend, x, "Attention") for layer in self.layers):

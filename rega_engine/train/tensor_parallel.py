@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from rega_engine.config import ConfigError
-from rega_engine.kernels.vocab_parallel_cross_entropy import vocab_shard
 from rega_engine.model.args import ModelArgs
 from rega_engine.model.llama import RMSNorm
 
@@ -148,19 +147,19 @@ def _distribute(module: nn.Module, mesh, placements: dict) -> None:
                 requires_grad=param.requires_grad))
 
 
-def embed_split_vocabulary(ids: torch.Tensor, weight, tokens_split: bool) -> torch.Tensor:
-    """The embeddings of `ids` (T,) from a table split by vocabulary rows (a Shard(0) DTensor
-    on the tp mesh): each rank looks up the ids its rows hold (zeros for the others), and the
-    ranks' lookups are summed: all-reduced, or reduce-scattered over the tokens when they are
-    split (each rank then gets its share, T / tp). The backward all-gathers (under SP) and each
-    rank's rows get the gradient of their ids."""
+def embed_split_vocabulary(ids: torch.Tensor, split, mesh, tokens_split: bool) -> torch.Tensor:
+    """The embeddings of `ids` (T,) from a table split by vocabulary rows over `mesh` (`split`:
+    vocab_shard of the Shard(0) DTensor table, this rank's rows and their first id): each rank
+    looks up the ids its rows hold (zeros for the others), and the ranks' lookups are summed:
+    all-reduced, or reduce-scattered over the tokens when they are split (each rank then gets
+    its share, T / tp). The backward all-gathers (under SP) and each rank's rows get the
+    gradient of their ids."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-    rows, start, _ = vocab_shard(weight)
+    rows, start, _ = split
     local = ids - start
     held = (local >= 0) & (local < rows.shape[0])
     looked_up = F.embedding(torch.where(held, local, 0), rows).masked_fill(~held[:, None], 0.0)
-    mesh = weight.device_mesh
     if tokens_split and ids.shape[0] % mesh.size():
         raise ValueError(f"sequence parallelism (parallel.sequence_parallel) splits a "
                          f"micro-batch's {ids.shape[0]} tokens over the {mesh.size()} tp ranks, "
